@@ -1,0 +1,826 @@
+"""The streaming engine: validate, window, join, aggregate — vectorized, Ray-free.
+
+One :class:`Engine` is what a shard runs (and what ``kpistream replay`` runs
+alone).  It takes columnar batches (:mod:`kpistream.batch`) and keeps:
+
+- a **watermark**: the largest accepted event time minus the allowed
+  lateness.  It is computed per event inside a batch (a running maximum), so a
+  batch gives exactly what one-event-at-a-time processing gives;
+- **deduplication** by ``event_id`` (a bounded hash set that forgets an id
+  once a re-arrival would be late anyway);
+- the **join** of inferences and feedback by ``request_id``, symmetric and in
+  either order: inferences wait for feedback until their window's label
+  deadline (window end + label delay), feedback waits for inferences (early
+  feedback, a shadow's late prediction) for the label delay; both bounded;
+- **panes**: mergeable metric states per (pane, series, family); a pane is
+  the gcd of the time windows' sizes and steps, so tumbling and sliding
+  windows are merges of panes computed by :mod:`kpistream.aggregate`; count
+  windows have panes of their own.
+
+Quality and feedback metrics are attributed to the inference's pane.  A
+pane's operational states (traffic, latency, cost) are final when the
+watermark passes its end; its quality states when it passes its end plus
+the label delay.  :meth:`Engine.collect` hands out cumulative, detached
+partial states of every pane touched since the last call, marking final ones
+(and forgetting them).
+
+Order of checks per event: invalid (rejected, with field and reason) →
+far future → late → duplicate.  Nothing is dropped silently: every outcome
+is a counter, late and rejected events are kept (bounded) for output.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import numpy as np
+
+from .batch import (
+    BASE_LABELS, KIND_CLICK, KIND_CONVERSION, KIND_DWELL, KIND_LABEL, KIND_RELEVANCE,
+    KIND_REWARD, KIND_THUMBS, FeedbackBatch, InferenceBatch, SeriesKey, _ranges,
+)
+from .clock import Clock
+from .config import EngineConfig
+from .errors import Rejection
+from .keytable import KeyTable
+from .states import (
+    FAMILY_CLASSES, TASK_CLASSIFICATION, TASK_NONE, TASK_RANKING, TASK_REGRESSION,
+    ClassificationState, FeedbackState, LatencyState, MetricState, RankingState,
+    RegressionState,
+)
+
+OTHER = "__other__"
+_I64_MIN = np.iinfo(np.int64).min
+FAR_FUTURE = 1 << 62  # "end of input": later than any event, with room for arithmetic
+_TIME = "time"
+
+# bits of the per-inference "seen" mask: feedback kinds that count once per inference
+_ONCE_BITS = {KIND_LABEL: 1, KIND_CLICK: 2, KIND_CONVERSION: 4, KIND_RELEVANCE: 8}
+
+
+@dataclass(frozen=True, slots=True)
+class Partial:
+    """The cumulative state of one family for one pane and series.
+
+    ``space`` is ``"time"`` (``key`` = pane start, ms) or a count window's
+    name (``key`` = window index within the series).  ``start_ms`` and
+    ``end_ms`` bound the pane (time) or its events (count, end exclusive).
+    """
+
+    space: str
+    key: int
+    series: SeriesKey
+    family: str
+    state: MetricState
+    final: bool
+    start_ms: int
+    end_ms: int
+
+
+@dataclass
+class IngestReport:
+    accepted: int = 0
+    rejections: list[Rejection] = field(default_factory=list)
+    late: int = 0
+    duplicates: int = 0
+    matched_pairs: int = 0
+
+    def as_dict(self) -> dict:
+        return {"accepted": self.accepted, "late": self.late, "duplicates": self.duplicates,
+                "matched_pairs": self.matched_pairs,
+                "rejected": [r.as_dict() for r in self.rejections]}
+
+
+class _Pane:
+    __slots__ = ("states", "dirty", "start", "end", "n", "min_ts", "max_ts", "op_final",
+                 "q_final")
+
+    def __init__(self, start: int, end: int) -> None:
+        self.states: dict[tuple[str, int], MetricState] = {}
+        self.dirty: set[tuple[str, int]] = set()
+        self.start, self.end = start, end
+        self.n = 0          # inferences (count windows)
+        self.min_ts = np.iinfo(np.int64).max
+        self.max_ts = _I64_MIN
+        self.op_final = False
+        self.q_final = False
+
+
+class Engine:
+    """One shard's worth of windowed, joined, mergeable KPI state."""
+
+    def __init__(self, config: EngineConfig | None = None, clock: Clock | None = None,
+                 max_kept_events: int = 10_000) -> None:
+        self.cfg = cfg = config or EngineConfig()
+        self.clock = clock
+        self.pane_ms = cfg.pane_ms
+        self.families = tuple(f for f in FAMILY_CLASSES if f in cfg.families)
+        self._op_families = [f for f in self.families if FAMILY_CLASSES[f].horizon == "inference"]
+        self._q_families = [f for f in self.families if FAMILY_CLASSES[f].horizon == "label"]
+        # time
+        self.max_ts = _I64_MIN          # largest accepted event time
+        self._stream_now: int | None = None
+        # vocabularies
+        self.series_keys: list[SeriesKey] = []
+        self._series_index: dict[SeriesKey, int] = {}
+        self._raw_series_cache: dict[SeriesKey, int] = {}
+        self.labels: list[str] = []
+        self._label_index: dict[str, int] = {}
+        # join / dedup tables
+        k = cfg.k
+        self.dedup = KeyTable(cfg.max_dedup)
+        cw = {f"cw_{w.name}": np.int64 for w in cfg.count_windows}
+        self.pending = KeyTable(cfg.max_pending, {
+            "ts": np.int64, "series": np.int32, "task": np.int8, "pred": np.int32,
+            "pred_value": np.float64, "seen": np.uint8, "labelled": np.bool_, **cw},
+            arenas={"rank": {"items": np.uint64}})
+        self.fb_store = KeyTable(cfg.max_feedback, {
+            "ts": np.int64, "kind": np.int8, "label": np.int32, "value": np.float64,
+            "matched": np.bool_}, arenas={"rel": {"items": np.uint64, "grades": np.float64}})
+        self._k = k
+        # panes: space -> key -> pane ; count windows key their panes by (series, index)
+        self.panes: dict[str, dict] = {_TIME: {}}
+        self._cw_seq: dict[str, dict[int, int]] = {}
+        for w in cfg.count_windows:
+            self.panes[w.name] = {}
+            self._cw_seq[w.name] = {}
+        # accounting
+        self.counters: Counter = Counter()
+        self.late_by_series: Counter = Counter()
+        self.rejected: Counter = Counter()            # (field, reason) -> n
+        self.late_events: deque = deque(maxlen=max_kept_events)
+        self.rejected_events: deque = deque(maxlen=max_kept_events)
+
+    # ------------------------------------------------------------------ time
+    @property
+    def watermark(self) -> int:
+        if self.max_ts == _I64_MIN:
+            return _I64_MIN
+        return self.max_ts - self.cfg.lateness_ms
+
+    def _now(self, ts: np.ndarray) -> int:
+        if self.clock is not None:
+            return self.clock.now_ms()
+        # stream time: the largest accepted event time, seeded by the first
+        # batch's median so that a bad first event cannot become the reference
+        if self._stream_now is None:
+            self._stream_now = int(np.median(ts)) if len(ts) else _I64_MIN
+        return max(self._stream_now, self.max_ts)
+
+    def _future_mask(self, ts: np.ndarray) -> np.ndarray:
+        limit = self._now(ts) + self.cfg.max_future_ms
+        fut = ts > limit
+        if self.clock is None and len(ts):
+            # stream time moves with the accepted events inside the batch
+            for _ in range(8):
+                ok_ts = np.where(fut, _I64_MIN, ts)
+                run = np.maximum.accumulate(ok_ts)
+                prev = np.empty_like(run)
+                prev[0] = _I64_MIN
+                prev[1:] = run[:-1]
+                ref = np.maximum(prev, self._now(ts))
+                new = ts > ref + self.cfg.max_future_ms
+                if np.array_equal(new, fut):
+                    break
+                fut = new
+        return fut
+
+    def _watermark_before(self, ts: np.ndarray, ok: np.ndarray) -> np.ndarray:
+        """Per event: the watermark just before it (accepted events only move it)."""
+        acc = np.where(ok, ts, _I64_MIN)
+        run = np.maximum.accumulate(acc) if len(acc) else acc
+        prev = np.empty_like(ts)
+        if len(ts):
+            prev[0] = self.max_ts
+            np.maximum(run[:-1], self.max_ts, out=prev[1:])
+        wm = prev - self.cfg.lateness_ms
+        wm[prev == _I64_MIN] = _I64_MIN
+        return wm
+
+    # ------------------------------------------------------------ vocabularies
+    def _series_map(self, keys: list[SeriesKey]) -> np.ndarray:
+        out = np.empty(len(keys), dtype=np.int32)
+        cache = self._raw_series_cache
+        for i, raw in enumerate(keys):
+            sid = cache.get(raw)
+            if sid is None:
+                segs = dict(raw[4])
+                proj = (raw[0], raw[1], raw[2], raw[3],
+                        tuple((s, segs.get(s, "")) for s in self.cfg.segments))
+                sid = self._series_index.get(proj)
+                if sid is None:
+                    if len(self.series_keys) >= self.cfg.max_series:
+                        proj = (OTHER, OTHER, OTHER, OTHER,
+                                tuple((s, OTHER) for s in self.cfg.segments))
+                    sid = self._series_index.get(proj)
+                    if sid is None:
+                        sid = len(self.series_keys)
+                        self.series_keys.append(proj)
+                        self._series_index[proj] = sid
+                if len(cache) > 100_000:
+                    cache.clear()
+                cache[raw] = sid
+            out[i] = sid
+        return out
+
+    def _label_map(self, labels: list[str]) -> np.ndarray:
+        out = np.empty(len(labels) + 1, dtype=np.int32)
+        out[-1] = -1  # code -1 stays -1
+        for i, lab in enumerate(labels):
+            c = self._label_index.get(lab)
+            if c is None:
+                if len(self.labels) >= self.cfg.max_classes - 1 and lab != OTHER:
+                    self.counters["label_overflow"] += 1
+                    lab = OTHER
+                    c = self._label_index.get(lab)
+                if c is None:
+                    c = len(self.labels)
+                    self.labels.append(lab)
+                    self._label_index[lab] = c
+            out[i] = c
+        return out
+
+    def series_labels(self, sid: int) -> dict[str, str]:
+        k = self.series_keys[sid]
+        d = dict(zip(BASE_LABELS, k[:4]))
+        d.update(k[4])
+        return d
+
+    # ----------------------------------------------------------------- panes
+    def _new_state(self, family: str) -> MetricState:
+        if family == "latency":
+            return LatencyState(self.cfg.relative_accuracy)
+        if family == "classification":
+            return ClassificationState(self.labels, self.cfg.positive_label)
+        return FAMILY_CLASSES[family]()
+
+    def _time_pane(self, start: int) -> _Pane:
+        panes = self.panes[_TIME]
+        p = panes.get(start)
+        if p is None:
+            p = panes[start] = _Pane(start, start + self.pane_ms)
+        return p
+
+    def _groups(self, space: str, keys: np.ndarray, series: np.ndarray):
+        """Compact group ids for (pane key, series) pairs and their panes."""
+        if space == _TIME:
+            pk = keys // self.pane_ms
+            lo = int(pk.min())
+            span = int(pk.max()) - lo + 1
+        else:
+            lo = int(keys.min())
+            span = int(keys.max()) - lo + 1
+            pk = keys
+        nser = len(self.series_keys)
+        dense = (pk - lo) * nser + series
+        if span * nser <= 4 * len(keys) + 4096:
+            counts = np.bincount(dense, minlength=span * nser)
+            present = np.flatnonzero(counts)
+            remap = np.empty(span * nser, dtype=np.intp)
+            remap[present] = np.arange(len(present))
+            gid = remap[dense]
+        else:
+            present, gid = np.unique(dense, return_inverse=True)
+        pkeys = present // nser + lo
+        sids = (present % nser).astype(np.int64)
+        if space == _TIME:
+            panes = [self._time_pane(int(k) * self.pane_ms) for k in pkeys]
+        else:
+            w = self.cfg.window(space)
+            d = self.panes[space]
+            panes = []
+            for k, s in zip(pkeys.tolist(), sids.tolist()):
+                p = d.get((s, k))
+                if p is None:
+                    p = d[(s, k)] = _Pane(k * w.size, (k + 1) * w.size)
+                panes.append(p)
+        return gid, panes, sids
+
+    def _states(self, family: str, panes: list[_Pane], sids: np.ndarray) -> list[MetricState]:
+        out = []
+        for p, s in zip(panes, sids.tolist()):
+            key = (family, s)
+            st = p.states.get(key)
+            if st is None:
+                st = p.states[key] = self._new_state(family)
+            p.dirty.add(key)
+            out.append(st)
+        return out
+
+    def _spaces(self, pend_slots: np.ndarray | None = None, ts: np.ndarray | None = None,
+                cw_cols: dict | None = None):
+        """(space, keys) for every space: time panes, then each count window."""
+        yield _TIME, ts
+        for w in self.cfg.count_windows:
+            if pend_slots is not None:
+                yield w.name, self.pending.col[f"cw_{w.name}"][pend_slots]
+            else:
+                yield w.name, cw_cols[w.name]
+
+    # ------------------------------------------------------------- inference
+    def ingest_inference(self, batch: InferenceBatch) -> IngestReport:
+        rep = IngestReport()
+        n = len(batch)
+        if n == 0:
+            return rep
+        c = self.counters
+        c["inference_in"] += n
+        ts = batch.ts
+        # 1. validity (columns from trusted builders still get checked)
+        lat = batch.latency_ms
+        bad_lat = ~np.isfinite(lat) | (lat < 0)
+        bad_cost = (batch.cost_usd < 0) | np.isinf(batch.cost_usd)
+        bad_tok = (batch.tokens < 0) | np.isinf(batch.tokens)
+        bad_val = np.isinf(batch.pred_value) | np.isinf(batch.pred_score)
+        invalid = bad_lat | bad_cost | bad_tok | bad_val
+        fut = self._future_mask(ts) & ~invalid
+        if invalid.any() or fut.any():
+            for i in np.flatnonzero(invalid | fut).tolist():
+                if bad_lat[i]:
+                    r = Rejection(i, "latency_ms", "negative" if lat[i] < 0 else "not_finite",
+                                  f"latency_ms must be a finite number >= 0, got {lat[i]}")
+                elif bad_cost[i]:
+                    r = Rejection(i, "cost.usd", "negative", "cost.usd must be finite and >= 0")
+                elif bad_tok[i]:
+                    r = Rejection(i, "cost.tokens", "negative", "cost.tokens must be >= 0")
+                elif bad_val[i]:
+                    r = Rejection(i, "prediction", "not_finite", "prediction must be finite")
+                else:
+                    r = Rejection(i, "ts", "future",
+                                  f"ts {int(ts[i])} is more than {self.cfg.max_future_ms} ms "
+                                  "ahead of the clock")
+                rep.rejections.append(r)
+                self.rejected[(r.field, r.reason)] += 1
+            self.rejected_events.append(("inference", batch.take(invalid | fut), rep.rejections))
+        ok = ~(invalid | fut)
+        # 2. late: before the watermark as it stood when the event arrived
+        wm = self._watermark_before(ts, ok)
+        late = ok & (ts < wm)
+        ok &= ~late
+        # 3. duplicates
+        idx = np.flatnonzero(ok)
+        if len(idx):
+            _, existed = self.dedup.insert_unique(batch.event_id[idx], ts[idx] + 1)
+            dup = idx[existed]
+            ok[dup] = False
+            rep.duplicates = len(dup)
+            c["duplicate_inference"] += len(dup)
+        series_all = self._series_map(batch.series_keys)[batch.series] if len(batch.series_keys) \
+            else batch.series
+        if late.any():
+            rep.late = int(late.sum())
+            c["late_inference"] += rep.late
+            for s, m in zip(*np.unique(series_all[late], return_counts=True)):
+                self.late_by_series[self.series_keys[s]] += int(m)
+            self.late_events.append(("inference", batch.take(late)))
+        idx = np.flatnonzero(ok)
+        rep.accepted = len(idx)
+        c["inference_accepted"] += len(idx)
+        if not len(idx):
+            return rep
+        if len(idx) == n:
+            b, series = batch, series_all
+        else:
+            b, series = batch.take(idx), series_all[idx]
+        self.max_ts = max(self.max_ts, int(b.ts.max()))
+        n_other = len(self.series_keys) and self.series_keys[-1][0] == OTHER
+        if n_other:
+            c["series_overflow"] += int((series == len(self.series_keys) - 1).sum())
+        lmap = self._label_map(b.labels)
+        pred = lmap[b.pred_label]
+        ts = b.ts
+        pane_start = ts - ts % self.pane_ms
+        # task of each inference
+        rank_len = np.diff(b.rank_offsets)
+        task = np.full(len(b), TASK_NONE, dtype=np.int8)
+        task[np.isfinite(b.pred_value)] = TASK_REGRESSION
+        task[pred >= 0] = TASK_CLASSIFICATION
+        task[rank_len > 0] = TASK_RANKING
+        # count windows: sequence numbers per series, in arrival order
+        cw_keys = {}
+        for w in self.cfg.count_windows:
+            seq_state = self._cw_seq[w.name]
+            order = np.argsort(series, kind="stable")
+            ss = series[order]
+            starts = np.flatnonzero(np.r_[True, ss[1:] != ss[:-1]])
+            rank = np.arange(len(ss)) - np.repeat(starts, np.diff(np.r_[starts, len(ss)]))
+            base = np.array([seq_state.get(int(s), 0) for s in ss[starts]], dtype=np.int64)
+            seq = np.empty(len(ss), dtype=np.int64)
+            seq[order] = np.repeat(base, np.diff(np.r_[starts, len(ss)])) + rank
+            for s, last in zip(ss[starts].tolist(), (base + np.diff(np.r_[starts, len(ss)])).tolist()):
+                seq_state[s] = last
+            cw_keys[w.name] = seq // w.size
+        # 4. operational and denominator updates, per space
+        cols = {"error": b.error, "latency": b.latency_ms, "cost_usd": b.cost_usd,
+                "tokens": b.tokens}
+        for space, keys in self._spaces(ts=pane_start, cw_cols=cw_keys):
+            gid, panes, sids = self._groups(space, keys, series)
+            for f in self._op_families:
+                FAMILY_CLASSES[f].update_grouped(self._states(f, panes, sids), gid, cols)
+            if space != _TIME:
+                cnt = np.bincount(gid, minlength=len(panes))
+                mx = np.full(len(panes), _I64_MIN, dtype=np.int64)
+                np.maximum.at(mx, gid, ts)
+                mn = np.full(len(panes), np.iinfo(np.int64).max, dtype=np.int64)
+                np.minimum.at(mn, gid, ts)
+                for p, k_, m_, n_ in zip(panes, cnt.tolist(), mx.tolist(), mn.tolist()):
+                    p.n += k_
+                    p.max_ts = max(p.max_ts, m_)
+                    p.min_ts = min(p.min_ts, n_)
+            for f, t in (("classification", TASK_CLASSIFICATION), ("regression", TASK_REGRESSION),
+                         ("ranking", TASK_RANKING), ("feedback", -1)):
+                if f not in self.families:
+                    continue
+                sel = slice(None) if t == -1 else (task == t)
+                g = gid[sel]
+                if len(g):
+                    FAMILY_CLASSES[f].observe_grouped(self._states(f, panes, sids), g)
+        # 5. keep for feedback (until the pane's label deadline)
+        expiry = pane_start + self.pane_ms + self.cfg.label_delay_ms
+        slots = self.pending.insert_multi(b.request_id, expiry)
+        kept = slots >= 0
+        if not kept.all():
+            c["join_chain_overflow"] += int((~kept).sum())
+        s_ = slots[kept]
+        colp = self.pending.col
+        colp["ts"][s_] = ts[kept]
+        colp["series"][s_] = series[kept]
+        colp["task"][s_] = task[kept]
+        colp["pred"][s_] = pred[kept]
+        colp["pred_value"][s_] = b.pred_value[kept]
+        colp["seen"][s_] = 0
+        colp["labelled"][s_] = False
+        for w in self.cfg.count_windows:
+            colp[f"cw_{w.name}"][s_] = cw_keys[w.name][kept]
+        self._count_evicted(self.pending, "pending_evicted")
+        rk = kept & (task == TASK_RANKING)
+        if rk.any():
+            # keep the top K items only
+            offs = b.rank_offsets
+            lo = offs[:-1]
+            topk = np.minimum(rank_len, self._k)
+            toffs = np.zeros(len(b) + 1, dtype=np.int64)
+            np.cumsum(topk, out=toffs[1:])
+            items = b.rank_items[_ranges(lo, topk)]
+            rows = np.flatnonzero(rk)
+            self.pending.arena_put("rank", slots[rows], toffs, {"items": items}, rows)
+        # 6. feedback that came first
+        if len(self.fb_store):
+            qi, fs = self.fb_store.lookup_multi(b.request_id[kept], now=self.watermark)
+            if len(qi):
+                ps = s_[qi]
+                st = self.fb_store.col
+                st["matched"][fs] = True
+                rel = self.fb_store.arena["rel"]
+                roffs = np.zeros(len(fs) + 1, dtype=np.int64)
+                ln = st["rel_len"][fs].astype(np.int64)
+                np.cumsum(ln, out=roffs[1:])
+                sel = _ranges(st["rel_off"][fs], ln)
+                rep.matched_pairs += self._apply_pairs(
+                    ps, st["kind"][fs], st["label"][fs], st["value"][fs],
+                    roffs, rel["items"][sel], rel["grades"][sel])
+        return rep
+
+    # -------------------------------------------------------------- feedback
+    def ingest_feedback(self, batch: FeedbackBatch) -> IngestReport:
+        rep = IngestReport()
+        n = len(batch)
+        if n == 0:
+            return rep
+        c = self.counters
+        c["feedback_in"] += n
+        ts = batch.ts
+        v = batch.value
+        from .batch import KIND_DWELL as _D
+
+        bad_val = np.isinf(v) | ((batch.kind == _D) & (v < 0))
+        bad_grade = np.zeros(n, dtype=bool)
+        if len(batch.rel_grades):
+            g_bad = ~np.isfinite(batch.rel_grades) | (batch.rel_grades < 0)
+            if g_bad.any():
+                owner = np.repeat(np.arange(n), np.diff(batch.rel_offsets))
+                bad_grade[owner[g_bad]] = True
+        invalid = bad_val | bad_grade
+        fut = self._future_mask(ts) & ~invalid
+        if invalid.any() or fut.any():
+            for i in np.flatnonzero(invalid | fut).tolist():
+                if bad_val[i]:
+                    r = Rejection(i, "value", "not_finite" if np.isinf(v[i]) else "negative",
+                                  f"value must be finite (and >= 0 for dwell), got {v[i]}")
+                elif bad_grade[i]:
+                    r = Rejection(i, "value", "bad_value", "relevance grades must be finite and >= 0")
+                else:
+                    r = Rejection(i, "ts", "future",
+                                  f"ts {int(ts[i])} is more than {self.cfg.max_future_ms} ms "
+                                  "ahead of the clock")
+                rep.rejections.append(r)
+                self.rejected[(r.field, r.reason)] += 1
+            self.rejected_events.append(("feedback", batch.take(invalid | fut), rep.rejections))
+        ok = ~(invalid | fut)
+        wm = self._watermark_before(ts, ok)
+        late = ok & (ts < wm - self.cfg.label_delay_ms)
+        ok &= ~late
+        idx = np.flatnonzero(ok)
+        if len(idx):
+            _, existed = self.dedup.insert_unique(batch.event_id[idx],
+                                                  ts[idx] + self.cfg.label_delay_ms + 1)
+            dup = idx[existed]
+            ok[dup] = False
+            rep.duplicates = len(dup)
+            c["duplicate_feedback"] += len(dup)
+        if late.any():
+            rep.late = int(late.sum())
+            c["late_feedback"] += rep.late
+            self.late_events.append(("feedback", batch.take(late)))
+        idx = np.flatnonzero(ok)
+        rep.accepted = len(idx)
+        c["feedback_accepted"] += len(idx)
+        if not len(idx):
+            return rep
+        b = batch if len(idx) == n else batch.take(idx)
+        wm = wm[idx]
+        self.max_ts = max(self.max_ts, int(b.ts.max()))
+        lmap = self._label_map(b.labels)
+        label = lmap[b.label]
+        # 1. join with the inferences already here
+        matched = np.zeros(len(b), dtype=bool)
+        if len(self.pending):
+            qi, ps = self.pending.lookup_multi(b.request_id)
+            live = self.pending.col["expiry"][ps] > wm[qi]
+            qi, ps = qi[live], ps[live]
+            if len(qi):
+                matched[qi] = True
+                roffs = b.rel_offsets
+                ln = roffs[qi + 1] - roffs[qi]
+                noffs = np.zeros(len(qi) + 1, dtype=np.int64)
+                np.cumsum(ln, out=noffs[1:])
+                sel = _ranges(roffs[qi], ln)
+                rep.matched_pairs += self._apply_pairs(
+                    ps, b.kind[qi], label[qi], b.value[qi], noffs,
+                    b.rel_items[sel], b.rel_grades[sel])
+        # 2. keep every feedback for inferences that arrive later
+        slots = self.fb_store.insert_multi(b.request_id, b.ts + self.cfg.label_delay_ms)
+        kept = slots >= 0
+        s_ = slots[kept]
+        st = self.fb_store.col
+        st["ts"][s_] = b.ts[kept]
+        st["kind"][s_] = b.kind[kept]
+        st["label"][s_] = label[kept]
+        st["value"][s_] = b.value[kept]
+        st["matched"][s_] = matched[kept]
+        rel_rows = np.flatnonzero(kept & (b.kind == KIND_RELEVANCE))
+        if len(rel_rows):
+            self.fb_store.arena_put("rel", slots[rel_rows], b.rel_offsets,
+                                    {"items": b.rel_items, "grades": b.rel_grades}, rel_rows)
+        self._count_evicted(self.fb_store, "feedback_evicted")
+        return rep
+
+    def _count_evicted(self, table: KeyTable, name: str) -> None:
+        ev = table.take_evicted()
+        if ev:
+            self.counters[name] += len(ev["key"])
+
+    # ------------------------------------------------------------------ join
+    def _apply_pairs(self, ps: np.ndarray, kind: np.ndarray, label: np.ndarray,
+                     value: np.ndarray, rel_offs: np.ndarray, rel_items: np.ndarray,
+                     rel_grades: np.ndarray) -> int:
+        """Fold (pending inference slot, feedback) pairs into the inference's panes."""
+        col = self.pending.col
+        task = col["task"][ps]
+        seen = col["seen"][ps]
+        # kinds that count once per inference: the first pair per slot wins
+        once = np.zeros(len(ps), dtype=np.uint8)
+        for k, bit in _ONCE_BITS.items():
+            once[kind == k] = bit
+        use = np.ones(len(ps), dtype=bool)
+        if once.any():
+            om = np.flatnonzero(once > 0)
+            already = (seen[om] & once[om]) > 0
+            # first occurrence of (slot, kind) within this batch
+            key = ps[om] * 16 + once[om]
+            _, first = np.unique(key, return_index=True)
+            isfirst = np.zeros(len(om), dtype=bool)
+            isfirst[first] = True
+            use[om[already | ~isfirst]] = False
+            # a false click / conversion counts for nothing (and does not block a later true one)
+            fc = om[((kind[om] == KIND_CLICK) | (kind[om] == KIND_CONVERSION)) & ~(value[om] > 0)]
+            use[fc] = False
+            set_ = om[use[om]]
+            np.bitwise_or.at(col["seen"], ps[set_], once[set_])
+        # label pairs on the wrong kind of model are counted, not guessed at
+        is_label = kind == KIND_LABEL
+        is_rel = kind == KIND_RELEVANCE
+        cls_ok = is_label & (task == TASK_CLASSIFICATION) & (label >= 0)
+        reg_ok = is_label & (task == TASK_REGRESSION) & np.isfinite(value)
+        rnk_ok = is_rel & (task == TASK_RANKING)
+        mismatch = ((is_label & ~(cls_ok | reg_ok)) | (is_rel & ~rnk_ok)) & use
+        if mismatch.any():
+            self.counters["feedback_type_mismatch"] += int(mismatch.sum())
+        labelled = use & (cls_ok | reg_ok | rnk_ok)
+        col["labelled"][ps[labelled]] = True
+        fb_kind = use & np.isin(kind, (KIND_THUMBS, KIND_CLICK, KIND_CONVERSION, KIND_DWELL,
+                                       KIND_REWARD))
+        ts = col["ts"][ps]
+        series = col["series"][ps]
+        pane_start = ts - ts % self.pane_ms
+        jobs = []
+        if "classification" in self.families:
+            m = use & cls_ok
+            if m.any():
+                jobs.append(("classification", m, {"true": label[m], "pred": col["pred"][ps[m]]}))
+        if "regression" in self.families:
+            m = use & reg_ok
+            if m.any():
+                jobs.append(("regression", m, {"true": value[m], "pred": col["pred_value"][ps[m]]}))
+        if "ranking" in self.families:
+            m = use & rnk_ok
+            if m.any():
+                jobs.append(("ranking", m, self._ranking_cols(ps[m], *_subset_csr(
+                    np.flatnonzero(m), rel_offs, rel_items, rel_grades))))
+        if "feedback" in self.families and fb_kind.any():
+            jobs.append(("feedback", fb_kind, {"kind": kind[fb_kind], "value": value[fb_kind]}))
+        for family, m, cols in jobs:
+            for space, keys in self._spaces(pend_slots=ps[m], ts=pane_start[m]):
+                gid, panes, sids = self._groups(space, keys, series[m])
+                FAMILY_CLASSES[family].update_grouped(self._states(family, panes, sids), gid, cols)
+        n_used = int(use.sum())
+        self.counters["join_pairs"] += n_used
+        return n_used
+
+    def _ranking_cols(self, ps, rel_offs, rel_items, rel_grades) -> dict[str, np.ndarray]:
+        return ranking_metrics(self.pending.col["rank_off"][ps],
+                               self.pending.col["rank_len"][ps].astype(np.int64),
+                               self.pending.arena["rank"]["items"], rel_offs, rel_items,
+                               rel_grades, self._k)
+
+    # ------------------------------------------------------------ collecting
+    def advance(self, watermark_ms: int) -> None:
+        """Move the watermark forward as if an event at ``watermark_ms + lateness`` was seen.
+
+        The live path calls it from processing time so that idle windows
+        close; replay calls ``flush()`` at the end of the input.
+        """
+        self.max_ts = max(self.max_ts, int(watermark_ms) + self.cfg.lateness_ms)
+
+    def flush(self) -> None:
+        """End of input: every window becomes final."""
+        self._flushed = True
+
+    _flushed = False
+
+    @property
+    def emit_watermark(self) -> int:
+        """The watermark to hand downstream: far in the future once flushed."""
+        return FAR_FUTURE if self._flushed else self.watermark
+
+    def collect(self) -> list[Partial]:
+        """Cumulative partials of the panes touched since the last call; final ones are dropped."""
+        wm = self.emit_watermark
+        delay = self.cfg.label_delay_ms
+        self._expire(wm)
+        out: list[Partial] = []
+        for space, panes in self.panes.items():
+            is_time = space == _TIME
+            size = None if is_time else self.cfg.window(space).size
+            for pkey, p in list(panes.items()):
+                if is_time:
+                    op_final = wm >= p.end
+                    q_final = wm >= p.end + delay
+                    key, sid_fixed = pkey, None
+                    start, end = p.start, p.end
+                else:
+                    complete = p.n >= size or self._flushed
+                    op_final = complete
+                    last_pane_end = p.max_ts - p.max_ts % self.pane_ms + self.pane_ms
+                    q_final = complete and (self._flushed or wm >= last_pane_end + delay)
+                    sid_fixed, key = pkey
+                    start, end = p.min_ts, p.max_ts + 1
+                if not p.dirty and not ((op_final and not p.op_final) or (q_final and not p.q_final)):
+                    continue
+                for (family, sid), st in list(p.states.items()):
+                    fin = op_final if FAMILY_CLASSES[family].horizon == "inference" else q_final
+                    if (family, sid) not in p.dirty and not fin:
+                        continue
+                    detached = st.detach() if isinstance(st, ClassificationState) else st.copy()
+                    out.append(Partial(space, int(key), self.series_keys[sid], family, detached,
+                                       bool(fin), int(start), int(end)))
+                    if fin:
+                        del p.states[(family, sid)]
+                p.dirty.clear()
+                p.op_final, p.q_final = op_final, q_final
+                if not p.states and q_final:
+                    del panes[pkey]
+        return out
+
+    def _expire(self, wm: int) -> None:
+        ex = self.pending.expire(wm)
+        if ex:
+            unl = ~ex["labelled"]
+            self.counters["inference_expired_unlabelled"] += int(unl.sum())
+        ex = self.fb_store.expire(wm)
+        if ex:
+            self.counters["feedback_unmatched"] += int((~ex["matched"]).sum())
+        self.dedup.expire(wm)
+
+    # --------------------------------------------------------------- reports
+    def stats(self) -> dict:
+        return {
+            "watermark": self.watermark, "max_ts": self.max_ts,
+            "series": len(self.series_keys), "labels": len(self.labels),
+            "pending": len(self.pending), "feedback_kept": len(self.fb_store),
+            "dedup": len(self.dedup),
+            "open_panes": sum(len(p) for p in self.panes.values()),
+            "counters": dict(self.counters),
+            "rejected": {f"{f}:{r}": n for (f, r), n in self.rejected.items()},
+            "state_bytes": self.state_nbytes(), "table_bytes": self.table_nbytes(),
+        }
+
+    def state_nbytes(self) -> int:
+        return sum(st.nbytes for panes in self.panes.values() for p in panes.values()
+                   for st in p.states.values())
+
+    def table_nbytes(self) -> int:
+        return self.pending.nbytes + self.fb_store.nbytes + self.dedup.nbytes
+
+    def active_series(self) -> int:
+        s = set()
+        for panes in self.panes.values():
+            for p in panes.values():
+                s.update(sid for _, sid in p.states)
+        return len(s)
+
+
+def _subset_csr(rows: np.ndarray, offs: np.ndarray, items: np.ndarray, grades: np.ndarray):
+    ln = offs[rows + 1] - offs[rows]
+    noffs = np.zeros(len(rows) + 1, dtype=np.int64)
+    np.cumsum(ln, out=noffs[1:])
+    sel = _ranges(offs[rows], ln)
+    return noffs, items[sel], grades[sel]
+
+
+def ranking_metrics(rank_off: np.ndarray, rank_len: np.ndarray, arena: np.ndarray,
+                    rel_offs: np.ndarray, rel_items: np.ndarray, rel_grades: np.ndarray,
+                    k: int) -> dict[str, np.ndarray]:
+    """Per pair: precision@k, recall@k (NaN without relevant items), NDCG@k, reciprocal rank@k.
+
+    Rankings are the top ``k`` item hashes (``arena[rank_off : rank_off + rank_len]``);
+    relevance is CSR (``rel_offs``, ``rel_items``, ``rel_grades``).  Gains are
+    linear (grade / log2(rank + 1)), as in scikit-learn's ``ndcg_score``.
+    """
+    from .keytable import mix
+
+    P = len(rank_off)
+    # top-k matrix, 0-padded
+    L = np.minimum(rank_len, k)
+    pos = np.arange(k)
+    valid = pos[None, :] < L[:, None]
+    idx = np.where(valid, rank_off[:, None] + pos[None, :], 0)
+    top = np.where(valid, arena[idx] if len(arena) else 0, 0).astype(np.uint64)
+    # grade of each ranked item: look up (pair, item) among the relevance pairs
+    rel_pair = np.repeat(np.arange(P), np.diff(rel_offs))
+    salt = (np.arange(P, dtype=np.uint64) + np.uint64(1)) * np.uint64(0x9E3779B97F4A7C15)
+    with np.errstate(over="ignore"):
+        rkeys = mix(rel_items ^ salt[rel_pair], 0)
+        tkeys = mix(top ^ salt[:, None], 0)
+    order = np.argsort(rkeys)
+    sk = rkeys[order]
+    where = np.searchsorted(sk, tkeys.ravel())
+    where = np.minimum(where, max(len(sk) - 1, 0))
+    hit = (sk[where] == tkeys.ravel()) if len(sk) else np.zeros(tkeys.size, bool)
+    g = np.where(hit, rel_grades[order][where] if len(sk) else 0.0, 0.0).reshape(P, k)
+    g = np.where(valid, g, 0.0)
+    disc = 1.0 / np.log2(np.arange(k) + 2.0)
+    dcg = (g * disc).sum(axis=1)
+    # ideal DCG from each request's top-k grades
+    pos_g = rel_grades > 0
+    n_rel = np.bincount(rel_pair[pos_g], minlength=P)
+    o = np.lexsort((-rel_grades, rel_pair))
+    rp, rg = rel_pair[o], rel_grades[o]
+    start = np.r_[0, np.flatnonzero(rp[1:] != rp[:-1]) + 1] if len(rp) else np.zeros(0, np.int64)
+    rank_in = np.arange(len(rp)) - np.repeat(start, np.diff(np.r_[start, len(rp)])) if len(rp) \
+        else np.zeros(0, np.int64)
+    top_i = rank_in < k
+    idcg = np.bincount(rp[top_i], weights=rg[top_i] * disc[rank_in[top_i]], minlength=P)
+    rel_hit = g > 0
+    hits = rel_hit.sum(axis=1)
+    first = np.where(rel_hit.any(axis=1), rel_hit.argmax(axis=1), -1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ndcg = np.where(idcg > 0, dcg / np.where(idcg > 0, idcg, 1.0), 0.0)
+        r_at_k = np.where(n_rel > 0, hits / np.maximum(n_rel, 1), np.nan)
+    rr = np.where(first >= 0, 1.0 / np.maximum(first + 1.0, 1.0), 0.0)
+    return {"p_at_k": hits / float(k), "r_at_k": r_at_k, "ndcg": ndcg, "rr": rr}
+
+
+def run_events(engine: Engine, batches: Iterable[tuple[str, object]]) -> list[Partial]:
+    """Feed ``("inference"|"feedback", batch)`` pairs, flush, and return every partial."""
+    out: list[Partial] = []
+    for kind, b in batches:
+        if kind == "inference":
+            engine.ingest_inference(b)  # type: ignore[arg-type]
+        else:
+            engine.ingest_feedback(b)  # type: ignore[arg-type]
+    engine.flush()
+    out.extend(engine.collect())
+    return out
