@@ -520,7 +520,7 @@ class Engine:
             self.rejected_events.append(("feedback", batch.take(invalid | fut), rep.rejections))
         ok = ~(invalid | fut)
         wm = self._watermark_before(ts, ok)
-        late = ok & (ts < wm - self.cfg.label_delay_ms)
+        late = ok & (wm != _I64_MIN) & (ts < wm - self.cfg.label_delay_ms)
         ok &= ~late
         idx = np.flatnonzero(ok)
         if len(idx):

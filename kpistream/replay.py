@@ -1,0 +1,224 @@
+"""Replay: an events file through the same engine as the live path, to tidy windows.
+
+Input: JSON (one object or an array), NDJSON (``.ndjson`` / ``.jsonl``, also
+gzip-compressed), or Parquet (one row per wire event; nested fields as
+structs or JSON strings).  Rows are validated with the wire schema, kept in
+arrival order (runs of inference and feedback rows go to the engine in the
+order they came), and windowed in event time.  Far-future rows are judged
+against the wall clock (schema) and against stream time (engine).
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import pandas as pd
+
+from .aggregate import WindowAggregator, rows_frame
+from .batch import FeedbackBatch, InferenceBatch
+from .clock import Clock, SystemClock
+from .config import EngineConfig
+from .engine import Engine
+from .errors import InputError
+from .schema import parse_payload, validate_rows
+
+
+@dataclass
+class ReplaySummary:
+    events: int = 0
+    accepted: int = 0
+    rejected: Counter = field(default_factory=Counter)
+    rows: int = 0
+    seconds: float = 0.0
+    engine: dict = field(default_factory=dict)
+
+    def lines(self) -> list[str]:
+        c = self.engine.get("counters", {})
+        out = [f"events {self.events:,}: accepted {self.accepted:,}, "
+               f"rejected {sum(self.rejected.values()):,}, "
+               f"late {c.get('late_inference', 0) + c.get('late_feedback', 0):,}, "
+               f"duplicates {c.get('duplicate_inference', 0) + c.get('duplicate_feedback', 0):,}, "
+               f"future {sum(n for k, n in self.engine.get('rejected', {}).items() if k.endswith(':future')):,}"]
+        for (fld, reason), n in self.rejected.most_common(10):
+            out.append(f"  rejected {n:,} x {fld or '<row>'}: {reason}")
+        out.append(f"windows: {self.rows:,} rows in {self.seconds:.2f} s "
+                   f"({self.events / max(self.seconds, 1e-9):,.0f} events/s)")
+        return out
+
+
+def _clean(row: Any) -> Any:
+    """Drop null fields (Parquet fills absent ones with null)."""
+    if isinstance(row, dict):
+        return {k: _clean(v) for k, v in row.items() if v is not None}
+    return row
+
+
+def read_event_chunks(path: str | Path, chunk_rows: int = 50_000) -> Iterator[list]:
+    """Decoded rows of an events file, in chunks, in file order."""
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"{p}: no such file")
+    name = p.name.lower()
+    if name.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        try:
+            pf = pq.ParquetFile(p)
+        except Exception as e:  # pyarrow raises several types here
+            raise InputError(f"{p}: not a readable Parquet file: {e}") from None
+        for rb in pf.iter_batches(batch_size=chunk_rows):
+            rows = [_clean(r) for r in rb.to_pylist()]
+            for r in rows:
+                for k in ("prediction", "value", "segments", "cost", "features"):
+                    v = r.get(k)
+                    if isinstance(v, str) and v[:1] in "{[":
+                        try:
+                            r[k] = json.loads(v)
+                        except ValueError:
+                            pass
+            yield rows
+        return
+    opener: Callable[..., Any] = gzip.open if name.endswith(".gz") else open
+    with opener(p, "rb") as fh:
+        head = fh.read(1 << 16)
+        first = head.lstrip()[:1]
+        if first == b"[" and not name.endswith((".ndjson", ".jsonl", ".ndjson.gz", ".jsonl.gz")):
+            data = head + fh.read()
+            yield parse_payload(data)
+            return
+        buf = io.BufferedReader(_Prefixed(head, fh)) if head else fh
+        lines: list[bytes] = []
+        for line in buf:
+            lines.append(line)
+            if len(lines) >= chunk_rows:
+                yield parse_payload(b"".join(lines))
+                lines = []
+        if lines:
+            yield parse_payload(b"".join(lines))
+
+
+class _Prefixed(io.RawIOBase):
+    """A raw stream that first returns ``head`` and then the rest of ``fh``."""
+
+    def __init__(self, head: bytes, fh: Any) -> None:
+        self._head = memoryview(head)
+        self._fh = fh
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        if self._head:
+            n = min(len(b), len(self._head))
+            b[:n] = self._head[:n]
+            self._head = self._head[n:]
+            return n
+        data = self._fh.read(len(b))
+        b[: len(data)] = data
+        return len(data)
+
+
+def iter_runs(result) -> Iterator[tuple[str, list[dict]]]:
+    """Runs of consecutive inference / feedback records, in input order."""
+    i = j = 0
+    inf, fb = result.inference, result.feedback
+    ii, fi = result.inference_index, result.feedback_index
+    while i < len(inf) or j < len(fb):
+        if j >= len(fb) or (i < len(inf) and ii[i] < fi[j]):
+            k = i
+            while k < len(inf) and (j >= len(fb) or ii[k] < fi[j]):
+                k += 1
+            yield "inference", inf[i:k]
+            i = k
+        else:
+            k = j
+            while k < len(fb) and (i >= len(inf) or fi[k] < ii[i]):
+                k += 1
+            yield "feedback", fb[j:k]
+            j = k
+
+
+def replay_batches(batches: Iterable[tuple[str, Any]], config: EngineConfig,
+                   clock: Clock | None = None, collect_every: int = 16,
+                   on_rows: Callable[[list[dict]], None] | None = None) -> tuple[list[dict], Engine]:
+    """Columnar ``("inference"|"feedback", batch)`` pairs → final tidy rows (dicts)."""
+    engine = Engine(config, clock)
+    agg = WindowAggregator(config)
+    rows: list[dict] = []
+
+    def drain() -> None:
+        agg.add(engine.collect(), watermark=engine.emit_watermark)
+        new = agg.pop_final_rows()
+        if on_rows is not None:
+            on_rows(new)
+        rows.extend(new)
+
+    for n, (kind, b) in enumerate(batches, 1):
+        if kind == "inference":
+            engine.ingest_inference(b)
+        else:
+            engine.ingest_feedback(b)
+        if n % collect_every == 0:
+            drain()
+    engine.flush()
+    drain()
+    return rows, engine
+
+
+def replay_file(path: str | Path, config: EngineConfig, *, batch_rows: int = 50_000,
+                clock: Clock | None = None, progress: Callable[[str], None] | None = None,
+                ) -> tuple[pd.DataFrame, ReplaySummary]:
+    """An events file → (tidy DataFrame of final windows, summary)."""
+    summary = ReplaySummary()
+    t0 = time.perf_counter()
+    wall = SystemClock()
+    last = [t0]
+
+    def batches() -> Iterator[tuple[str, Any]]:
+        for chunk in read_event_chunks(path, batch_rows):
+            res = validate_rows(chunk, now_ms=wall.now_ms(), max_future_ms=config.max_future_ms)
+            summary.events += len(chunk)
+            summary.rejected.update(res.counts())
+            for kind, recs in iter_runs(res):
+                if kind == "inference":
+                    yield kind, InferenceBatch.from_records(recs)
+                else:
+                    yield kind, FeedbackBatch.from_records(recs)
+            now = time.perf_counter()
+            if progress is not None and now - last[0] >= 2.0:
+                last[0] = now
+                progress(f"replay: {summary.events:,} events, "
+                         f"{summary.events / (now - t0):,.0f} events/s")
+
+    rows, engine = replay_batches(batches(), config, clock)
+    summary.seconds = time.perf_counter() - t0
+    summary.engine = engine.stats()
+    c = engine.counters
+    summary.accepted = c["inference_accepted"] + c["feedback_accepted"]
+    for (fld, reason), n in engine.rejected.items():
+        summary.rejected[(fld, reason)] += n
+    summary.rows = len(rows)
+    return rows_frame(rows, config.segments), summary
+
+
+def write_rows(df: pd.DataFrame, out: str | Path) -> None:
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix == ".parquet":
+        df.to_parquet(out, index=False)
+    elif out.suffix in (".csv", ".gz") or out.name.endswith(".csv.gz"):
+        df.to_csv(out, index=False)
+    else:
+        raise InputError(f"{out}: output must end in .csv, .csv.gz or .parquet")
+
+
+def progress_to_stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
