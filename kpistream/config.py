@@ -21,9 +21,8 @@ The file (all keys optional; shown with the defaults)::
       segments: []          # segment keys that become series labels
       max_series: 1000      # distinct series; the rest go to "__other__" (counted)
     join:
-      max_pending: 1000000  # inferences kept for feedback
-      max_feedback: 1000000 # feedback kept for inferences that arrive later
-      max_dedup: 2000000    # event ids remembered for deduplication
+      max_pending: 1000000  # inferences kept for feedback (their event ids dedup them)
+      max_feedback: 1000000 # feedback kept for inferences that arrive later (and dedup)
     metrics:
       families: [traffic, latency, classification, regression, ranking, feedback, cost]
       classification: {positive_label: "1", max_classes: 64}
@@ -98,7 +97,6 @@ class EngineConfig:
     max_series: int = 1000
     max_pending: int = 1_000_000
     max_feedback: int = 1_000_000
-    max_dedup: int = 2_000_000
     families: tuple[str, ...] = FAMILIES
     positive_label: str | None = "1"
     max_classes: int = 64
@@ -234,8 +232,8 @@ def config_from_dict(raw: Mapping[str, Any]) -> EngineConfig:
         kw["segments"] = tuple(segs)
     if "max_series" in s:
         kw["max_series"] = _int(s["max_series"], "series.max_series")
-    j = _check_keys(d.get("join"), {"max_pending", "max_feedback", "max_dedup"}, "join")
-    for key in ("max_pending", "max_feedback", "max_dedup"):
+    j = _check_keys(d.get("join"), {"max_pending", "max_feedback"}, "join")
+    for key in ("max_pending", "max_feedback"):
         if key in j:
             kw[key] = _int(j[key], f"join.{key}", lo=16)
     m = _check_keys(d.get("metrics"), {"families", "classification", "ranking", "latency"},

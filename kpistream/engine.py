@@ -6,8 +6,8 @@ alone).  It takes columnar batches (:mod:`kpistream.batch`) and keeps:
 - a **watermark**: the largest accepted event time minus the allowed
   lateness.  It is computed per event inside a batch (a running maximum), so a
   batch gives exactly what one-event-at-a-time processing gives;
-- **deduplication** by ``event_id`` (a bounded hash set that forgets an id
-  once a re-arrival would be late anyway);
+- **deduplication** by ``event_id``: the join tables keep each event's id
+  with its entry, as long as a re-delivery would not be late anyway;
 - the **join** of inferences and feedback by ``request_id``, symmetric and in
   either order: inferences wait for feedback until their window's label
   deadline (window end + label delay), feedback waits for inferences (early
@@ -130,15 +130,16 @@ class Engine:
         self._label_index: dict[str, int] = {}
         # join / dedup tables
         k = cfg.k
-        self.dedup = KeyTable(cfg.max_dedup)
         cw = {f"cw_{w.name}": np.int64 for w in cfg.count_windows}
         self.pending = KeyTable(cfg.max_pending, {
             "ts": np.int64, "series": np.int32, "task": np.int8, "pred": np.int32,
-            "pred_value": np.float64, "seen": np.uint8, "labelled": np.bool_, **cw},
+            "pred_value": np.float64, "seen": np.uint8, "labelled": np.bool_, "ident": np.uint64,
+            **cw},
             arenas={"rank": {"items": np.uint64}})
         self.fb_store = KeyTable(cfg.max_feedback, {
             "ts": np.int64, "kind": np.int8, "label": np.int32, "value": np.float64,
-            "matched": np.bool_}, arenas={"rel": {"items": np.uint64, "grades": np.float64}})
+            "matched": np.bool_, "ident": np.uint64},
+            arenas={"rel": {"items": np.uint64, "grades": np.float64}}, presence_bits=22)
         self._k = k
         # panes: space -> key -> pane ; count windows key their panes by (series, index)
         self.panes: dict[str, dict] = {_TIME: {}}
@@ -359,14 +360,20 @@ class Engine:
         wm = self._watermark_before(ts, ok)
         late = ok & (ts < wm)
         ok &= ~late
-        # 3. duplicates
+        # 3. duplicates: the inference table remembers each request's event ids
+        # for as long as a re-delivery would not be late
         idx = np.flatnonzero(ok)
+        slots_all = np.full(n, -1, dtype=np.int64)
         if len(idx):
-            _, existed = self.dedup.insert_unique(batch.event_id[idx], ts[idx] + 1)
-            dup = idx[existed]
-            ok[dup] = False
-            rep.duplicates = len(dup)
-            c["duplicate_inference"] += len(dup)
+            ts_i = ts[idx]
+            expiry = ts_i - ts_i % self.pane_ms + self.pane_ms + self.cfg.label_delay_ms
+            sl, dup = self.pending.insert_multi(batch.request_id[idx], expiry,
+                                                ident=batch.event_id[idx])
+            slots_all[idx] = sl
+            ok[idx[dup]] = False
+            rep.duplicates = int(dup.sum())
+            c["duplicate_inference"] += rep.duplicates
+            self._count_evicted(self.pending, "pending_evicted")
         series_all = self._series_map(batch.series_keys)[batch.series] if len(batch.series_keys) \
             else batch.series
         if late.any():
@@ -381,9 +388,9 @@ class Engine:
         if not len(idx):
             return rep
         if len(idx) == n:
-            b, series = batch, series_all
+            b, series, slots = batch, series_all, slots_all
         else:
-            b, series = batch.take(idx), series_all[idx]
+            b, series, slots = batch.take(idx), series_all[idx], slots_all[idx]
         self.max_ts = max(self.max_ts, int(b.ts.max()))
         n_other = len(self.series_keys) and self.series_keys[-1][0] == OTHER
         if n_other:
@@ -437,9 +444,8 @@ class Engine:
                 g = gid[sel]
                 if len(g):
                     FAMILY_CLASSES[f].observe_grouped(self._states(f, panes, sids), g)
-        # 5. keep for feedback (until the pane's label deadline)
-        expiry = pane_start + self.pane_ms + self.cfg.label_delay_ms
-        slots = self.pending.insert_multi(b.request_id, expiry)
+        # 5. the rest of the inference's entry, kept for feedback until the
+        # pane's label deadline
         kept = slots >= 0
         if not kept.all():
             c["join_chain_overflow"] += int((~kept).sum())
@@ -454,7 +460,6 @@ class Engine:
         colp["labelled"][s_] = False
         for w in self.cfg.count_windows:
             colp[f"cw_{w.name}"][s_] = cw_keys[w.name][kept]
-        self._count_evicted(self.pending, "pending_evicted")
         rk = kept & (task == TASK_RANKING)
         if rk.any():
             # keep the top K items only
@@ -468,9 +473,10 @@ class Engine:
             self.pending.arena_put("rank", slots[rows], toffs, {"items": items}, rows)
         # 6. feedback that came first
         if len(self.fb_store):
-            qi, fs = self.fb_store.lookup_multi(b.request_id[kept], now=self.watermark)
+            maybe = np.flatnonzero(self.fb_store.may_contain(b.request_id[kept]))
+            qi, fs = self.fb_store.lookup_multi(b.request_id[kept][maybe], now=self.watermark)
             if len(qi):
-                ps = s_[qi]
+                ps = s_[maybe[qi]]
                 st = self.fb_store.col
                 st["matched"][fs] = True
                 rel = self.fb_store.arena["rel"]
@@ -522,14 +528,18 @@ class Engine:
         wm = self._watermark_before(ts, ok)
         late = ok & (wm != _I64_MIN) & (ts < wm - self.cfg.label_delay_ms)
         ok &= ~late
+        # duplicates: the feedback table remembers event ids for the label delay
         idx = np.flatnonzero(ok)
+        fslots_all = np.full(n, -1, dtype=np.int64)
         if len(idx):
-            _, existed = self.dedup.insert_unique(batch.event_id[idx],
-                                                  ts[idx] + self.cfg.label_delay_ms + 1)
-            dup = idx[existed]
-            ok[dup] = False
-            rep.duplicates = len(dup)
-            c["duplicate_feedback"] += len(dup)
+            sl, dup = self.fb_store.insert_multi(batch.request_id[idx],
+                                                 ts[idx] + self.cfg.label_delay_ms,
+                                                 ident=batch.event_id[idx])
+            fslots_all[idx] = sl
+            ok[idx[dup]] = False
+            rep.duplicates = int(dup.sum())
+            c["duplicate_feedback"] += rep.duplicates
+            self._count_evicted(self.fb_store, "feedback_evicted")
         if late.any():
             rep.late = int(late.sum())
             c["late_feedback"] += rep.late
@@ -540,6 +550,7 @@ class Engine:
         if not len(idx):
             return rep
         b = batch if len(idx) == n else batch.take(idx)
+        slots = fslots_all[idx]
         wm = wm[idx]
         self.max_ts = max(self.max_ts, int(b.ts.max()))
         lmap = self._label_map(b.labels)
@@ -561,7 +572,6 @@ class Engine:
                     ps, b.kind[qi], label[qi], b.value[qi], noffs,
                     b.rel_items[sel], b.rel_grades[sel])
         # 2. keep every feedback for inferences that arrive later
-        slots = self.fb_store.insert_multi(b.request_id, b.ts + self.cfg.label_delay_ms)
         kept = slots >= 0
         s_ = slots[kept]
         st = self.fb_store.col
@@ -574,7 +584,6 @@ class Engine:
         if len(rel_rows):
             self.fb_store.arena_put("rel", slots[rel_rows], b.rel_offsets,
                                     {"items": b.rel_items, "grades": b.rel_grades}, rel_rows)
-        self._count_evicted(self.fb_store, "feedback_evicted")
         return rep
 
     def _count_evicted(self, table: KeyTable, name: str) -> None:
@@ -715,14 +724,14 @@ class Engine:
         return out
 
     def _expire(self, wm: int) -> None:
-        ex = self.pending.expire(wm)
+        force = self._flushed
+        ex = self.pending.expire(wm, force)
         if ex:
             unl = ~ex["labelled"]
             self.counters["inference_expired_unlabelled"] += int(unl.sum())
-        ex = self.fb_store.expire(wm)
+        ex = self.fb_store.expire(wm, force)
         if ex:
             self.counters["feedback_unmatched"] += int((~ex["matched"]).sum())
-        self.dedup.expire(wm)
 
     # --------------------------------------------------------------- reports
     def stats(self) -> dict:
@@ -730,7 +739,6 @@ class Engine:
             "watermark": self.watermark, "max_ts": self.max_ts,
             "series": len(self.series_keys), "labels": len(self.labels),
             "pending": len(self.pending), "feedback_kept": len(self.fb_store),
-            "dedup": len(self.dedup),
             "open_panes": sum(len(p) for p in self.panes.values()),
             "counters": dict(self.counters),
             "rejected": {f"{f}:{r}": n for (f, r), n in self.rejected.items()},
@@ -742,7 +750,7 @@ class Engine:
                    for st in p.states.values())
 
     def table_nbytes(self) -> int:
-        return self.pending.nbytes + self.fb_store.nbytes + self.dedup.nbytes
+        return self.pending.nbytes + self.fb_store.nbytes
 
     def active_series(self) -> int:
         s = set()

@@ -66,10 +66,15 @@ class KeyTable:
 
     def __init__(self, capacity: int, columns: Mapping[str, np.dtype | type] | None = None,
                  arenas: Mapping[str, Mapping[str, np.dtype | type]] | None = None,
-                 initial: int = 1024, max_chain: int = 16) -> None:
+                 initial: int = 1024, max_chain: int = 16, presence_bits: int = 0) -> None:
         self.capacity = int(capacity)
+        # a one-byte-per-bucket presence filter: lets callers skip lookups of
+        # keys that are surely absent (false positives only, cleared on rebuild)
+        self._presence = np.zeros(1 << presence_bits, dtype=np.uint8) if presence_bits else None
+        self._pmask = np.uint64((1 << presence_bits) - 1)
         self.max_chain = max_chain
-        self._dtypes = {"key": np.uint64, "expiry": np.int64, **(columns or {})}
+        self._dtypes = {"key": np.uint64, "expiry": np.int64, "nchain": np.uint8,
+                        **(columns or {})}
         self._arena_dtypes = {a: dict(f) for a, f in (arenas or {}).items()}
         for a in self._arena_dtypes:
             self._dtypes[f"{a}_off"] = np.int64
@@ -159,66 +164,90 @@ class KeyTable:
         return slots, found
 
     # -- public operations -----------------------------------------------------
-    def insert_unique(self, keys: np.ndarray, expiry: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Set semantics (j = 0 only): returns ``(slots, existed)``.
+    def insert_multi(self, keys: np.ndarray, expiry: np.ndarray,
+                     ident: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Multimap insert: each key gets its own entry (the first free ``j``).
 
-        A key already present and not expired (or repeated earlier in ``keys``)
-        gives ``existed`` True and is left unchanged.
+        With ``ident`` (needs an ``ident`` column), an entry of the same key
+        with the same ident makes the row a duplicate: it is not inserted.
+        Returns ``(slots, duplicate)``; a slot of -1 without ``duplicate``
+        means the key already had ``max_chain`` entries (dropped).
         """
         self._reserve(len(keys))
-        q = mix(keys, 0)
-        slots, found = self._find(q, claim=True)
-        new = ~found
-        self.col["expiry"][slots[new]] = expiry[new]
-        self.col["key"][slots[new]] = keys[new]
-        if new.any():
-            self.min_expiry = min(self.min_expiry, int(expiry[new].min()))
-        return slots, found
-
-    def insert_multi(self, keys: np.ndarray, expiry: np.ndarray) -> np.ndarray:
-        """Multimap insert: each key gets its own entry (first free j). Returns slots.
-
-        Slots of -1 mark keys that already had ``max_chain`` entries (dropped).
-        """
-        self._reserve(len(keys))
-        slots = np.full(len(keys), -1, dtype=np.int64)
-        rem = np.arange(len(keys))
+        n = len(keys)
+        slots = np.full(n, -1, dtype=np.int64)
+        dup = np.zeros(n, dtype=bool)
+        head = np.full(n, -1, dtype=np.int64)
+        rem = np.arange(n)
+        col = self.col
         for j in range(self.max_chain):
             if not rem.size:
                 break
             s, found = self._find(mix(keys[rem], j), claim=True)
+            if j == 0:
+                head[rem] = s
             new = ~found
             slots[rem[new]] = s[new]
+            if ident is not None:
+                # written now: a repeat later in this batch must see it
+                col["ident"][s[new]] = ident[rem[new]]
+            if ident is not None and found.any():
+                same = col["ident"][s[found]] == ident[rem[found]]
+                if same.any():
+                    d = rem[found][same]
+                    dup[d] = True
+                    found[np.flatnonzero(found)[same]] = False
+            if j:
+                np.maximum.at(col["nchain"], head[rem[new]], j + 1)
+            else:
+                col["nchain"][s[new]] = 1
             rem = rem[found]
         placed = slots >= 0
-        self.col["expiry"][slots[placed]] = expiry[placed]
-        self.col["key"][slots[placed]] = keys[placed]
+        ps = slots[placed]
+        col["expiry"][ps] = expiry[placed]
+        col["key"][ps] = keys[placed]
+        if self._presence is not None:
+            self._presence[(keys[placed] & self._pmask).astype(np.int64)] = 1
         if placed.any():
             self.min_expiry = min(self.min_expiry, int(expiry[placed].min()))
-        return slots
+        return slots, dup
 
     def lookup_multi(self, keys: np.ndarray, now: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """All entries of each key: returns ``(query_index, slot)`` pairs.
 
         Entries with ``expiry <= now`` are skipped (they are as good as gone).
+        The first entry of a key records how many the key has, so keys with
+        one entry cost one probe.
         """
         qi_parts, sl_parts = [], []
         rem = np.arange(len(keys))
+        col = self.col
+        nchain = None
         for j in range(self.max_chain):
             if not rem.size:
                 break
             s, found = self._find(mix(keys[rem], j), claim=False)
             rem, s = rem[found], s[found]
+            if j == 0:
+                nchain = col["nchain"][s]
             if now is not None:
-                ok = self.col["expiry"][s] > now
+                ok = col["expiry"][s] > now
                 qi_parts.append(rem[ok])
                 sl_parts.append(s[ok])
             else:
                 qi_parts.append(rem)
                 sl_parts.append(s)
+            more = nchain > j + 1
+            rem, nchain = rem[more], nchain[more]
         if not qi_parts:
             return np.zeros(0, np.int64), np.zeros(0, np.int64)
         return np.concatenate(qi_parts), np.concatenate(sl_parts)
+
+    def may_contain(self, keys: np.ndarray) -> np.ndarray:
+        """False where ``keys`` are surely absent (needs ``presence_bits``)."""
+        if self._presence is None:
+            return np.ones(len(keys), dtype=bool)
+        return self._presence[(keys & self._pmask).astype(np.int64)].astype(bool)
 
     def live_slots(self) -> np.ndarray:
         return np.flatnonzero(self.slot_keys != _EMPTY)
@@ -252,12 +281,21 @@ class KeyTable:
         self._arena_used[name] = need
 
     # -- expiry, eviction, growth --------------------------------------------------
-    def expire(self, now: int) -> dict[str, np.ndarray]:
-        """Drop entries with ``expiry <= now``; returns their values as ``{column: array}``."""
+    def expire(self, now: int, force: bool = False) -> dict[str, np.ndarray]:
+        """Drop entries with ``expiry <= now``; returns their values as ``{column: array}``.
+
+        Expired entries are already invisible to lookups, so the (linear)
+        rebuild only runs once at least a quarter of the table has expired,
+        or with ``force``.
+        """
         if self.min_expiry > now or self.n == 0:
             return {}
         live = self.live_slots()
-        gone = self.col["expiry"][live] <= now
+        exp = self.col["expiry"][live]
+        gone = exp <= now
+        n_gone = int(gone.sum())
+        if not force and n_gone * 4 < self.n:
+            return {}
         removed = {c: a[live[gone]] for c, a in self.col.items()}
         self._rebuild(live[~gone], self.size)
         return removed
@@ -295,27 +333,37 @@ class KeyTable:
     def _rebuild(self, keep: np.ndarray, size: int) -> None:
         """Re-insert the entries at old slots ``keep`` into a fresh table of ``size`` slots.
 
-        Entries go back in order of expiry (a proxy for arrival), so each key's
-        chain of entries stays dense and in order.
+        Each key's entries are re-chained densely (``j = 0, 1, ...``) and its
+        first entry's ``nchain`` recomputed.
         """
         from .batch import _ranges
 
         old_col = self.col
         old_arena = {a: dict(fs) for a, fs in self.arena.items()}
-        keep = keep[np.argsort(old_col["expiry"][keep], kind="stable")]
         self._alloc(size)
         self.n = 0
         keys = old_col["key"][keep]
         slots = np.full(len(keep), -1, dtype=np.int64)
+        head = np.full(len(keep), -1, dtype=np.int64)
+        depth = np.zeros(len(keep), dtype=np.uint8)
         rem = np.arange(len(keep))
         for j in range(self.max_chain):
             if not rem.size:
                 break
             s, found = self._find(mix(keys[rem], j), claim=True)
+            if j == 0:
+                head[rem] = s
             slots[rem[~found]] = s[~found]
+            depth[rem[~found]] = j + 1
             rem = rem[found]
         for c, arr in old_col.items():
             self.col[c][slots] = arr[keep]
+        if self._presence is not None:
+            self._presence[:] = 0
+            self._presence[(keys & self._pmask).astype(np.int64)] = 1
+        nch = self.col["nchain"]
+        nch[slots] = 0
+        np.maximum.at(nch, head, depth)
         self.min_expiry = int(old_col["expiry"][keep].min()) if len(keep) else _NO_EXPIRY
         for a in self.arena:
             lo = old_col[f"{a}_off"][keep]
