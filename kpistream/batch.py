@@ -65,6 +65,21 @@ def hash_ids(values: Sequence[str] | np.ndarray) -> np.ndarray:
     return h
 
 
+_M1 = np.uint64(0xBF58476D1CE4E5B9)
+_M2 = np.uint64(0x94D049BB133111EB)
+
+
+def mix64(keys: np.ndarray) -> np.ndarray:
+    """splitmix64 finalizer of uint64 keys, vectorized (wrapping arithmetic)."""
+    with np.errstate(over="ignore"):
+        z = keys ^ (keys >> np.uint64(30))
+        z = z * _M1
+        z ^= z >> np.uint64(27)
+        z *= _M2
+        z ^= z >> np.uint64(31)
+    return z
+
+
 def hash_id(value: str) -> int:
     return int(hash_ids(np.array([value], dtype=object))[0])
 

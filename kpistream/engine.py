@@ -133,13 +133,12 @@ class Engine:
         cw = {f"cw_{w.name}": np.int64 for w in cfg.count_windows}
         self.pending = KeyTable(cfg.max_pending, {
             "ts": np.int64, "series": np.int32, "task": np.int8, "pred": np.int32,
-            "pred_value": np.float64, "seen": np.uint8, "labelled": np.bool_, "ident": np.uint64,
-            **cw},
+            "pred_value": np.float64, "seen": np.uint8, "labelled": np.bool_, **cw},
             arenas={"rank": {"items": np.uint64}})
         self.fb_store = KeyTable(cfg.max_feedback, {
             "ts": np.int64, "kind": np.int8, "label": np.int32, "value": np.float64,
-            "matched": np.bool_, "ident": np.uint64},
-            arenas={"rel": {"items": np.uint64, "grades": np.float64}}, presence_bits=22)
+            "matched": np.bool_},
+            arenas={"rel": {"items": np.uint64, "grades": np.float64}})
         self._k = k
         # panes: space -> key -> pane ; count windows key their panes by (series, index)
         self.panes: dict[str, dict] = {_TIME: {}}
@@ -473,10 +472,9 @@ class Engine:
             self.pending.arena_put("rank", slots[rows], toffs, {"items": items}, rows)
         # 6. feedback that came first
         if len(self.fb_store):
-            maybe = np.flatnonzero(self.fb_store.may_contain(b.request_id[kept]))
-            qi, fs = self.fb_store.lookup_multi(b.request_id[kept][maybe], now=self.watermark)
+            qi, fs = self.fb_store.lookup_multi(b.request_id[kept], now=self.watermark)
             if len(qi):
-                ps = s_[maybe[qi]]
+                ps = s_[qi]
                 st = self.fb_store.col
                 st["matched"][fs] = True
                 rel = self.fb_store.arena["rel"]
@@ -589,7 +587,7 @@ class Engine:
     def _count_evicted(self, table: KeyTable, name: str) -> None:
         ev = table.take_evicted()
         if ev:
-            self.counters[name] += len(ev["key"])
+            self.counters[name] += len(ev["expiry"])
 
     # ------------------------------------------------------------------ join
     def _apply_pairs(self, ps: np.ndarray, kind: np.ndarray, label: np.ndarray,
@@ -777,7 +775,7 @@ def ranking_metrics(rank_off: np.ndarray, rank_len: np.ndarray, arena: np.ndarra
     relevance is CSR (``rel_offs``, ``rel_items``, ``rel_grades``).  Gains are
     linear (grade / log2(rank + 1)), as in scikit-learn's ``ndcg_score``.
     """
-    from .keytable import mix
+    from .batch import mix64
 
     P = len(rank_off)
     # top-k matrix, 0-padded
@@ -790,8 +788,8 @@ def ranking_metrics(rank_off: np.ndarray, rank_len: np.ndarray, arena: np.ndarra
     rel_pair = np.repeat(np.arange(P), np.diff(rel_offs))
     salt = (np.arange(P, dtype=np.uint64) + np.uint64(1)) * np.uint64(0x9E3779B97F4A7C15)
     with np.errstate(over="ignore"):
-        rkeys = mix(rel_items ^ salt[rel_pair], 0)
-        tkeys = mix(top ^ salt[:, None], 0)
+        rkeys = mix64(rel_items ^ salt[rel_pair])
+        tkeys = mix64(top ^ salt[:, None])
     order = np.argsort(rkeys)
     sk = rkeys[order]
     where = np.searchsorted(sk, tkeys.ravel())
