@@ -54,6 +54,29 @@ class ReplaySummary:
         return out
 
 
+#: Fields whose type varies by event; Parquet files hold them as JSON text
+#: (or as native struct / list values, which pass through).
+JSON_FIELDS = ("prediction", "value", "segments", "cost", "features")
+
+
+def write_events_parquet(records: Iterable[dict], path: str | Path) -> int:
+    """Wire events to Parquet, one row per event, varying fields as JSON text."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = []
+    for r in records:
+        row = dict(r)
+        for k in JSON_FIELDS:
+            if k in row:
+                row[k] = json.dumps(row[k])
+        rows.append(row)
+    keys = list(dict.fromkeys(k for r in rows for k in r))  # every field of every row
+    table = pa.table({k: [r.get(k) for r in rows] for k in keys})
+    pq.write_table(table, path)
+    return len(rows)
+
+
 def _clean(row: Any) -> Any:
     """Drop null fields (Parquet fills absent ones with null)."""
     if isinstance(row, dict):
@@ -77,13 +100,13 @@ def read_event_chunks(path: str | Path, chunk_rows: int = 50_000) -> Iterator[li
         for rb in pf.iter_batches(batch_size=chunk_rows):
             rows = [_clean(r) for r in rb.to_pylist()]
             for r in rows:
-                for k in ("prediction", "value", "segments", "cost", "features"):
+                for k in JSON_FIELDS:
                     v = r.get(k)
-                    if isinstance(v, str) and v[:1] in "{[":
+                    if isinstance(v, str):
                         try:
                             r[k] = json.loads(v)
                         except ValueError:
-                            pass
+                            pass  # a plain string label
             yield rows
         return
     opener: Callable[..., Any] = gzip.open if name.endswith(".gz") else open
