@@ -30,14 +30,10 @@ def _mix(z):
     return z ^ (z >> _S31)
 
 
-@njit(cache=True)
-def fix_keys(keys):
-    """User keys with 0 and 1 (empty, tombstone) moved out of the way."""
-    out = keys.copy()
-    for i in range(out.shape[0]):
-        if out[i] < np.uint64(2):
-            out[i] += np.uint64(2)
-    return out
+@njit(cache=True, inline="always")
+def _fix(k):
+    """User keys 0 and 1 (empty, tombstone) moved out of the way."""
+    return k + np.uint64(2) if k < np.uint64(2) else k
 
 
 @njit(cache=True)
@@ -50,7 +46,7 @@ def insert(tkeys, tident, keys, ident, use_ident, out_slots, out_dup):
     mask = np.uint64(tkeys.shape[0] - 1)
     consumed = 0
     for i in range(keys.shape[0]):
-        k = keys[i]
+        k = _fix(keys[i])
         h = _mix(k) & mask
         free = -1
         dup = False
@@ -88,7 +84,7 @@ def lookup(tkeys, texp, keys, now, out_q, out_s):
     n = 0
     cap = out_q.shape[0]
     for i in range(keys.shape[0]):
-        k = keys[i]
+        k = _fix(keys[i])
         h = _mix(k) & mask
         while True:
             tk = tkeys[h]
@@ -146,3 +142,87 @@ def place(tkeys, keys, out_slots):
             h = (h + np.uint64(1)) & mask
         tkeys[h] = k
         out_slots[i] = np.int64(h)
+
+
+# ---------------------------------------------------------------------------
+# join kernels
+
+
+@njit(cache=True)
+def apply_once(ps, once, positive, seen, use):
+    """Kinds that count once per inference, in arrival order.
+
+    ``once[i]`` is the pair's once-bit (0 for kinds that always count); the
+    first pair of a bit per inference slot counts and sets the bit; a pair
+    that is not ``positive`` (a false click) counts for nothing and sets
+    nothing.  Updates ``seen`` (per slot) and ``use`` (per pair) in place.
+    """
+    for i in range(ps.shape[0]):
+        bit = once[i]
+        if bit == 0:
+            continue
+        if not positive[i]:
+            use[i] = False
+            continue
+        s = ps[i]
+        if seen[s] & bit:
+            use[i] = False
+        else:
+            seen[s] |= bit
+
+
+@njit(cache=True)
+def ranking_pairs(rank_off, rank_len, arena, rel_offs, rel_items, rel_grades, k,
+                  p_at_k, r_at_k, ndcg, rr):
+    """Per (ranking, relevance) pair: P@k, R@k (NaN without relevant items), NDCG@k, RR@k.
+
+    Linear gains (grade / log2(rank + 1)) as scikit-learn's ``ndcg_score``.
+    """
+    disc = np.empty(k, dtype=np.float64)
+    for j in range(k):
+        disc[j] = 1.0 / np.log2(j + 2.0)
+    top = np.empty(k, dtype=np.float64)
+    for i in range(rank_off.shape[0]):
+        lo, hi = rel_offs[i], rel_offs[i + 1]
+        m = min(rank_len[i], k)
+        hits = 0
+        dcg = 0.0
+        first = -1
+        for j in range(m):
+            item = arena[rank_off[i] + j]
+            g = 0.0
+            for r in range(lo, hi):
+                if rel_items[r] == item:
+                    g = rel_grades[r]
+                    break
+            if g > 0.0:
+                hits += 1
+                dcg += g * disc[j]
+                if first < 0:
+                    first = j
+        # ideal DCG: the k largest grades of the request
+        n_rel = 0
+        nt = 0
+        for r in range(lo, hi):
+            g = rel_grades[r]
+            if g > 0.0:
+                n_rel += 1
+                # insertion into the descending top-k list
+                if nt < k:
+                    nt += 1
+                    q = nt - 1
+                elif g > top[k - 1]:
+                    q = k - 1
+                else:
+                    continue
+                while q > 0 and top[q - 1] < g:
+                    top[q] = top[q - 1]
+                    q -= 1
+                top[q] = g
+        idcg = 0.0
+        for j in range(nt):
+            idcg += top[j] * disc[j]
+        p_at_k[i] = hits / k
+        r_at_k[i] = hits / n_rel if n_rel > 0 else np.nan
+        ndcg[i] = dcg / idcg if idcg > 0.0 else 0.0
+        rr[i] = 1.0 / (first + 1.0) if first >= 0 else 0.0

@@ -44,6 +44,7 @@ from .batch import (
 from .clock import Clock
 from .config import EngineConfig
 from .errors import Rejection
+from ._hashkernels import apply_once
 from .keytable import KeyTable
 from .states import (
     FAMILY_CLASSES, TASK_CLASSIFICATION, TASK_NONE, TASK_RANKING, TASK_REGRESSION,
@@ -439,10 +440,19 @@ class Engine:
                          ("ranking", TASK_RANKING), ("feedback", -1)):
                 if f not in self.families:
                     continue
-                sel = slice(None) if t == -1 else (task == t)
-                g = gid[sel]
-                if len(g):
-                    FAMILY_CLASSES[f].observe_grouped(self._states(f, panes, sids), g)
+                if t == -1:
+                    FAMILY_CLASSES[f].observe_grouped(self._states(f, panes, sids), gid)
+                    continue
+                g = gid[task == t]
+                if not len(g):
+                    continue
+                # states only where the family has inferences: a classifier's
+                # series carries no regression or ranking state
+                present = np.flatnonzero(np.bincount(g, minlength=len(panes)))
+                remap = np.empty(len(panes), dtype=np.intp)
+                remap[present] = np.arange(len(present))
+                FAMILY_CLASSES[f].observe_grouped(
+                    self._states(f, [panes[i] for i in present], sids[present]), remap[g])
         # 5. the rest of the inference's entry, kept for feedback until the
         # pane's label deadline
         kept = slots >= 0
@@ -596,26 +606,16 @@ class Engine:
         """Fold (pending inference slot, feedback) pairs into the inference's panes."""
         col = self.pending.col
         task = col["task"][ps]
-        seen = col["seen"][ps]
         # kinds that count once per inference: the first pair per slot wins
         once = np.zeros(len(ps), dtype=np.uint8)
         for k, bit in _ONCE_BITS.items():
             once[kind == k] = bit
         use = np.ones(len(ps), dtype=bool)
         if once.any():
-            om = np.flatnonzero(once > 0)
-            already = (seen[om] & once[om]) > 0
-            # first occurrence of (slot, kind) within this batch
-            key = ps[om] * 16 + once[om]
-            _, first = np.unique(key, return_index=True)
-            isfirst = np.zeros(len(om), dtype=bool)
-            isfirst[first] = True
-            use[om[already | ~isfirst]] = False
-            # a false click / conversion counts for nothing (and does not block a later true one)
-            fc = om[((kind[om] == KIND_CLICK) | (kind[om] == KIND_CONVERSION)) & ~(value[om] > 0)]
-            use[fc] = False
-            set_ = om[use[om]]
-            np.bitwise_or.at(col["seen"], ps[set_], once[set_])
+            # the first pair per inference and kind, in arrival order; a false
+            # click / conversion counts for nothing and blocks nothing
+            positive = ~(((kind == KIND_CLICK) | (kind == KIND_CONVERSION)) & ~(value > 0))
+            apply_once(ps, once, positive, col["seen"], use)
         # label pairs on the wrong kind of model are counted, not guessed at
         is_label = kind == KIND_LABEL
         is_rel = kind == KIND_RELEVANCE
@@ -722,12 +722,11 @@ class Engine:
         return out
 
     def _expire(self, wm: int) -> None:
-        force = self._flushed
-        ex = self.pending.expire(wm, force)
+        ex = self.pending.expire(wm, ("labelled",))
         if ex:
             unl = ~ex["labelled"]
             self.counters["inference_expired_unlabelled"] += int(unl.sum())
-        ex = self.fb_store.expire(wm, force)
+        ex = self.fb_store.expire(wm, ("matched",))
         if ex:
             self.counters["feedback_unmatched"] += int((~ex["matched"]).sum())
 
@@ -743,8 +742,12 @@ class Engine:
             "state_bytes": self.state_nbytes(), "table_bytes": self.table_nbytes(),
         }
 
-    def state_nbytes(self) -> int:
-        return sum(st.nbytes for panes in self.panes.values() for p in panes.values()
+    def state_nbytes(self, deep: bool = False) -> int:
+        """Bytes of metric state held: the arrays' data, or (``deep``) with object overhead."""
+        from .states import deep_size
+
+        size = deep_size if deep else (lambda st: st.nbytes)
+        return sum(size(st) for panes in self.panes.values() for p in panes.values()
                    for st in p.states.values())
 
     def table_nbytes(self) -> int:
@@ -775,48 +778,16 @@ def ranking_metrics(rank_off: np.ndarray, rank_len: np.ndarray, arena: np.ndarra
     relevance is CSR (``rel_offs``, ``rel_items``, ``rel_grades``).  Gains are
     linear (grade / log2(rank + 1)), as in scikit-learn's ``ndcg_score``.
     """
-    from .batch import mix64
+    from ._hashkernels import ranking_pairs
 
     P = len(rank_off)
-    # top-k matrix, 0-padded
-    L = np.minimum(rank_len, k)
-    pos = np.arange(k)
-    valid = pos[None, :] < L[:, None]
-    idx = np.where(valid, rank_off[:, None] + pos[None, :], 0)
-    top = np.where(valid, arena[idx] if len(arena) else 0, 0).astype(np.uint64)
-    # grade of each ranked item: look up (pair, item) among the relevance pairs
-    rel_pair = np.repeat(np.arange(P), np.diff(rel_offs))
-    salt = (np.arange(P, dtype=np.uint64) + np.uint64(1)) * np.uint64(0x9E3779B97F4A7C15)
-    with np.errstate(over="ignore"):
-        rkeys = mix64(rel_items ^ salt[rel_pair])
-        tkeys = mix64(top ^ salt[:, None])
-    order = np.argsort(rkeys)
-    sk = rkeys[order]
-    where = np.searchsorted(sk, tkeys.ravel())
-    where = np.minimum(where, max(len(sk) - 1, 0))
-    hit = (sk[where] == tkeys.ravel()) if len(sk) else np.zeros(tkeys.size, bool)
-    g = np.where(hit, rel_grades[order][where] if len(sk) else 0.0, 0.0).reshape(P, k)
-    g = np.where(valid, g, 0.0)
-    disc = 1.0 / np.log2(np.arange(k) + 2.0)
-    dcg = (g * disc).sum(axis=1)
-    # ideal DCG from each request's top-k grades
-    pos_g = rel_grades > 0
-    n_rel = np.bincount(rel_pair[pos_g], minlength=P)
-    o = np.lexsort((-rel_grades, rel_pair))
-    rp, rg = rel_pair[o], rel_grades[o]
-    start = np.r_[0, np.flatnonzero(rp[1:] != rp[:-1]) + 1] if len(rp) else np.zeros(0, np.int64)
-    rank_in = np.arange(len(rp)) - np.repeat(start, np.diff(np.r_[start, len(rp)])) if len(rp) \
-        else np.zeros(0, np.int64)
-    top_i = rank_in < k
-    idcg = np.bincount(rp[top_i], weights=rg[top_i] * disc[rank_in[top_i]], minlength=P)
-    rel_hit = g > 0
-    hits = rel_hit.sum(axis=1)
-    first = np.where(rel_hit.any(axis=1), rel_hit.argmax(axis=1), -1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        ndcg = np.where(idcg > 0, dcg / np.where(idcg > 0, idcg, 1.0), 0.0)
-        r_at_k = np.where(n_rel > 0, hits / np.maximum(n_rel, 1), np.nan)
-    rr = np.where(first >= 0, 1.0 / np.maximum(first + 1.0, 1.0), 0.0)
-    return {"p_at_k": hits / float(k), "r_at_k": r_at_k, "ndcg": ndcg, "rr": rr}
+    out = {name: np.empty(P, dtype=np.float64) for name in ("p_at_k", "r_at_k", "ndcg", "rr")}
+    ranking_pairs(np.ascontiguousarray(rank_off, dtype=np.int64),
+                  np.ascontiguousarray(rank_len, dtype=np.int64),
+                  arena, np.ascontiguousarray(rel_offs, dtype=np.int64), rel_items,
+                  np.ascontiguousarray(rel_grades, dtype=np.float64), int(k),
+                  out["p_at_k"], out["r_at_k"], out["ndcg"], out["rr"])
+    return out
 
 
 def run_events(engine: Engine, batches: Iterable[tuple[str, object]]) -> list[Partial]:

@@ -40,7 +40,7 @@ class KeyTable:
 
     def __init__(self, capacity: int, columns: Mapping[str, np.dtype | type] | None = None,
                  arenas: Mapping[str, Mapping[str, np.dtype | type]] | None = None,
-                 initial: int = 4096) -> None:
+                 initial: int = 16384) -> None:
         self.capacity = int(capacity)
         self._dtypes = {"expiry": np.int64, **(columns or {})}
         self._arena_dtypes = {a: dict(f) for a, f in (arenas or {}).items()}
@@ -89,7 +89,7 @@ class KeyTable:
         """
         n = len(keys)
         self._reserve(n)
-        k = K.fix_keys(np.ascontiguousarray(keys, dtype=np.uint64))
+        k = np.ascontiguousarray(keys, dtype=np.uint64)
         idv = (np.ascontiguousarray(ident, dtype=np.uint64) if ident is not None
                else np.zeros(n, dtype=np.uint64))
         slots = np.empty(n, dtype=np.int64)
@@ -112,7 +112,7 @@ class KeyTable:
 
         Entries with ``expiry <= now`` are skipped: they are as good as gone.
         """
-        k = K.fix_keys(np.ascontiguousarray(keys, dtype=np.uint64))
+        k = np.ascontiguousarray(keys, dtype=np.uint64)
         now_ = np.iinfo(np.int64).min if now is None else int(now)
         cap = max(16, 2 * len(k))
         while True:
@@ -177,23 +177,27 @@ class KeyTable:
         self._arena_used[a] = self._arena_live[a] = len(sel)
 
     # -- expiry, eviction, growth --------------------------------------------------
-    def _remove(self, slots: np.ndarray) -> dict[str, np.ndarray]:
-        removed = {c: a[slots] for c, a in self.col.items()}
+    def _remove(self, slots: np.ndarray, cols=None) -> dict[str, np.ndarray]:
+        keep = set(cols or self.col) | {f"{a}_len" for a in self._arena_dtypes} | {"expiry"}
+        removed = {c: a[slots] for c, a in self.col.items() if c in keep}
         self.keys[slots] = K.TOMB
         self.col["expiry"][slots] = _NO_EXPIRY
         self.n -= len(slots)
         self._arena_release(removed)
         return removed
 
-    def expire(self, now: int, force: bool = False) -> dict[str, np.ndarray]:
-        """Drop entries with ``expiry <= now``; returns their values as ``{column: array}``."""
+    def expire(self, now: int, cols=None) -> dict[str, np.ndarray]:
+        """Drop entries with ``expiry <= now``; returns their values as ``{column: array}``.
+
+        ``cols`` limits the returned columns to those the caller counts.
+        """
         if self.min_expiry > now or self.n == 0:
             return {}
         gone = K.expired_slots(self.keys, self.col["expiry"], int(now))
         self.min_expiry = int(now) + 1  # a lower bound of what is left
         if not len(gone):
             return {}
-        return self._remove(gone)
+        return self._remove(gone, cols)
 
     def take_evicted(self) -> dict:
         """Entries evicted for capacity since the last call (``{column: array}``)."""
@@ -214,7 +218,7 @@ class KeyTable:
             # room for the live entries at a load of at most 40 % (tombstones go)
             size = 16
             while (self.n + incoming) * 5 > 2 * size:
-                size *= 2
+                size *= 2 if size >= 1 << 20 else 4  # grow fast while small
             self._rebuild(size)
 
     def _rebuild(self, size: int) -> None:

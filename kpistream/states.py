@@ -508,6 +508,32 @@ class FeedbackState(SumsState):
         return out
 
 
+def deep_size(obj) -> int:
+    """Bytes a state really holds in memory: its data plus the Python objects around it."""
+    import sys
+
+    seen: set[int] = set()
+
+    def size(o) -> int:
+        if id(o) in seen:
+            return 0
+        seen.add(id(o))
+        if isinstance(o, np.ndarray):
+            return sys.getsizeof(o)  # header + data for arrays owning their data
+        n = sys.getsizeof(o)
+        if isinstance(o, (list, tuple)) and not (o and isinstance(o[0], str)):
+            n += sum(size(x) for x in o)
+        slots = [a for c in type(o).__mro__ for a in getattr(c, "__slots__", ())]
+        for a in slots:
+            if a != "labels" and hasattr(o, a):  # the label vocabulary is shared
+                n += size(getattr(o, a))
+        if hasattr(o, "__dict__"):
+            n += sum(size(v) for v in vars(o).values())
+        return n
+
+    return size(obj)
+
+
 FAMILY_CLASSES: dict[str, type[MetricState]] = {
     c.family: c for c in (TrafficState, LatencyState, CostState, ClassificationState,
                           RegressionState, RankingState, FeedbackState)}
