@@ -50,7 +50,7 @@ CONFIG = {
 }
 
 
-def run_engine(batches, cfg, now_ms, collect_every=8, measure=False):
+def run_engine(batches, cfg, now_ms, collect_every=1, measure=False):
     """Returns (rows, seconds, peak state bytes, peak active series, engine)."""
     eng = Engine(cfg, ManualClock(now_ms))
     agg = WindowAggregator(cfg)

@@ -47,7 +47,7 @@ from .errors import Rejection
 from ._hashkernels import apply_once
 from .keytable import KeyTable
 from .states import (
-    FAMILY_CLASSES, TASK_CLASSIFICATION, TASK_NONE, TASK_RANKING, TASK_REGRESSION,
+    FAMILY_CLASSES, SumsState, SumsTable, sums_for, TASK_CLASSIFICATION, TASK_NONE, TASK_RANKING, TASK_REGRESSION,
     ClassificationState, FeedbackState, LatencyState, MetricState, RankingState,
     RegressionState,
 )
@@ -95,11 +95,12 @@ class IngestReport:
 
 
 class _Pane:
-    __slots__ = ("states", "dirty", "start", "end", "n", "min_ts", "max_ts", "op_final",
+    __slots__ = ("states", "tables", "dirty", "start", "end", "n", "min_ts", "max_ts", "op_final",
                  "q_final")
 
     def __init__(self, start: int, end: int) -> None:
-        self.states: dict[tuple[str, int], MetricState] = {}
+        self.states: dict[tuple[str, int], MetricState] = {}   # object states (latency, classes)
+        self.tables: dict[str, SumsTable] = {}                  # sums families, all series
         self.dirty: set[tuple[str, int]] = set()
         self.start, self.end = start, end
         self.n = 0          # inferences (count windows)
@@ -310,6 +311,45 @@ class Engine:
             out.append(st)
         return out
 
+    def _update(self, space: str, family: str, panes: list[_Pane], sids: np.ndarray,
+                gid: np.ndarray, cols=None, observe: bool = False,
+                subset: np.ndarray | None = None) -> None:
+        """Fold rows (group ``gid`` -> (pane, series)) into a family's states.
+
+        ``observe`` counts inferences (label-coverage / rate denominators);
+        ``subset`` restricts to some rows (states are created only for the
+        groups those rows touch).  Time panes keep sums families as one
+        table over all series; a count pane belongs to one series and keeps
+        objects.
+        """
+        cls = FAMILY_CLASSES[family]
+        g = gid if subset is None else gid[subset]
+        if not len(g):
+            return
+        if space == _TIME and issubclass(cls, SumsState):
+            sums = sums_for(cls, g, len(panes), cols, observe)
+            touched = np.bincount(g, minlength=len(panes)) > 0
+            by_pane: dict[int, tuple[_Pane, list[int]]] = {}
+            for i in np.flatnonzero(touched).tolist():
+                p = panes[i]
+                by_pane.setdefault(id(p), (p, []))[1].append(i)
+            for p, idx in by_pane.values():
+                t = p.tables.get(family)
+                if t is None:
+                    t = p.tables[family] = SumsTable(cls, len(self.series_keys))
+                t.add(sids[idx], sums[idx])
+            return
+        if subset is not None:
+            present = np.flatnonzero(np.bincount(g, minlength=len(panes)))
+            remap = np.empty(len(panes), dtype=np.intp)
+            remap[present] = np.arange(len(present))
+            panes, sids, g = [panes[i] for i in present], sids[present], remap[g]
+        states = self._states(family, panes, sids)
+        if observe:
+            cls.observe_grouped(states, g)
+        else:
+            cls.update_grouped(states, g, cols)
+
     def _spaces(self, pend_slots: np.ndarray | None = None, ts: np.ndarray | None = None,
                 cw_cols: dict | None = None):
         """(space, keys) for every space: time panes, then each count window."""
@@ -425,7 +465,7 @@ class Engine:
         for space, keys in self._spaces(ts=pane_start, cw_cols=cw_keys):
             gid, panes, sids = self._groups(space, keys, series)
             for f in self._op_families:
-                FAMILY_CLASSES[f].update_grouped(self._states(f, panes, sids), gid, cols)
+                self._update(space, f, panes, sids, gid, cols)
             if space != _TIME:
                 cnt = np.bincount(gid, minlength=len(panes))
                 mx = np.full(len(panes), _I64_MIN, dtype=np.int64)
@@ -436,23 +476,13 @@ class Engine:
                     p.n += k_
                     p.max_ts = max(p.max_ts, m_)
                     p.min_ts = min(p.min_ts, n_)
+            # label-coverage and rate denominators; a classifier's series
+            # carries no regression or ranking state
             for f, t in (("classification", TASK_CLASSIFICATION), ("regression", TASK_REGRESSION),
                          ("ranking", TASK_RANKING), ("feedback", -1)):
-                if f not in self.families:
-                    continue
-                if t == -1:
-                    FAMILY_CLASSES[f].observe_grouped(self._states(f, panes, sids), gid)
-                    continue
-                g = gid[task == t]
-                if not len(g):
-                    continue
-                # states only where the family has inferences: a classifier's
-                # series carries no regression or ranking state
-                present = np.flatnonzero(np.bincount(g, minlength=len(panes)))
-                remap = np.empty(len(panes), dtype=np.intp)
-                remap[present] = np.arange(len(present))
-                FAMILY_CLASSES[f].observe_grouped(
-                    self._states(f, [panes[i] for i in present], sids[present]), remap[g])
+                if f in self.families:
+                    self._update(space, f, panes, sids, gid, observe=True,
+                                 subset=None if t == -1 else (task == t))
         # 5. the rest of the inference's entry, kept for feedback until the
         # pane's label deadline
         kept = slots >= 0
@@ -651,7 +681,7 @@ class Engine:
         for family, m, cols in jobs:
             for space, keys in self._spaces(pend_slots=ps[m], ts=pane_start[m]):
                 gid, panes, sids = self._groups(space, keys, series[m])
-                FAMILY_CLASSES[family].update_grouped(self._states(family, panes, sids), gid, cols)
+                self._update(space, family, panes, sids, gid, cols)
         n_used = int(use.sum())
         self.counters["join_pairs"] += n_used
         return n_used
@@ -704,7 +734,8 @@ class Engine:
                     q_final = complete and (self._flushed or wm >= last_pane_end + delay)
                     sid_fixed, key = pkey
                     start, end = p.min_ts, p.max_ts + 1
-                if not p.dirty and not ((op_final and not p.op_final) or (q_final and not p.q_final)):
+                newly_final = (op_final and not p.op_final) or (q_final and not p.q_final)
+                if not p.dirty and not newly_final and not any(t.dirty for t in p.tables.values()):
                     continue
                 for (family, sid), st in list(p.states.items()):
                     fin = op_final if FAMILY_CLASSES[family].horizon == "inference" else q_final
@@ -715,9 +746,17 @@ class Engine:
                                        bool(fin), int(start), int(end)))
                     if fin:
                         del p.states[(family, sid)]
+                for family, t in list(p.tables.items()):
+                    fin = op_final if FAMILY_CLASSES[family].horizon == "inference" else q_final
+                    for sid in (t.sids() if fin else sorted(t.dirty)):
+                        out.append(Partial(space, int(key), self.series_keys[sid], family,
+                                           t.state(sid), bool(fin), int(start), int(end)))
+                    t.dirty.clear()
+                    if fin:
+                        del p.tables[family]
                 p.dirty.clear()
                 p.op_final, p.q_final = op_final, q_final
-                if not p.states and q_final:
+                if not p.states and not p.tables and q_final:
                     del panes[pkey]
         return out
 
@@ -748,7 +787,7 @@ class Engine:
 
         size = deep_size if deep else (lambda st: st.nbytes)
         return sum(size(st) for panes in self.panes.values() for p in panes.values()
-                   for st in p.states.values())
+                   for st in (*p.states.values(), *p.tables.values()))
 
     def table_nbytes(self) -> int:
         return self.pending.nbytes + self.fb_store.nbytes
@@ -758,6 +797,8 @@ class Engine:
         for panes in self.panes.values():
             for p in panes.values():
                 s.update(sid for _, sid in p.states)
+                for t in p.tables.values():
+                    s.update(t.sids())
         return len(s)
 
 

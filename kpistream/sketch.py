@@ -24,11 +24,11 @@ The guarantee, in numbers:
   (the ones latency SLOs care about) stay accurate.  With ``max_buckets=2048``
   and ``a = 1 %`` a collapse only happens when ``max / min > gamma**2048``
   (about ``e**41``, i.e. 18 orders of magnitude).
-* **Memory.**  4 bytes (``uint32`` counts; ``uint64`` once a single bucket
-  passes 2**32 - 1) per bucket between the smallest and the largest positive
-  value seen: about ``ln(max/min) / ln(gamma)`` buckets, e.g. about 230 buckets
-  (≈ 0.9 KiB) for latencies spanning 100x at ``a = 1 %``, plus ~100 bytes of
-  scalars.  The in-memory array keeps up to ~1/8 slack to grow without
+* **Memory.**  2 bytes per bucket (``uint16`` counts, widened to ``uint32``
+  and then ``uint64`` only when a single bucket would overflow) between the
+  smallest and the largest positive value seen: about
+  ``ln(max/min) / ln(gamma)`` buckets, e.g. about 230 buckets (≈ 0.45 KiB)
+  for latencies spanning 100x at ``a = 1 %``, plus ~100 bytes of scalars.  The in-memory array keeps up to ~1/8 slack to grow without
   reallocating; pickled state and :meth:`QuantileSketch.copy` are trimmed to
   the non-zero range.
 * **Mergeability.**  ``merge`` is exact: the bucket counts after merging any
@@ -58,6 +58,7 @@ MIN_POSITIVE = 1e-9
 #: Key returned by :meth:`QuantileSketch.keys` for values in the zero bucket.
 ZERO_KEY = int(np.iinfo(np.int64).min)
 
+_U16_MAX = 2**16 - 1
 _U32_MAX = 2**32 - 1
 _SCALAR_BYTES = 12 * 8      # count, zero_count, sum, min, max, offset, lo/hi keys, ...
 _STATE_VERSION = 1
@@ -117,7 +118,7 @@ class QuantileSketch:
 
     def __init__(self, relative_accuracy: float = 0.01, max_buckets: int = 2048) -> None:
         self._init_params(relative_accuracy, max_buckets)
-        self._counts = np.zeros(0, dtype=np.uint32)
+        self._counts = np.zeros(0, dtype=np.uint16)
         self._offset = 0            # key of self._counts[0]
         self._klo: int | None = None  # lowest / highest key with a non-zero count
         self._khi: int | None = None
@@ -320,7 +321,7 @@ class QuantileSketch:
         caller's business.
         """
         k1 = k0 + bc.size - 1
-        may_overflow = self.count + total > _U32_MAX
+        may_overflow = self.count + total > _U16_MAX
         if self._klo is None:
             lo, hi = k0, k1
         else:
@@ -360,9 +361,13 @@ class QuantileSketch:
 
     def _add_at(self, i0: int, bc: np.ndarray, may_overflow: bool) -> None:
         seg = self._counts[i0:i0 + bc.size]
-        if may_overflow and self._counts.dtype == np.uint32:
-            if int((seg.astype(np.uint64) + bc.astype(np.uint64)).max()) > _U32_MAX:
-                self._counts = self._counts.astype(np.uint64)
+        if may_overflow and self._counts.dtype != np.uint64:
+            # widen the counts (uint16 -> uint32 -> uint64) before a bucket overflows
+            top = int((seg.astype(np.uint64) + bc.astype(np.uint64)).max())
+            limit = _U16_MAX if self._counts.dtype == np.uint16 else _U32_MAX
+            if top > limit:
+                wide = np.uint32 if top <= _U32_MAX else np.uint64
+                self._counts = self._counts.astype(wide)
                 seg = self._counts[i0:i0 + bc.size]
         np.add(seg, bc, out=seg, dtype=seg.dtype, casting="unsafe")
 

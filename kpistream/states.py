@@ -515,7 +515,7 @@ def deep_size(obj) -> int:
     seen: set[int] = set()
 
     def size(o) -> int:
-        if id(o) in seen:
+        if id(o) in seen or isinstance(o, type):  # classes are shared, not state
             return 0
         seen.add(id(o))
         if isinstance(o, np.ndarray):
@@ -532,6 +532,64 @@ def deep_size(obj) -> int:
         return n
 
     return size(obj)
+
+
+class SumsTable:
+    """The states of one sums family for every series of one pane, as one array.
+
+    Row ``sid`` is the ``s`` vector of series ``sid``'s state: one array per
+    pane and family instead of one object per series keeps the engine's
+    memory per series at a few dozen bytes and updates every series of a
+    batch with one vectorized add.  :meth:`state` hands out a detached
+    :class:`SumsState` (the unit that travels and merges).
+    """
+
+    __slots__ = ("cls", "arr", "live", "dirty")
+
+    def __init__(self, cls: type[SumsState], n_series: int) -> None:
+        self.cls = cls
+        self.arr = np.zeros((max(n_series, 4), len(cls.STATS)), dtype=np.float64)
+        self.live = np.zeros(len(self.arr), dtype=bool)
+        self.dirty: set[int] = set()
+
+    def add(self, sids: np.ndarray, sums: np.ndarray) -> None:
+        """Add ``sums[i]`` to series ``sids[i]`` (distinct sids)."""
+        need = int(sids.max()) + 1
+        if need > len(self.arr):
+            n = max(need, 2 * len(self.arr))
+            arr = np.zeros((n, self.arr.shape[1]), dtype=np.float64)
+            arr[: len(self.arr)] = self.arr
+            live = np.zeros(n, dtype=bool)
+            live[: len(self.live)] = self.live
+            self.arr, self.live = arr, live
+        self.arr[sids] += sums
+        self.live[sids] = True
+        self.dirty.update(sids.tolist())
+
+    def state(self, sid: int) -> SumsState:
+        st = self.cls.__new__(self.cls)
+        st.s = self.arr[sid].copy()
+        return st
+
+    def sids(self) -> list[int]:
+        return np.flatnonzero(self.live).tolist()
+
+    def drop(self) -> None:
+        self.live[:] = False
+        self.dirty.clear()
+
+    @property
+    def nbytes(self) -> int:
+        return self.arr.nbytes + self.live.nbytes
+
+
+def sums_for(cls: type[SumsState], gid: np.ndarray, n_groups: int, cols, observe: bool) -> np.ndarray:
+    """(n_groups, n_stats) sums of a batch for a sums family (``observe``: inference counts)."""
+    if observe:
+        out = np.zeros((n_groups, len(cls.STATS)), dtype=np.float64)
+        out[:, 0] = np.bincount(gid, minlength=n_groups)
+        return out
+    return _group_sums(gid, n_groups, cls.weights(cols))
 
 
 FAMILY_CLASSES: dict[str, type[MetricState]] = {

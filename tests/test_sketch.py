@@ -325,9 +325,10 @@ def test_pickle_round_trip_exact_and_trimmed() -> None:
     np.testing.assert_array_equal(r.quantiles(QS), s.quantiles(QS))
     nb = s.bucket_counts()[1].size
     assert nb <= 232
-    assert r.nbytes == nb * 4 + sketch_mod._SCALAR_BYTES
-    assert r.nbytes < 1100           # ≈ 0.9 KiB of counts + scalars
-    assert s.nbytes <= r.nbytes + 4 * (nb // 8 + 16)  # bounded growth slack
+    assert r.nbytes == nb * r.bucket_counts()[1].itemsize + sketch_mod._SCALAR_BYTES
+    assert r.bucket_counts()[1].dtype == np.uint16  # no bucket near 2**16 here
+    assert r.nbytes < 600            # ≈ 0.45 KiB of uint16 counts + scalars
+    assert s.nbytes <= r.nbytes + 2 * (nb // 8 + 16)  # bounded growth slack
     assert len(blob) < 1500
     c = s.copy()
     assert c == s and c.nbytes == r.nbytes
@@ -340,13 +341,28 @@ def test_pickle_round_trip_exact_and_trimmed() -> None:
     assert pickle.loads(pickle.dumps(QuantileSketch(0.02, 64))) == QuantileSketch(0.02, 64)
 
 
+def test_uint16_to_uint32_upgrade() -> None:
+    s = QuantileSketch()
+    s.update(np.ones(2**16 - 5))
+    assert s.bucket_counts()[1].dtype == np.uint16
+    s.update(np.ones(4))  # 2**16 - 1: still fits
+    assert s.bucket_counts()[1].dtype == np.uint16
+    s.update(np.ones(2))
+    k, c = s.bucket_counts()
+    assert c.dtype == np.uint32 and int(c[0]) == 2**16 + 1 and s.count == 2**16 + 1
+    t = QuantileSketch()
+    t.update(np.ones(10))
+    t.merge(s)  # a narrow sketch absorbing a wide one
+    assert int(t.bucket_counts()[1][0]) == 2**16 + 11
+
+
 def test_uint64_upgrade() -> None:
     s = QuantileSketch()
     s.update([1.0, 2.0])
     state = s.__getstate__()
-    counts = np.frombuffer(state["counts"], dtype=np.uint32).copy()
+    counts = np.frombuffer(state["counts"], dtype=np.uint16).astype(np.uint32)
     counts[0] = 2**32 - 10
-    state.update(counts=counts.tobytes(), n=int(counts.sum()))
+    state.update(counts=counts.tobytes(), dt=counts.dtype.str, n=int(counts.sum()))
     big = QuantileSketch.__new__(QuantileSketch)
     big.__setstate__(state)
     assert big.bucket_counts()[1].dtype == np.uint32
