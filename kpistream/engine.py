@@ -47,7 +47,7 @@ from .errors import Rejection
 from ._hashkernels import apply_once
 from .keytable import KeyTable
 from .states import (
-    FAMILY_CLASSES, SumsState, SumsTable, sums_for, TASK_CLASSIFICATION, TASK_NONE, TASK_RANKING, TASK_REGRESSION,
+    FAMILY_CLASSES, ConfusionTable, SumsState, SumsTable, sums_for, TASK_CLASSIFICATION, TASK_NONE, TASK_RANKING, TASK_REGRESSION,
     ClassificationState, FeedbackState, LatencyState, MetricState, RankingState,
     RegressionState,
 )
@@ -325,6 +325,26 @@ class Engine:
         cls = FAMILY_CLASSES[family]
         g = gid if subset is None else gid[subset]
         if not len(g):
+            return
+        if space == _TIME and cls is ClassificationState:
+            touched = np.flatnonzero(np.bincount(g, minlength=len(panes)))
+            by_pane: dict[int, tuple[_Pane, list[int]]] = {}
+            for i in touched.tolist():
+                by_pane.setdefault(id(panes[i]), (panes[i], []))[1].append(i)
+            single = len(by_pane) == 1
+            for p, idx in by_pane.values():
+                t = p.tables.get(family)
+                if t is None:
+                    t = p.tables[family] = ConfusionTable(len(self.series_keys), self.labels,
+                                                          self.cfg.positive_label)
+                ix = np.asarray(idx)
+                if observe:
+                    t.observe(sids[ix], np.bincount(g, minlength=len(panes))[ix])
+                    continue
+                rows = slice(None) if single else np.isin(g, ix)
+                remap = np.full(len(panes), -1, dtype=np.intp)
+                remap[ix] = np.arange(len(ix))
+                t.add_pairs(sids[ix], remap[g[rows]], cols["true"][rows], cols["pred"][rows])
             return
         if space == _TIME and issubclass(cls, SumsState):
             sums = sums_for(cls, g, len(panes), cols, observe)
@@ -748,10 +768,10 @@ class Engine:
                         del p.states[(family, sid)]
                 for family, t in list(p.tables.items()):
                     fin = op_final if FAMILY_CLASSES[family].horizon == "inference" else q_final
-                    for sid in (t.sids() if fin else sorted(t.dirty)):
+                    for sid in t.sids(dirty_only=not fin):
                         out.append(Partial(space, int(key), self.series_keys[sid], family,
                                            t.state(sid), bool(fin), int(start), int(end)))
-                    t.dirty.clear()
+                    t.clean()
                     if fin:
                         del p.tables[family]
                 p.dirty.clear()

@@ -544,43 +544,109 @@ class SumsTable:
     :class:`SumsState` (the unit that travels and merges).
     """
 
-    __slots__ = ("cls", "arr", "live", "dirty")
+    __slots__ = ("cls", "arr", "flags")
+    _LIVE, _DIRTY = 1, 2
 
     def __init__(self, cls: type[SumsState], n_series: int) -> None:
         self.cls = cls
         self.arr = np.zeros((max(n_series, 4), len(cls.STATS)), dtype=np.float64)
-        self.live = np.zeros(len(self.arr), dtype=bool)
-        self.dirty: set[int] = set()
+        self.flags = np.zeros(len(self.arr), dtype=np.uint8)
 
-    def add(self, sids: np.ndarray, sums: np.ndarray) -> None:
-        """Add ``sums[i]`` to series ``sids[i]`` (distinct sids)."""
+    def _fit(self, sids: np.ndarray) -> None:
         need = int(sids.max()) + 1
         if need > len(self.arr):
             n = max(need, 2 * len(self.arr))
-            arr = np.zeros((n, self.arr.shape[1]), dtype=np.float64)
-            arr[: len(self.arr)] = self.arr
-            live = np.zeros(n, dtype=bool)
-            live[: len(self.live)] = self.live
-            self.arr, self.live = arr, live
+            self.arr = _grow_rows(self.arr, n)
+            self.flags = _grow_rows(self.flags, n)
+
+    def add(self, sids: np.ndarray, sums: np.ndarray) -> None:
+        """Add ``sums[i]`` to series ``sids[i]`` (distinct sids)."""
+        self._fit(sids)
         self.arr[sids] += sums
-        self.live[sids] = True
-        self.dirty.update(sids.tolist())
+        self.flags[sids] = self._LIVE | self._DIRTY
 
     def state(self, sid: int) -> SumsState:
         st = self.cls.__new__(self.cls)
         st.s = self.arr[sid].copy()
         return st
 
-    def sids(self) -> list[int]:
-        return np.flatnonzero(self.live).tolist()
+    def sids(self, dirty_only: bool = False) -> list[int]:
+        return np.flatnonzero(self.flags & (self._DIRTY if dirty_only else self._LIVE)).tolist()
 
-    def drop(self) -> None:
-        self.live[:] = False
-        self.dirty.clear()
+    @property
+    def dirty(self) -> bool:
+        return bool((self.flags & self._DIRTY).any())
+
+    def clean(self) -> None:
+        self.flags &= self._LIVE
 
     @property
     def nbytes(self) -> int:
-        return self.arr.nbytes + self.live.nbytes
+        return self.arr.nbytes + self.flags.nbytes
+
+
+def _grow_rows(a: np.ndarray, n: int) -> np.ndarray:
+    out = np.zeros((n, *a.shape[1:]), dtype=a.dtype)
+    out[: len(a)] = a
+    return out
+
+
+class ConfusionTable(SumsTable):
+    """The classification states of every series of one pane: confusion
+    matrices as one ``(series, C, C)`` array plus inference counts."""
+
+    __slots__ = ("n_inf", "labels", "positive")
+
+    def __init__(self, n_series: int, labels: list[str], positive: str | None) -> None:
+        n = max(n_series, 4)
+        self.cls = ClassificationState
+        self.arr = np.zeros((n, 2, 2), dtype=np.int64)
+        self.flags = np.zeros(n, dtype=np.uint8)
+        self.n_inf = np.zeros(n, dtype=np.int64)
+        self.labels = labels
+        self.positive = positive
+
+    def _fit(self, sids: np.ndarray, c: int = 0) -> None:
+        need = int(sids.max()) + 1
+        if need > len(self.arr):
+            n = max(need, 2 * len(self.arr))
+            self.arr, self.flags = _grow_rows(self.arr, n), _grow_rows(self.flags, n)
+            self.n_inf = _grow_rows(self.n_inf, n)
+        k = self.arr.shape[1]
+        if c > k:
+            arr = np.zeros((len(self.arr), c, c), dtype=np.int64)
+            arr[:, :k, :k] = self.arr
+            self.arr = arr
+
+    def observe(self, sids: np.ndarray, counts: np.ndarray) -> None:
+        self._fit(sids)
+        self.n_inf[sids] += counts
+        self.flags[sids] = self._LIVE | self._DIRTY
+
+    def add_pairs(self, sids: np.ndarray, gid: np.ndarray, true: np.ndarray,
+                  pred: np.ndarray) -> None:
+        """Pairs in group ``gid`` (group g is series ``sids[g]``) into the matrices."""
+        t, p = true.astype(np.int64), pred.astype(np.int64)
+        c = max(int(max(t.max(), p.max())) + 1, self.arr.shape[1])
+        self._fit(sids, c)
+        G = len(sids)
+        flat = np.bincount((gid * c + t) * c + p, minlength=G * c * c).reshape(G, c, c)
+        self.arr[sids] += flat
+        self.flags[sids] = self._LIVE | self._DIRTY
+
+    def state(self, sid: int) -> ClassificationState:
+        st = ClassificationState(self.labels, self.positive)
+        m = self.arr[sid]
+        k = m.shape[0]
+        used = np.flatnonzero(m.any(axis=0) | m.any(axis=1))
+        k = int(used[-1]) + 1 if len(used) else 0
+        st.conf = m[:k, :k].copy()
+        st.n_inf = int(self.n_inf[sid])
+        return st.detach()
+
+    @property
+    def nbytes(self) -> int:
+        return self.arr.nbytes + self.flags.nbytes + self.n_inf.nbytes
 
 
 def sums_for(cls: type[SumsState], gid: np.ndarray, n_groups: int, cols, observe: bool) -> np.ndarray:
