@@ -226,3 +226,19 @@ def ranking_pairs(rank_off, rank_len, arena, rel_offs, rel_items, rel_grades, k,
         r_at_k[i] = hits / n_rel if n_rel > 0 else np.nan
         ndcg[i] = dcg / idcg if idcg > 0.0 else 0.0
         rr[i] = 1.0 / (first + 1.0) if first >= 0 else 0.0
+
+
+@njit(cache=True)
+def future_mask(ts, invalid, ref, max_future, out):
+    """Stream-time far-future check, one event at a time: an event more than
+    ``max_future`` ahead of the largest accepted event time so far (``ref``)
+    is flagged; accepted events move ``ref``.  Returns the final ``ref``."""
+    for i in range(ts.shape[0]):
+        if invalid[i]:
+            continue
+        t = ts[i]
+        if t > ref + max_future:
+            out[i] = True
+        elif t > ref:
+            ref = t
+    return ref

@@ -45,7 +45,9 @@ def _label_cols(series: SeriesKey) -> dict[str, str]:
 
 
 class WindowAggregator:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, sources: int | None = None) -> None:
+        """``sources``: how many sources (shards) must report a watermark before
+        anything is final; unknown sources hold the watermark back."""
         self.cfg = config
         self.pane_ms = config.pane_ms
         self.time_windows = [w for w in config.windows if w.is_time]
@@ -55,6 +57,7 @@ class WindowAggregator:
         # count window: (name, series, index, family) -> {source: (state, final, start, end)}
         self.counts: dict[tuple[str, SeriesKey, int, str], dict] = {}
         self.watermarks: dict[object, int] = {}
+        self.expected_sources = sources
         self._emitted_wm = np.iinfo(np.int64).min
         self._max_size = max((w.size for w in self.time_windows), default=self.pane_ms)
 
@@ -73,7 +76,10 @@ class WindowAggregator:
     @property
     def watermark(self) -> int:
         """The watermark every source has reached (the minimum)."""
-        return min(self.watermarks.values()) if self.watermarks else np.iinfo(np.int64).min
+        if not self.watermarks or (self.expected_sources is not None
+                                   and len(self.watermarks) < self.expected_sources):
+            return np.iinfo(np.int64).min
+        return min(self.watermarks.values())
 
     def _horizon(self, family: str) -> int:
         return self.cfg.label_delay_ms if FAMILY_CLASSES[family].horizon == "label" else 0
@@ -161,7 +167,8 @@ class WindowAggregator:
         if wm > np.iinfo(np.int64).min + keep_after:
             for key in [k for k in self.panes if k[0] + keep_after <= wm]:
                 del self.panes[key]
-        self._emitted_wm = wm
+        # never back: a source that reports late must not re-emit final windows
+        self._emitted_wm = max(self._emitted_wm, wm)
         return rows
 
 

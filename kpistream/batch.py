@@ -364,3 +364,16 @@ __all__ = [
     "hash_id", "canonical_label", "series_key", "series_labels", "SeriesKey", "FEEDBACK_KINDS",
     "KIND_CODE", "BASE_LABELS",
 ]
+
+
+def shard_of(request_id_hashes: np.ndarray, n_shards: int) -> np.ndarray:
+    """The shard of each request: ``hash(request_id) % n_shards`` (stable everywhere)."""
+    return (request_id_hashes % np.uint64(n_shards)).astype(np.int64)
+
+
+def split_by_shard(batch: "InferenceBatch | FeedbackBatch", n_shards: int) -> list:
+    """The batch's rows per shard (an empty batch for shards with none)."""
+    if n_shards == 1:
+        return [batch]
+    s = shard_of(batch.request_id, n_shards)
+    return [batch.take(np.flatnonzero(s == i)) for i in range(n_shards)]

@@ -44,10 +44,10 @@ from .batch import (
 from .clock import Clock
 from .config import EngineConfig
 from .errors import Rejection
-from ._hashkernels import apply_once
+from ._hashkernels import apply_once, future_mask
 from .keytable import KeyTable
 from .states import (
-    FAMILY_CLASSES, ConfusionTable, SumsState, SumsTable, sums_for, TASK_CLASSIFICATION, TASK_NONE, TASK_RANKING, TASK_REGRESSION,
+    FAMILY_CLASSES, SumsState, SumsTable, sums_for, TASK_CLASSIFICATION, TASK_NONE, TASK_RANKING, TASK_REGRESSION,
     ClassificationState, FeedbackState, LatencyState, MetricState, RankingState,
     RegressionState,
 )
@@ -114,7 +114,7 @@ class Engine:
     """One shard's worth of windowed, joined, mergeable KPI state."""
 
     def __init__(self, config: EngineConfig | None = None, clock: Clock | None = None,
-                 max_kept_events: int = 10_000) -> None:
+                 max_kept_events: int = 10_000, stream_seed_ms: int | None = None) -> None:
         self.cfg = cfg = config or EngineConfig()
         self.clock = clock
         self.pane_ms = cfg.pane_ms
@@ -123,13 +123,16 @@ class Engine:
         self._q_families = [f for f in self.families if FAMILY_CLASSES[f].horizon == "label"]
         # time
         self.max_ts = _I64_MIN          # largest accepted event time
-        self._stream_now: int | None = None
+        self._stream_now: int | None = stream_seed_ms
         # vocabularies
         self.series_keys: list[SeriesKey] = []
         self._series_index: dict[SeriesKey, int] = {}
         self._raw_series_cache: dict[SeriesKey, int] = {}
-        self.labels: list[str] = []
+        self.labels: list[str] = []                 # interned label strings (global codes)
         self._label_index: dict[str, int] = {}
+        self._series_labels: list[list[str]] = []  # per series: its class vocabulary
+        self._local_table = np.full((0, 0), -1, dtype=np.int32)
+        self._overflowed: set[tuple[int, int]] = set()
         # join / dedup tables
         k = cfg.k
         cw = {f"cw_{w.name}": np.int64 for w in cfg.count_windows}
@@ -139,9 +142,10 @@ class Engine:
             arenas={"rank": {"items": np.uint64}})
         self.fb_store = KeyTable(cfg.max_feedback, {
             "ts": np.int64, "kind": np.int8, "label": np.int32, "value": np.float64,
-            "matched": np.bool_},
+            "matched": np.bool_, "seq": np.int64},
             arenas={"rel": {"items": np.uint64, "grades": np.float64}})
         self._k = k
+        self._fb_seq = 0
         # panes: space -> key -> pane ; count windows key their panes by (series, index)
         self.panes: dict[str, dict] = {_TIME: {}}
         self._cw_seq: dict[str, dict[int, int]] = {}
@@ -162,55 +166,67 @@ class Engine:
             return _I64_MIN
         return self.max_ts - self.cfg.lateness_ms
 
-    def _now(self, ts: np.ndarray) -> int:
+    def _future_mask(self, ts: np.ndarray, invalid: np.ndarray) -> np.ndarray:
+        """Events more than ``max_future`` ahead of the clock.
+
+        With a clock (live): its time.  Without (replay): stream time, the
+        largest accepted event time, event by event; it starts from
+        ``stream_seed_ms`` (replay passes the median of the input's first
+        chunk) or else the first batch's median, so that one bad first event
+        cannot become the reference.
+        """
+        F = self.cfg.max_future_ms
         if self.clock is not None:
-            return self.clock.now_ms()
-        # stream time: the largest accepted event time, seeded by the first
-        # batch's median so that a bad first event cannot become the reference
+            return (ts > self.clock.now_ms() + F) & ~invalid
         if self._stream_now is None:
-            self._stream_now = int(np.median(ts)) if len(ts) else _I64_MIN
-        return max(self._stream_now, self.max_ts)
+            ok = ts[~invalid]
+            self._stream_now = int(np.median(ok)) if len(ok) else None
+            if self._stream_now is None:
+                return np.zeros(len(ts), dtype=bool)
+        out = np.zeros(len(ts), dtype=bool)
+        ref = max(self._stream_now, self.max_ts)
+        self._stream_now = int(future_mask(ts, invalid, ref, F, out))
+        return out
 
-    def _future_mask(self, ts: np.ndarray) -> np.ndarray:
-        limit = self._now(ts) + self.cfg.max_future_ms
-        fut = ts > limit
-        if self.clock is None and len(ts):
-            # stream time moves with the accepted events inside the batch
-            for _ in range(8):
-                ok_ts = np.where(fut, _I64_MIN, ts)
-                run = np.maximum.accumulate(ok_ts)
-                prev = np.empty_like(run)
-                prev[0] = _I64_MIN
-                prev[1:] = run[:-1]
-                ref = np.maximum(prev, self._now(ts))
-                new = ts > ref + self.cfg.max_future_ms
-                if np.array_equal(new, fut):
-                    break
-                fut = new
-        return fut
+    def _watermark_before(self, ts: np.ndarray, ok: np.ndarray, prior: int | None = None,
+                          include_self: bool = False) -> np.ndarray:
+        """Per event: the watermark just before it (or just after, ``include_self``).
 
-    def _watermark_before(self, ts: np.ndarray, ok: np.ndarray) -> np.ndarray:
-        """Per event: the watermark just before it (accepted events only move it)."""
+        Only accepted events (``ok``) move it; ``prior`` is the largest event
+        time before the batch (default: the engine's).
+        """
+        prior = self.max_ts if prior is None else prior
         acc = np.where(ok, ts, _I64_MIN)
         run = np.maximum.accumulate(acc) if len(acc) else acc
         prev = np.empty_like(ts)
-        if len(ts):
-            prev[0] = self.max_ts
-            np.maximum(run[:-1], self.max_ts, out=prev[1:])
+        if include_self:
+            np.maximum(run, prior, out=prev)
+        elif len(ts):
+            prev[0] = prior
+            np.maximum(run[:-1], prior, out=prev[1:])
         wm = prev - self.cfg.lateness_ms
         wm[prev == _I64_MIN] = _I64_MIN
         return wm
 
     # ------------------------------------------------------------ vocabularies
-    def _series_map(self, keys: list[SeriesKey]) -> np.ndarray:
-        out = np.empty(len(keys), dtype=np.int32)
+    def _project(self, raw: SeriesKey) -> SeriesKey:
+        segs = dict(raw[4])
+        return (raw[0], raw[1], raw[2], raw[3],
+                tuple((s, segs.get(s, "")) for s in self.cfg.segments))
+
+    def _series_map(self, keys: list[SeriesKey], used: np.ndarray) -> np.ndarray:
+        """Engine series ids of the batch vocabulary entries ``used`` (others: -1).
+
+        Only series of accepted rows are registered, so rejected or late rows
+        never use up ``max_series``.
+        """
+        out = np.full(len(keys), -1, dtype=np.int32)
         cache = self._raw_series_cache
-        for i, raw in enumerate(keys):
+        for i in np.flatnonzero(used).tolist():
+            raw = keys[i]
             sid = cache.get(raw)
             if sid is None:
-                segs = dict(raw[4])
-                proj = (raw[0], raw[1], raw[2], raw[3],
-                        tuple((s, segs.get(s, "")) for s in self.cfg.segments))
+                proj = self._project(raw)
                 sid = self._series_index.get(proj)
                 if sid is None:
                     if len(self.series_keys) >= self.cfg.max_series:
@@ -221,6 +237,7 @@ class Engine:
                         sid = len(self.series_keys)
                         self.series_keys.append(proj)
                         self._series_index[proj] = sid
+                        self._series_labels.append([])
                 if len(cache) > 100_000:
                     cache.clear()
                 cache[raw] = sid
@@ -228,13 +245,18 @@ class Engine:
         return out
 
     def _label_map(self, labels: list[str]) -> np.ndarray:
+        """Global codes of a batch's label vocabulary (index -1 maps to -1).
+
+        The global table only interns strings; class vocabularies are per
+        series (:meth:`_local_codes`), so one model's labels (or a regression
+        model's integer truths) never crowd out another's.
+        """
         out = np.empty(len(labels) + 1, dtype=np.int32)
-        out[-1] = -1  # code -1 stays -1
+        out[-1] = -1
         for i, lab in enumerate(labels):
             c = self._label_index.get(lab)
             if c is None:
-                if len(self.labels) >= self.cfg.max_classes - 1 and lab != OTHER:
-                    self.counters["label_overflow"] += 1
+                if len(self.labels) >= self._MAX_INTERNED:
                     lab = OTHER
                     c = self._label_index.get(lab)
                 if c is None:
@@ -244,6 +266,45 @@ class Engine:
             out[i] = c
         return out
 
+    _MAX_INTERNED = 1_000_000
+
+    def _local_codes(self, sids: np.ndarray, g: np.ndarray) -> np.ndarray:
+        """Per-series class codes of global label codes ``g`` (>= 0) for series ``sids``.
+
+        Each series has its own vocabulary, capped at ``max_classes``; labels
+        beyond the cap become ``__other__`` (counted per event).
+        """
+        S, G = len(self.series_keys), len(self.labels)
+        lt = self._local_table
+        if lt.shape[0] < S or lt.shape[1] < G:
+            grown = np.full((max(S, 2 * lt.shape[0]), max(G, 2 * lt.shape[1])), -1, dtype=np.int32)
+            grown[: lt.shape[0], : lt.shape[1]] = lt
+            self._local_table = lt = grown
+        loc = lt[sids, g]
+        miss = loc < 0
+        if miss.any():
+            W = lt.shape[1]
+            for pair in np.unique(sids[miss].astype(np.int64) * W + g[miss]).tolist():
+                sid, gc = divmod(pair, W)
+                labs = self._series_labels[sid]
+                lab = self.labels[gc]
+                if len(labs) >= self.cfg.max_classes - 1 and lab != OTHER:
+                    if OTHER not in labs:
+                        labs.append(OTHER)
+                    lt[sid, gc] = labs.index(OTHER)
+                    self._overflowed.add((sid, gc))
+                else:
+                    lt[sid, gc] = len(labs)
+                    labs.append(lab)
+            loc = lt[sids, g]
+        if self._overflowed:
+            W = lt.shape[1]
+            over = np.isin(sids.astype(np.int64) * W + g,
+                           [s_ * W + g_ for s_, g_ in self._overflowed])
+            if over.any():
+                self.counters["label_overflow"] += int(over.sum())
+        return loc
+
     def series_labels(self, sid: int) -> dict[str, str]:
         k = self.series_keys[sid]
         d = dict(zip(BASE_LABELS, k[:4]))
@@ -251,11 +312,11 @@ class Engine:
         return d
 
     # ----------------------------------------------------------------- panes
-    def _new_state(self, family: str) -> MetricState:
+    def _new_state(self, family: str, sid: int) -> MetricState:
         if family == "latency":
             return LatencyState(self.cfg.relative_accuracy)
         if family == "classification":
-            return ClassificationState(self.labels, self.cfg.positive_label)
+            return ClassificationState(self._series_labels[sid], self.cfg.positive_label)
         return FAMILY_CLASSES[family]()
 
     def _time_pane(self, start: int) -> _Pane:
@@ -306,52 +367,27 @@ class Engine:
             key = (family, s)
             st = p.states.get(key)
             if st is None:
-                st = p.states[key] = self._new_state(family)
+                st = p.states[key] = self._new_state(family, s)
             p.dirty.add(key)
             out.append(st)
         return out
 
     def _update(self, space: str, family: str, panes: list[_Pane], sids: np.ndarray,
-                gid: np.ndarray, cols=None, observe: bool = False,
-                subset: np.ndarray | None = None) -> None:
+                gid: np.ndarray, cols, observe: bool = False) -> None:
         """Fold rows (group ``gid`` -> (pane, series)) into a family's states.
 
-        ``observe`` counts inferences (label-coverage / rate denominators);
-        ``subset`` restricts to some rows (states are created only for the
-        groups those rows touch).  Time panes keep sums families as one
-        table over all series; a count pane belongs to one series and keeps
-        objects.
+        ``observe``: the inference-side update of a family that counts
+        inferences (rate and coverage denominators).  Time panes keep sums
+        families as one table over all series; count panes, latency and
+        classification keep one object per series.
         """
         cls = FAMILY_CLASSES[family]
-        g = gid if subset is None else gid[subset]
-        if not len(g):
-            return
-        if space == _TIME and cls is ClassificationState:
-            touched = np.flatnonzero(np.bincount(g, minlength=len(panes)))
-            by_pane: dict[int, tuple[_Pane, list[int]]] = {}
-            for i in touched.tolist():
-                by_pane.setdefault(id(panes[i]), (panes[i], []))[1].append(i)
-            single = len(by_pane) == 1
-            for p, idx in by_pane.values():
-                t = p.tables.get(family)
-                if t is None:
-                    t = p.tables[family] = ConfusionTable(len(self.series_keys), self.labels,
-                                                          self.cfg.positive_label)
-                ix = np.asarray(idx)
-                if observe:
-                    t.observe(sids[ix], np.bincount(g, minlength=len(panes))[ix])
-                    continue
-                rows = slice(None) if single else np.isin(g, ix)
-                remap = np.full(len(panes), -1, dtype=np.intp)
-                remap[ix] = np.arange(len(ix))
-                t.add_pairs(sids[ix], remap[g[rows]], cols["true"][rows], cols["pred"][rows])
+        if not len(gid):
             return
         if space == _TIME and issubclass(cls, SumsState):
-            sums = sums_for(cls, g, len(panes), cols, observe)
-            touched = np.bincount(g, minlength=len(panes)) > 0
+            sums = sums_for(cls, gid, len(panes), cols, observe)
             by_pane: dict[int, tuple[_Pane, list[int]]] = {}
-            for i in np.flatnonzero(touched).tolist():
-                p = panes[i]
+            for i, p in enumerate(panes):
                 by_pane.setdefault(id(p), (p, []))[1].append(i)
             for p, idx in by_pane.values():
                 t = p.tables.get(family)
@@ -359,16 +395,11 @@ class Engine:
                     t = p.tables[family] = SumsTable(cls, len(self.series_keys))
                 t.add(sids[idx], sums[idx])
             return
-        if subset is not None:
-            present = np.flatnonzero(np.bincount(g, minlength=len(panes)))
-            remap = np.empty(len(panes), dtype=np.intp)
-            remap[present] = np.arange(len(present))
-            panes, sids, g = [panes[i] for i in present], sids[present], remap[g]
         states = self._states(family, panes, sids)
         if observe:
-            cls.observe_grouped(states, g)
+            cls.observe_grouped(states, gid, cols)
         else:
-            cls.update_grouped(states, g, cols)
+            cls.update_grouped(states, gid, cols)
 
     def _spaces(self, pend_slots: np.ndarray | None = None, ts: np.ndarray | None = None,
                 cw_cols: dict | None = None):
@@ -396,7 +427,7 @@ class Engine:
         bad_tok = (batch.tokens < 0) | np.isinf(batch.tokens)
         bad_val = np.isinf(batch.pred_value) | np.isinf(batch.pred_score)
         invalid = bad_lat | bad_cost | bad_tok | bad_val
-        fut = self._future_mask(ts) & ~invalid
+        fut = self._future_mask(ts, invalid)
         if invalid.any() or fut.any():
             for i in np.flatnonzero(invalid | fut).tolist():
                 if bad_lat[i]:
@@ -434,37 +465,45 @@ class Engine:
             rep.duplicates = int(dup.sum())
             c["duplicate_inference"] += rep.duplicates
             self._count_evicted(self.pending, "pending_evicted")
-        series_all = self._series_map(batch.series_keys)[batch.series] if len(batch.series_keys) \
-            else batch.series
         if late.any():
             rep.late = int(late.sum())
             c["late_inference"] += rep.late
-            for s, m in zip(*np.unique(series_all[late], return_counts=True)):
-                self.late_by_series[self.series_keys[s]] += int(m)
+            codes, counts = np.unique(batch.series[late], return_counts=True)
+            for code, m in zip(codes.tolist(), counts.tolist()):
+                self.late_by_series[self._project(batch.series_keys[code])] += int(m)
             self.late_events.append(("inference", batch.take(late)))
         idx = np.flatnonzero(ok)
         rep.accepted = len(idx)
         c["inference_accepted"] += len(idx)
         if not len(idx):
             return rep
+        used = np.zeros(len(batch.series_keys), dtype=bool)
+        used[batch.series[idx]] = True
+        smap = self._series_map(batch.series_keys, used)
         if len(idx) == n:
-            b, series, slots = batch, series_all, slots_all
+            b, slots = batch, slots_all
         else:
-            b, series, slots = batch.take(idx), series_all[idx], slots_all[idx]
+            b, slots = batch.take(idx), slots_all[idx]
+        series = smap[b.series]
+        prior_max = self.max_ts
         self.max_ts = max(self.max_ts, int(b.ts.max()))
         n_other = len(self.series_keys) and self.series_keys[-1][0] == OTHER
         if n_other:
             c["series_overflow"] += int((series == len(self.series_keys) - 1).sum())
-        lmap = self._label_map(b.labels)
-        pred = lmap[b.pred_label]
+        gpred = self._label_map(b.labels)[b.pred_label]
         ts = b.ts
         pane_start = ts - ts % self.pane_ms
         # task of each inference
         rank_len = np.diff(b.rank_offsets)
         task = np.full(len(b), TASK_NONE, dtype=np.int8)
         task[np.isfinite(b.pred_value)] = TASK_REGRESSION
-        task[pred >= 0] = TASK_CLASSIFICATION
+        task[gpred >= 0] = TASK_CLASSIFICATION
         task[rank_len > 0] = TASK_RANKING
+        # class predictions in their series' own vocabulary
+        pred = np.full(len(b), -1, dtype=np.int32)
+        is_cls = task == TASK_CLASSIFICATION
+        if is_cls.any():
+            pred[is_cls] = self._local_codes(series[is_cls], gpred[is_cls])
         # count windows: sequence numbers per series, in arrival order
         cw_keys = {}
         for w in self.cfg.count_windows:
@@ -481,7 +520,7 @@ class Engine:
             cw_keys[w.name] = seq // w.size
         # 4. operational and denominator updates, per space
         cols = {"error": b.error, "latency": b.latency_ms, "cost_usd": b.cost_usd,
-                "tokens": b.tokens}
+                "tokens": b.tokens, "has_task": task != TASK_NONE}
         for space, keys in self._spaces(ts=pane_start, cw_cols=cw_keys):
             gid, panes, sids = self._groups(space, keys, series)
             for f in self._op_families:
@@ -496,13 +535,9 @@ class Engine:
                     p.n += k_
                     p.max_ts = max(p.max_ts, m_)
                     p.min_ts = min(p.min_ts, n_)
-            # label-coverage and rate denominators; a classifier's series
-            # carries no regression or ranking state
-            for f, t in (("classification", TASK_CLASSIFICATION), ("regression", TASK_REGRESSION),
-                         ("ranking", TASK_RANKING), ("feedback", -1)):
-                if f in self.families:
-                    self._update(space, f, panes, sids, gid, observe=True,
-                                 subset=None if t == -1 else (task == t))
+            # rate and label-coverage denominators
+            if "feedback" in self.families:
+                self._update(space, "feedback", panes, sids, gid, cols, observe=True)
         # 5. the rest of the inference's entry, kept for feedback until the
         # pane's label deadline
         kept = slots >= 0
@@ -530,12 +565,20 @@ class Engine:
             items = b.rank_items[_ranges(lo, topk)]
             rows = np.flatnonzero(rk)
             self.pending.arena_put("rank", slots[rows], toffs, {"items": items}, rows)
-        # 6. feedback that came first
+        # 6. feedback that came first, as one-event-at-a-time processing sees
+        # it: the watermark just after each inference, and in arrival order
         if len(self.fb_store):
-            qi, fs = self.fb_store.lookup_multi(b.request_id[kept], now=self.watermark)
+            qi, fs = self.fb_store.lookup_multi(b.request_id[kept])
+            if len(qi):
+                wm_after = self._watermark_before(ts[kept], np.ones(len(s_), dtype=bool),
+                                                  prior=prior_max, include_self=True)
+                st = self.fb_store.col
+                live = st["expiry"][fs] > wm_after[qi]
+                qi, fs = qi[live], fs[live]
+                order = np.lexsort((st["seq"][fs], qi))
+                qi, fs = qi[order], fs[order]
             if len(qi):
                 ps = s_[qi]
-                st = self.fb_store.col
                 st["matched"][fs] = True
                 rel = self.fb_store.arena["rel"]
                 roffs = np.zeros(len(fs) + 1, dtype=np.int64)
@@ -545,6 +588,8 @@ class Engine:
                 rep.matched_pairs += self._apply_pairs(
                     ps, st["kind"][fs], st["label"][fs], st["value"][fs],
                     roffs, rel["items"][sel], rel["grades"][sel])
+        self.pending.enforce_capacity()
+        self._count_evicted(self.pending, "pending_evicted")
         return rep
 
     # -------------------------------------------------------------- feedback
@@ -567,7 +612,7 @@ class Engine:
                 owner = np.repeat(np.arange(n), np.diff(batch.rel_offsets))
                 bad_grade[owner[g_bad]] = True
         invalid = bad_val | bad_grade
-        fut = self._future_mask(ts) & ~invalid
+        fut = self._future_mask(ts, invalid)
         if invalid.any() or fut.any():
             for i in np.flatnonzero(invalid | fut).tolist():
                 if bad_val[i]:
@@ -590,8 +635,9 @@ class Engine:
         idx = np.flatnonzero(ok)
         fslots_all = np.full(n, -1, dtype=np.int64)
         if len(idx):
+            # kept until a re-delivery would be late (ts < wm - label_delay)
             sl, dup = self.fb_store.insert_multi(batch.request_id[idx],
-                                                 ts[idx] + self.cfg.label_delay_ms,
+                                                 ts[idx] + self.cfg.label_delay_ms + 1,
                                                  ident=batch.event_id[idx])
             fslots_all[idx] = sl
             ok[idx[dup]] = False
@@ -638,10 +684,14 @@ class Engine:
         st["label"][s_] = label[kept]
         st["value"][s_] = b.value[kept]
         st["matched"][s_] = matched[kept]
+        st["seq"][s_] = self._fb_seq + np.arange(len(s_))
+        self._fb_seq += len(s_)
         rel_rows = np.flatnonzero(kept & (b.kind == KIND_RELEVANCE))
         if len(rel_rows):
             self.fb_store.arena_put("rel", slots[rel_rows], b.rel_offsets,
                                     {"items": b.rel_items, "grades": b.rel_grades}, rel_rows)
+        self.fb_store.enforce_capacity()
+        self._count_evicted(self.fb_store, "feedback_evicted")
         return rep
 
     def _count_evicted(self, table: KeyTable, name: str) -> None:
@@ -656,29 +706,30 @@ class Engine:
         """Fold (pending inference slot, feedback) pairs into the inference's panes."""
         col = self.pending.col
         task = col["task"][ps]
-        # kinds that count once per inference: the first pair per slot wins
-        once = np.zeros(len(ps), dtype=np.uint8)
-        for k, bit in _ONCE_BITS.items():
-            once[kind == k] = bit
-        use = np.ones(len(ps), dtype=bool)
-        if once.any():
-            # the first pair per inference and kind, in arrival order; a false
-            # click / conversion counts for nothing and blocks nothing
-            positive = ~(((kind == KIND_CLICK) | (kind == KIND_CONVERSION)) & ~(value > 0))
-            apply_once(ps, once, positive, col["seen"], use)
-        # label pairs on the wrong kind of model are counted, not guessed at
+        # label pairs on the wrong kind of model are counted, not guessed at,
+        # and do not use up the inference's label
         is_label = kind == KIND_LABEL
         is_rel = kind == KIND_RELEVANCE
         cls_ok = is_label & (task == TASK_CLASSIFICATION) & (label >= 0)
         reg_ok = is_label & (task == TASK_REGRESSION) & np.isfinite(value)
         rnk_ok = is_rel & (task == TASK_RANKING)
-        mismatch = ((is_label & ~(cls_ok | reg_ok)) | (is_rel & ~rnk_ok)) & use
+        mismatch = (is_label & ~(cls_ok | reg_ok)) | (is_rel & ~rnk_ok)
         if mismatch.any():
             self.counters["feedback_type_mismatch"] += int(mismatch.sum())
+        # kinds that count once per inference: the first pair per slot wins,
+        # in arrival order; a false click / conversion counts for nothing
+        once = np.zeros(len(ps), dtype=np.uint8)
+        for k, bit in _ONCE_BITS.items():
+            once[kind == k] = bit
+        use = ~mismatch
+        if once.any():
+            positive = ~(((kind == KIND_CLICK) | (kind == KIND_CONVERSION)) & ~(value > 0))
+            apply_once(ps, np.where(mismatch, 0, once).astype(np.uint8), positive, col["seen"],
+                       use)
         labelled = use & (cls_ok | reg_ok | rnk_ok)
         col["labelled"][ps[labelled]] = True
-        fb_kind = use & np.isin(kind, (KIND_THUMBS, KIND_CLICK, KIND_CONVERSION, KIND_DWELL,
-                                       KIND_REWARD))
+        fb_kind = use & (np.isin(kind, (KIND_THUMBS, KIND_CLICK, KIND_CONVERSION, KIND_DWELL,
+                                        KIND_REWARD)) | labelled)
         ts = col["ts"][ps]
         series = col["series"][ps]
         pane_start = ts - ts % self.pane_ms
@@ -686,7 +737,8 @@ class Engine:
         if "classification" in self.families:
             m = use & cls_ok
             if m.any():
-                jobs.append(("classification", m, {"true": label[m], "pred": col["pred"][ps[m]]}))
+                true = self._local_codes(series[m].astype(np.int64), label[m])
+                jobs.append(("classification", m, {"true": true, "pred": col["pred"][ps[m]]}))
         if "regression" in self.families:
             m = use & reg_ok
             if m.any():

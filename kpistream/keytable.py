@@ -204,16 +204,27 @@ class KeyTable:
         out, self.evicted = self.evicted, {}
         return out
 
+    def _evict(self, over: int) -> None:
+        """Evict the ``over`` entries that expire first (kept for :meth:`take_evicted`)."""
+        live = self.live_slots()
+        over = min(over, len(live))
+        if over <= 0:
+            return
+        part = np.argpartition(self.col["expiry"][live], over - 1)[:over]
+        ev = self._remove(live[part])
+        self.evicted = ({c: np.concatenate([self.evicted[c], ev[c]]) for c in ev}
+                        if self.evicted else ev)
+        self.evicted_total += over
+
+    def enforce_capacity(self) -> None:
+        """Back within ``capacity`` (a batch larger than the free room overshoots until now)."""
+        if self.n > self.capacity:
+            self._evict(self.n - self.capacity)
+
     def _reserve(self, incoming: int) -> None:
         over = self.n + incoming - self.capacity
         if over > 0:
-            live = self.live_slots()
-            over = min(over, len(live))
-            part = np.argpartition(self.col["expiry"][live], over - 1)[:over]
-            ev = self._remove(live[part])
-            self.evicted = ({c: np.concatenate([self.evicted[c], ev[c]]) for c in ev}
-                            if self.evicted else ev)
-            self.evicted_total += over
+            self._evict(over)
         if self.used + incoming > _MAX_LOAD * self.size:
             # room for the live entries at a load of at most 40 % (tombstones go)
             size = 16

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import itertools
 import json
 import sys
 import time
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
+import numpy as np
 import pandas as pd
 
 from .aggregate import WindowAggregator, rows_frame
@@ -171,9 +173,15 @@ def iter_runs(result) -> Iterator[tuple[str, list[dict]]]:
 
 def replay_batches(batches: Iterable[tuple[str, Any]], config: EngineConfig,
                    clock: Clock | None = None, collect_every: int = 16,
-                   on_rows: Callable[[list[dict]], None] | None = None) -> tuple[list[dict], Engine]:
-    """Columnar ``("inference"|"feedback", batch)`` pairs → final tidy rows (dicts)."""
-    engine = Engine(config, clock)
+                   on_rows: Callable[[list[dict]], None] | None = None,
+                   stream_seed_ms: int | None = None) -> tuple[list[dict], Engine]:
+    """Columnar ``("inference"|"feedback", batch)`` pairs → final tidy rows (dicts).
+
+    ``stream_seed_ms`` starts stream time for the far-future guard (see
+    :class:`~kpistream.engine.Engine`); :func:`replay_file` passes the median
+    event time of the input's first chunk.
+    """
+    engine = Engine(config, clock, stream_seed_ms=stream_seed_ms)
     agg = WindowAggregator(config)
     rows: list[dict] = []
 
@@ -205,9 +213,16 @@ def replay_file(path: str | Path, config: EngineConfig, *, batch_rows: int = 50_
     wall = SystemClock()
     last = [t0]
 
+    chunks = read_event_chunks(path, batch_rows)
+    first = next(chunks, [])
+    first_res = validate_rows(first, now_ms=wall.now_ms(), max_future_ms=config.max_future_ms)
+    seed_ts = [r["ts"] for r in (*first_res.inference, *first_res.feedback)]
+    seed = int(np.median(seed_ts)) if seed_ts else None
+
     def batches() -> Iterator[tuple[str, Any]]:
-        for chunk in read_event_chunks(path, batch_rows):
-            res = validate_rows(chunk, now_ms=wall.now_ms(), max_future_ms=config.max_future_ms)
+        for n, chunk in enumerate(itertools.chain([first], chunks)):
+            res = first_res if n == 0 else validate_rows(
+                chunk, now_ms=wall.now_ms(), max_future_ms=config.max_future_ms)
             summary.events += len(chunk)
             summary.rejected.update(res.counts())
             for kind, recs in iter_runs(res):
@@ -221,7 +236,7 @@ def replay_file(path: str | Path, config: EngineConfig, *, batch_rows: int = 50_
                 progress(f"replay: {summary.events:,} events, "
                          f"{summary.events / (now - t0):,.0f} events/s")
 
-    rows, engine = replay_batches(batches(), config, clock)
+    rows, engine = replay_batches(batches(), config, clock, stream_seed_ms=seed)
     summary.seconds = time.perf_counter() - t0
     summary.engine = engine.stats()
     c = engine.counters

@@ -101,6 +101,17 @@ class SumsState(MetricState):
         raise NotImplementedError
 
     @classmethod
+    def observe_weights(cls, cols: Mapping[str, np.ndarray]) -> list[np.ndarray | None]:
+        """Inference-side weights of families that count inferences (see FeedbackState)."""
+        raise NotImplementedError
+
+    @classmethod
+    def observe_grouped(cls, states, group, cols) -> None:
+        sums = _group_sums(group, len(states), cls.observe_weights(cols))
+        for st, row in zip(states, sums):
+            st.s += row
+
+    @classmethod
     def update_grouped(cls, states, group, cols) -> None:
         if not len(group):
             return
@@ -250,22 +261,21 @@ class ClassificationState(MetricState):
     """accuracy, precision / recall / f1 (positive label; macro, micro, weighted).
 
     A confusion matrix over a label vocabulary (rows: true, columns:
-    predicted).  ``labels`` is the vocabulary (shared, append-only, owned by
-    the engine; states copy it when they leave the engine), so codes index it.
+    predicted).  ``labels`` is the vocabulary of the series (owned by the
+    engine, append-only, shared by its states so that pickling keeps the
+    sharing); :meth:`detach` gives a copy owning a trimmed vocabulary, to
+    leave the engine.  Merging aligns different vocabularies by label.
 
-    cols for the join side: ``true`` and ``pred`` (int codes into labels);
-    ``observe_grouped`` counts inferences with a class prediction
-    (``n_inf``) for label coverage.
+    cols: ``true`` and ``pred`` (int codes into labels).
     """
 
     family = "classification"
     horizon = "label"
-    __slots__ = ("conf", "labels", "n_inf", "positive")
+    __slots__ = ("conf", "labels", "positive")
 
     def __init__(self, labels: list[str] | None = None, positive: str | None = None) -> None:
         self.labels = labels if labels is not None else []
         self.conf = np.zeros((0, 0), dtype=np.int64)
-        self.n_inf = 0
         self.positive = positive
 
     def _grow(self, c: int) -> None:
@@ -276,12 +286,6 @@ class ClassificationState(MetricState):
             self.conf = m
 
     @classmethod
-    def observe_grouped(cls, states, group) -> None:
-        counts = np.bincount(group, minlength=len(states))
-        for st, v in zip(states, counts):
-            st.n_inf += int(v)
-
-    @classmethod
     def update_grouped(cls, states, group, cols) -> None:
         if not len(group):
             return
@@ -290,8 +294,10 @@ class ClassificationState(MetricState):
         flat = np.bincount((group * c + t) * c + p, minlength=len(states) * c * c)
         flat = flat.reshape(len(states), c, c)
         for st, m in zip(states, flat):
-            st._grow(c)
-            st.conf[:c, :c] += m
+            used = np.flatnonzero(m.any(axis=0) | m.any(axis=1))
+            k = int(used[-1]) + 1 if len(used) else 0
+            st._grow(k)
+            st.conf[:k, :k] += m[:k, :k]
 
     def detach(self) -> "ClassificationState":
         """A copy that owns a trimmed copy of its vocabulary (to leave the engine)."""
@@ -301,10 +307,9 @@ class ClassificationState(MetricState):
 
     def merge(self, other):
         self._check(other)
-        self.n_inf += other.n_inf
-        if other.labels is self.labels or other.labels[: other.conf.shape[0]] == self.labels[: other.conf.shape[0]]:
-            self._grow(other.conf.shape[0])
-            k = other.conf.shape[0]
+        k = other.conf.shape[0]
+        if other.labels is self.labels or other.labels[:k] == self.labels[:k]:
+            self._grow(k)
             if len(self.labels) < k:
                 self.labels = list(self.labels) + list(other.labels[len(self.labels):k])
             self.conf[:k, :k] += other.conf
@@ -312,31 +317,30 @@ class ClassificationState(MetricState):
         # different vocabularies: align by label string
         index = {lab: i for i, lab in enumerate(self.labels)}
         self.labels = list(self.labels)
-        for lab in other.labels[: other.conf.shape[0]]:
+        for lab in other.labels[:k]:
             if lab not in index:
                 index[lab] = len(self.labels)
                 self.labels.append(lab)
-        m = np.array([index[lab] for lab in other.labels[: other.conf.shape[0]]], dtype=np.int64)
+        m = np.array([index[lab] for lab in other.labels[:k]], dtype=np.int64)
         self._grow(len(self.labels))
         np.add.at(self.conf, (m[:, None], m[None, :]), other.conf)
         return self
 
     def copy(self):
         c = ClassificationState.__new__(ClassificationState)
-        c.conf, c.labels, c.n_inf, c.positive = self.conf.copy(), self.labels, self.n_inf, self.positive
+        c.conf, c.labels, c.positive = self.conf.copy(), self.labels, self.positive
         return c
 
     def __getstate__(self):
-        k = self.conf.shape[0]
-        return (self.conf, list(self.labels[:k]), self.n_inf, self.positive)
+        # the vocabulary list itself: inside one pickled engine its states keep
+        # sharing their series' list (a trimmed copy would go stale)
+        return (self.conf, self.labels, self.positive)
 
     def __setstate__(self, state):
-        self.conf, self.labels, self.n_inf, self.positive = state
+        self.conf, self.labels, self.positive = state
 
     def __eq__(self, other):
-        if type(other) is not ClassificationState or self.n_inf != other.n_inf:
-            return False
-        return _label_table(self) == _label_table(other)
+        return type(other) is ClassificationState and _label_table(self) == _label_table(other)
 
     @property
     def nbytes(self) -> int:
@@ -345,30 +349,30 @@ class ClassificationState(MetricState):
     def value(self):
         n = int(self.conf.sum())
         out: dict[str, Value] = {}
-        if self.n_inf:
-            out["label_coverage"] = (n / self.n_inf, self.n_inf, n)
         if not n:
             return out
         m = self.conf
+        k = m.shape[0]
         tp = np.diag(m).astype(np.float64)
         support = m.sum(axis=1).astype(np.float64)   # true counts
         predicted = m.sum(axis=0).astype(np.float64)
         out["accuracy"] = (float(tp.sum() / n), n, n)
         present = (support > 0) | (predicted > 0)
-        k = m.shape[0]
         labels = self.labels[:k]
         pos = self.positive
-        if pos is not None and pos in self.labels:
+        # decided from this window's own matrix, so that it never depends on
+        # other windows, other models or how the stream was sharded
+        i = labels.index(pos) if pos is not None and pos in labels else -1
+        has_pos = i >= 0 and bool(present[i])
+        if has_pos:
             # zero_division=0, as scikit-learn's precision_recall_fscore_support
-            i = self.labels.index(pos)
-            tpi, pi, si = (tp[i], predicted[i], support[i]) if i < k else (0.0, 0.0, 0.0)
-            p = tpi / pi if pi else 0.0
-            r = tpi / si if si else 0.0
+            p = tp[i] / predicted[i] if predicted[i] else 0.0
+            r = tp[i] / support[i] if support[i] else 0.0
             f = 2 * p * r / (p + r) if (p + r) else 0.0
             out["precision"] = (float(p), n, n)
             out["recall"] = (float(r), n, n)
             out["f1"] = (float(f), n, n)
-        if int(present.sum()) > 2 or pos is None or pos not in self.labels:
+        if int(present.sum()) > 2 or not has_pos:
             with np.errstate(invalid="ignore", divide="ignore"):
                 prec = np.where(predicted > 0, tp / np.where(predicted > 0, predicted, 1), 0.0)
                 rec = np.where(support > 0, tp / np.where(support > 0, support, 1), 0.0)
@@ -394,25 +398,17 @@ class RegressionState(SumsState):
 
     family = "regression"
     horizon = "label"
-    STATS = ("n_inf", "n", "abs_sum", "sq_sum")
+    STATS = ("n", "abs_sum", "sq_sum")
     __slots__ = ()
-
-    @classmethod
-    def observe_grouped(cls, states, group) -> None:
-        counts = np.bincount(group, minlength=len(states))
-        for st, v in zip(states, counts):
-            st.s[0] += v
 
     @classmethod
     def weights(cls, cols):
         err = cols["pred"] - cols["true"]
-        return [np.zeros(len(err)), None, np.abs(err), err * err]
+        return [None, np.abs(err), err * err]
 
     def value(self):
-        n_inf, n, a, q = self.s
+        n, a, q = self.s
         out: dict[str, Value] = {}
-        if n_inf:
-            out["label_coverage"] = (n / n_inf, int(n_inf), int(n))
         if n:
             out["mae"] = (a / n, int(n), int(n))
             out["rmse"] = (float(np.sqrt(q / n)), int(n), int(n))
@@ -428,27 +424,19 @@ class RankingState(SumsState):
 
     family = "ranking"
     horizon = "label"
-    STATS = ("n_inf", "n", "p_sum", "r_n", "r_sum", "ndcg_sum", "rr_sum")
+    STATS = ("n", "p_sum", "r_n", "r_sum", "ndcg_sum", "rr_sum")
     __slots__ = ()
-
-    @classmethod
-    def observe_grouped(cls, states, group) -> None:
-        counts = np.bincount(group, minlength=len(states))
-        for st, v in zip(states, counts):
-            st.s[0] += v
 
     @classmethod
     def weights(cls, cols):
         r = cols["r_at_k"]
         has_r = ~np.isnan(r)
-        return [np.zeros(len(r)), None, cols["p_at_k"], has_r.astype(np.float64),
+        return [None, cols["p_at_k"], has_r.astype(np.float64),
                 np.where(has_r, r, 0.0), cols["ndcg"], cols["rr"]]
 
     def value(self):
-        n_inf, n, p, rn, r, g, rr = self.s
+        n, p, rn, r, g, rr = self.s
         out: dict[str, Value] = {}
-        if n_inf:
-            out["label_coverage"] = (n / n_inf, int(n_inf), int(n))
         if n:
             out["precision_at_k"] = (p / n, int(n), int(n))
             out["ndcg_at_k"] = (g / n, int(n), int(n))
@@ -459,40 +447,48 @@ class RankingState(SumsState):
 
 
 class FeedbackState(SumsState):
-    """thumbs_up_rate, ctr, conversion_rate, dwell_mean, reward_mean.
+    """label_coverage, thumbs_up_rate, ctr, conversion_rate, dwell_mean, reward_mean.
 
-    ``observe_grouped`` counts inferences (the denominator of ctr and
-    conversion_rate).  Join-side cols: ``kind`` (KIND_* codes), ``value``
-    (float64), already reduced to the pairs that count (first true click /
-    conversion per inference; every thumbs, dwell and reward event).
+    ``observe_grouped`` counts inferences (``n_inf``, the denominator of ctr
+    and conversion_rate) and those with a prediction that can be labelled
+    (``n_task``, the denominator of label_coverage; cols ``has_task``).
+    Join-side cols: ``kind`` (KIND_* codes), ``value`` (float64), already
+    reduced to the pairs that count: the first label (or relevance list) per
+    inference, the first true click / conversion per inference, every
+    thumbs, dwell and reward event.
     """
 
     family = "feedback"
     horizon = "label"
-    STATS = ("n_inf", "thumbs_n", "thumbs_up", "clicks", "conversions", "dwell_n", "dwell_sum",
-             "reward_n", "reward_sum")
+    STATS = ("n_inf", "n_task", "labelled", "thumbs_n", "thumbs_up", "clicks", "conversions",
+             "dwell_n", "dwell_sum", "reward_n", "reward_sum")
     __slots__ = ()
 
     @classmethod
-    def observe_grouped(cls, states, group) -> None:
-        counts = np.bincount(group, minlength=len(states))
-        for st, v in zip(states, counts):
-            st.s[0] += v
+    def observe_weights(cls, cols):
+        n = len(cols["has_task"])
+        z = np.zeros(n)
+        return [None, cols["has_task"].astype(np.float64)] + [z] * (len(cls.STATS) - 2)
 
     @classmethod
     def weights(cls, cols):
-        from .batch import KIND_CLICK, KIND_CONVERSION, KIND_DWELL, KIND_REWARD, KIND_THUMBS
+        from .batch import (KIND_CLICK, KIND_CONVERSION, KIND_DWELL, KIND_LABEL, KIND_RELEVANCE,
+                            KIND_REWARD, KIND_THUMBS)
 
         k, v = cols["kind"], cols["value"]
         th, dw, rw = k == KIND_THUMBS, k == KIND_DWELL, k == KIND_REWARD
         f = np.float64
-        return [np.zeros(len(k)), th.astype(f), np.where(th, v, 0.0), (k == KIND_CLICK).astype(f),
+        z = np.zeros(len(k))
+        return [z, z, ((k == KIND_LABEL) | (k == KIND_RELEVANCE)).astype(f),
+                th.astype(f), np.where(th, v, 0.0), (k == KIND_CLICK).astype(f),
                 (k == KIND_CONVERSION).astype(f), dw.astype(f), np.where(dw, v, 0.0),
                 rw.astype(f), np.where(rw, v, 0.0)]
 
     def value(self):
-        n_inf, tn, tu, cl, cv, dn, ds, rn, rs = self.s
+        n_inf, n_task, lab, tn, tu, cl, cv, dn, ds, rn, rs = self.s
         out: dict[str, Value] = {}
+        if n_task:
+            out["label_coverage"] = (lab / n_task, int(n_task), int(lab))
         if tn:
             out["thumbs_up_rate"] = (tu / tn, int(tn), int(tn))
         # a window without any click (conversion) has no row: the engine cannot
@@ -591,71 +587,9 @@ def _grow_rows(a: np.ndarray, n: int) -> np.ndarray:
     return out
 
 
-class ConfusionTable(SumsTable):
-    """The classification states of every series of one pane: confusion
-    matrices as one ``(series, C, C)`` array plus inference counts."""
-
-    __slots__ = ("n_inf", "labels", "positive")
-
-    def __init__(self, n_series: int, labels: list[str], positive: str | None) -> None:
-        n = max(n_series, 4)
-        self.cls = ClassificationState
-        self.arr = np.zeros((n, 2, 2), dtype=np.int64)
-        self.flags = np.zeros(n, dtype=np.uint8)
-        self.n_inf = np.zeros(n, dtype=np.int64)
-        self.labels = labels
-        self.positive = positive
-
-    def _fit(self, sids: np.ndarray, c: int = 0) -> None:
-        need = int(sids.max()) + 1
-        if need > len(self.arr):
-            n = max(need, 2 * len(self.arr))
-            self.arr, self.flags = _grow_rows(self.arr, n), _grow_rows(self.flags, n)
-            self.n_inf = _grow_rows(self.n_inf, n)
-        k = self.arr.shape[1]
-        if c > k:
-            arr = np.zeros((len(self.arr), c, c), dtype=np.int64)
-            arr[:, :k, :k] = self.arr
-            self.arr = arr
-
-    def observe(self, sids: np.ndarray, counts: np.ndarray) -> None:
-        self._fit(sids)
-        self.n_inf[sids] += counts
-        self.flags[sids] = self._LIVE | self._DIRTY
-
-    def add_pairs(self, sids: np.ndarray, gid: np.ndarray, true: np.ndarray,
-                  pred: np.ndarray) -> None:
-        """Pairs in group ``gid`` (group g is series ``sids[g]``) into the matrices."""
-        t, p = true.astype(np.int64), pred.astype(np.int64)
-        c = max(int(max(t.max(), p.max())) + 1, self.arr.shape[1])
-        self._fit(sids, c)
-        G = len(sids)
-        flat = np.bincount((gid * c + t) * c + p, minlength=G * c * c).reshape(G, c, c)
-        self.arr[sids] += flat
-        self.flags[sids] = self._LIVE | self._DIRTY
-
-    def state(self, sid: int) -> ClassificationState:
-        st = ClassificationState(self.labels, self.positive)
-        m = self.arr[sid]
-        k = m.shape[0]
-        used = np.flatnonzero(m.any(axis=0) | m.any(axis=1))
-        k = int(used[-1]) + 1 if len(used) else 0
-        st.conf = m[:k, :k].copy()
-        st.n_inf = int(self.n_inf[sid])
-        return st.detach()
-
-    @property
-    def nbytes(self) -> int:
-        return self.arr.nbytes + self.flags.nbytes + self.n_inf.nbytes
-
-
 def sums_for(cls: type[SumsState], gid: np.ndarray, n_groups: int, cols, observe: bool) -> np.ndarray:
-    """(n_groups, n_stats) sums of a batch for a sums family (``observe``: inference counts)."""
-    if observe:
-        out = np.zeros((n_groups, len(cls.STATS)), dtype=np.float64)
-        out[:, 0] = np.bincount(gid, minlength=n_groups)
-        return out
-    return _group_sums(gid, n_groups, cls.weights(cols))
+    """(n_groups, n_stats) sums of a batch for a sums family (``observe``: inference side)."""
+    return _group_sums(gid, n_groups, cls.observe_weights(cols) if observe else cls.weights(cols))
 
 
 FAMILY_CLASSES: dict[str, type[MetricState]] = {

@@ -400,3 +400,158 @@ def test_engine_and_partials_pickle():
     assert [p.state.value() for p in back] == [p.state.value() for p in parts]
     eng2 = pickle.loads(pickle.dumps(eng))
     assert eng2.stats()["counters"] == eng.stats()["counters"]
+
+
+# ---------------------------------------------------------------- regressions (review findings)
+
+def test_stream_time_follows_a_long_batch():
+    """A batch spanning many times max_future is not rejected as future (one pass, not rounds)."""
+    cfg = config_from_dict({"time": {"max_future": "1m"},
+                            "windows": [{"name": "10s", "type": "tumbling", "size": "10s"}]})
+    ev = [("i", inf(i, T0 + 50_000 * i)) for i in range(30)]
+    for b in (1, 1000):
+        _, eng = run(ev, cfg=cfg, batch=b)
+        assert eng.counters["inference_accepted"] == 30 and not eng.rejected
+
+
+def test_class_vocabularies_are_per_series():
+    """A regressor's integer truths or another model's labels never crowd out a classifier's."""
+    cfg = config_from_dict({"windows": [{"name": "10s", "type": "tumbling", "size": "10s"}],
+                            "metrics": {"classification": {"max_classes": 8}}})
+    ev = []
+    for i in range(100):
+        ev.append(("i", inf(i, T0 + i, model="reg", pred=None, pred_value=float(i) + 0.5)))
+        ev.append(("f", fb(i, T0 + 10 + i, label=str(i), value=float(i))))
+    for j, (p, t) in enumerate([("cat", "cat"), ("dog", "dog"), ("cat", "dog"), ("dog", "cat")]):
+        ev.append(("i", inf(1000 + j, T0 + 500 + j, model="clf", pred=p)))
+        ev.append(("f", fb(1000 + j, T0 + 600 + j, label=t)))
+    df, eng = run(ev, cfg=cfg, batch=1)
+    assert value(df, "accuracy", model="clf")["value"] == 0.5
+    assert value(df, "mae", model="reg")["value"] == pytest.approx(0.5)
+    assert eng.counters["label_overflow"] == 0
+
+
+def test_label_overflow_is_per_series_and_counted_per_event():
+    cfg = config_from_dict({"windows": [{"name": "10s", "type": "tumbling", "size": "10s"}],
+                            "metrics": {"classification": {"max_classes": 3}}})
+    ev = [("i", inf(i, T0 + i, pred=f"c{i % 5}")) for i in range(50)]
+    df, eng = run(ev, cfg=cfg)
+    assert eng._series_labels[0] == ["c0", "c1", OTHER]
+    assert eng.counters["label_overflow"] == 30
+
+
+def test_binary_metrics_depend_only_on_the_window():
+    """P/R/F1 of the positive label only where it occurs; another model's "1" changes nothing."""
+    animals = [("i", inf(i, T0 + i, model="animals", pred=p)) for i, p in enumerate("ccdd")]
+    animals += [("f", fb(i, T0 + 100 + i, label=t)) for i, t in enumerate("cdcd")]
+    churn = [("i", inf(10 + i, T0 + i, model="churn", pred="1")) for i in range(3)]
+    churn += [("f", fb(10 + i, T0 + 100 + i, label=t)) for i, t in enumerate("101")]
+    alone, _ = run(animals)
+    both, _ = run(churn + animals)
+    a = alone[alone["model"] == "animals"].set_index(["window", "window_start", "metric"])["value"]
+    b = both[both["model"] == "animals"].set_index(["window", "window_start", "metric"])["value"]
+    pd.testing.assert_series_equal(a, b)
+    assert "precision_macro" in set(alone["metric"]) and "precision" not in set(alone["metric"])
+    assert value(both, "precision", model="churn")["value"] == pytest.approx(2 / 3)
+
+
+def test_early_feedback_join_does_not_depend_on_batching():
+    ev = [("f", fb(1, T0 + 1000, label="1")),
+          ("i", inf(1, T0 + 500, pred="1")), ("i", inf(2, T0 + 70_000, pred="1"))]
+    for b in (1, 100):
+        df, eng = run(ev, batch=b)
+        assert value(df, "accuracy")["value"] == 1.0 and eng.counters["join_pairs"] == 1
+
+
+def test_feedback_redelivered_at_the_late_boundary_is_a_duplicate():
+    f = fb(1, T0 + 1000, "thumbs", value=1.0)
+    ev = [("i", inf(1, T0)), ("f", f), ("i", inf(2, T0 + 66_000)), ("f", dict(f))]
+    eng = Engine(CFG)
+    for k, r in ev:
+        (eng.ingest_inference(InferenceBatch.from_records([r])) if k == "i"
+         else eng.ingest_feedback(FeedbackBatch.from_records([r])))
+        eng.collect()  # expiry runs between every event
+    assert eng.counters["duplicate_feedback"] == 1 and eng.counters["late_feedback"] == 0
+
+
+def test_first_label_is_the_first_to_arrive_whatever_the_table_layout():
+    ev = [("f", fb(1, T0 + 100, "click", value=1.0)),
+          ("f", fb(1, T0 + 20_000, label="0")),
+          ("i", inf(9, T0 + 66_000)),
+          ("f", fb(1, T0 + 62_000, label="1", eid="second-label")),
+          ("i", inf(1, T0 + 66_000, pred="1"))]
+    for collect in (False, True):
+        eng = Engine(CFG)
+        for k, r in ev:
+            (eng.ingest_inference(InferenceBatch.from_records([r])) if k == "i"
+             else eng.ingest_feedback(FeedbackBatch.from_records([r])))
+            if collect:
+                eng.collect()
+        eng.flush()
+        agg = WindowAggregator(CFG)
+        agg.add(eng.collect(), watermark=eng.emit_watermark)
+        df = rows_frame(agg.pop_final_rows(), CFG.segments)
+        assert value(df, "accuracy", start=T0 + 60_000)["value"] == 0.0
+
+
+def test_rejected_and_late_rows_do_not_use_up_series():
+    cfg = config_from_dict({"series": {"max_series": 2},
+                            "windows": [{"name": "10s", "type": "tumbling", "size": "10s"}]})
+    clock = ManualClock(T0 + 10_000)
+    ev = [("i", inf(1, T0 + 86_400_000, model="broken-clock")), ("i", inf(2, T0 + 5000, model="x")),
+          ("i", inf(3, T0 - 60_000, model="late-one")), ("i", inf(4, T0 + 5000, model="good"))]
+    df, eng = run(ev, cfg=cfg, batch=1, clock=clock)
+    assert [k[0] for k in eng.series_keys] == ["x", "good"]
+    assert eng.late_by_series and OTHER not in set(df["model"])
+
+
+def test_capacity_holds_even_for_a_batch_larger_than_it():
+    cfg = config_from_dict({"join": {"max_pending": 16, "max_feedback": 16}})
+    eng = Engine(cfg)
+    eng.ingest_inference(InferenceBatch.from_records([inf(i, T0 + i) for i in range(40)]))
+    eng.ingest_feedback(FeedbackBatch.from_records([fb(i, T0 + 100 + i, "click", value=1.0)
+                                                    for i in range(40)]))
+    assert len(eng.pending) == 16 and len(eng.fb_store) == 16
+    assert eng.counters["pending_evicted"] == 24 and eng.counters["feedback_evicted"] == 24
+
+
+def test_one_label_coverage_row_per_series_even_with_mixed_tasks():
+    ev = [("i", inf(1, T0, pred="1")), ("i", inf(2, T0 + 1, pred=None, ranking=["a", "b"])),
+          ("f", fb(1, T0 + 10, label="1"))]
+    df, _ = run(ev)
+    cov = df[(df["metric"] == "label_coverage") & (df["window"] == "10s")]
+    assert len(cov) == 1 and cov["value"].iloc[0] == 0.5
+
+
+def test_pickled_engine_keeps_class_vocabularies_shared():
+    cfg = config_from_dict({"windows": [{"name": "10s", "type": "tumbling", "size": "10s"},
+                                        {"name": "n4", "type": "count", "size": 4}]})
+    eng = Engine(cfg)
+    eng.ingest_inference(InferenceBatch.from_records([inf(0, T0, pred="0")]))
+    eng = pickle.loads(pickle.dumps(eng))
+    eng.ingest_inference(InferenceBatch.from_records(
+        [inf(i, T0 + i, pred=p) for i, p in ((1, "cat"), (2, "dog"), (3, "cat"))]))
+    eng.ingest_feedback(FeedbackBatch.from_records(
+        [fb(i, T0 + 10 + i, label=t) for i, t in ((0, "0"), (1, "dog"), (2, "dog"), (3, "cat"))]))
+    eng.flush()
+    agg = WindowAggregator(cfg)
+    agg.add(eng.collect(), watermark=eng.emit_watermark)
+    df = rows_frame(agg.pop_final_rows(), cfg.segments)
+    acc = df[(df["metric"] == "accuracy")]
+    assert set(acc["value"]) == {0.75}
+
+
+def test_aggregator_never_emits_a_window_twice():
+    eng_a, eng_b = Engine(CFG), Engine(CFG)
+    agg = WindowAggregator(CFG, sources=2)
+    eng_a.ingest_inference(InferenceBatch.from_records([inf(1, T0), inf(2, T0 + 30_000)]))
+    agg.add(eng_a.collect(), source="a", watermark=eng_a.emit_watermark)
+    assert agg.pop_final_rows() == []  # shard b has not reported: nothing is final
+    eng_b.ingest_inference(InferenceBatch.from_records([inf(3, T0 + 1), inf(4, T0 + 30_000)]))
+    agg.add(eng_b.collect(), source="b", watermark=eng_b.emit_watermark)
+    rows = agg.pop_final_rows()
+    first = [r for r in rows if r["metric"] == "requests" and r["window"] == "10s"
+             and r["window_start"] == T0]
+    assert len(first) == 1 and first[0]["value"] == 2.0
+    agg.add([], source="c", watermark=T0)  # a newcomer with an old watermark
+    assert agg.pop_final_rows() == []

@@ -12,7 +12,8 @@ from sklearn.metrics import (
     precision_recall_fscore_support,
 )
 
-from kpistream.batch import KIND_CLICK, KIND_CONVERSION, KIND_DWELL, KIND_REWARD, KIND_THUMBS
+from kpistream.batch import (KIND_CLICK, KIND_CONVERSION, KIND_DWELL, KIND_LABEL, KIND_REWARD,
+                             KIND_THUMBS)
 from kpistream.engine import ranking_metrics
 from kpistream.states import (
     ClassificationState, CostState, FeedbackState, LatencyState, RankingState, RegressionState,
@@ -26,10 +27,9 @@ def close(a, b, rel=REL):
     return a == pytest.approx(b, rel=rel, abs=1e-12)
 
 
-def cls_state(true, pred, labels, positive="1", n_inf=None):
+def cls_state(true, pred, labels, positive="1"):
     s = ClassificationState(list(labels), positive)
     s.update({"true": np.asarray(true), "pred": np.asarray(pred)})
-    s.n_inf = len(true) if n_inf is None else n_inf
     return s
 
 
@@ -45,13 +45,15 @@ def test_classification_against_sklearn(n_classes, seed):
         v = cls_state(t[:m], p[:m], labels, positive="1").value()
         yt, yp = [labels[i] for i in t[:m]], [labels[i] for i in p[:m]]
         assert close(v["accuracy"][0], accuracy_score(yt, yp))
-        if "1" in set(yt) | set(yp) or True:
+        present = sorted(set(yt) | set(yp))
+        if "1" in present:  # the positive label occurs in the window: binary P / R / F1
             P, R, F, _ = precision_recall_fscore_support(yt, yp, labels=["1"], average=None,
                                                          zero_division=0)
             assert close(v["precision"][0], P[0]) and close(v["recall"][0], R[0])
             assert close(v["f1"][0], F[0])
-        present = sorted(set(yt) | set(yp))
-        if len(present) > 2:
+        else:
+            assert "precision" not in v and "precision_macro" in v
+        if len(present) > 2 or "1" not in present:
             for avg in ("macro", "micro", "weighted"):
                 P, R, F, _ = precision_recall_fscore_support(yt, yp, average=avg, zero_division=0)
                 assert close(v[f"precision_{avg}"][0], P), avg
@@ -145,9 +147,12 @@ def test_feedback_and_cost_and_traffic():
     kind = np.array([KIND_THUMBS, KIND_THUMBS, KIND_CLICK, KIND_DWELL, KIND_REWARD, KIND_REWARD,
                      KIND_CONVERSION])
     val = np.array([1.0, 0.0, 1.0, 12.5, 0.5, 1.5, 1.0])
-    FeedbackState.observe_grouped([f], np.zeros(10, dtype=np.intp))
+    has_task = np.array([True] * 8 + [False] * 2)
+    FeedbackState.observe_grouped([f], np.zeros(10, dtype=np.intp), {"has_task": has_task})
     f.update({"kind": kind, "value": val})
+    f.update({"kind": np.array([KIND_LABEL, KIND_LABEL]), "value": np.array([1.0, 0.0])})
     v = f.value()
+    assert v["label_coverage"][:3] == (0.25, 8, 2)
     assert v["thumbs_up_rate"][:2] == (0.5, 2)
     assert v["ctr"][:2] == (0.1, 10) and v["conversion_rate"][:2] == (0.1, 10)
     assert v["dwell_mean"][0] == 12.5 and v["reward_mean"][0] == 1.0
