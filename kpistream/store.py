@@ -43,16 +43,18 @@ Why it is built this way:
   :meth:`SeriesStore.rollup` and :meth:`SeriesStore.states`.
 - **Provisional, then final**: a later state of the same pane replaces the
   earlier one (states are cumulative), and a final state is never replaced by
-  a provisional one (a guard inside the upsert).  ``provisional`` follows the
+  a provisional one (one look-up of the final states among a batch's buckets).  ``provisional`` follows the
   aggregator: operational families (traffic, latency, cost) are final once
   the watermark passes the bucket end, quality and feedback families once it
   passes the end plus the label delay, or when the partial says final.
 - **Roll-ups** are incremental: writes mark the coarse buckets they touch as
-  pending; :meth:`SeriesStore.rollup` recomputes the pending buckets (the
-  running, provisional minute and hour; optional per resolution, because the
-  open hour merges up to 60 one-minute states per series and family) and,
-  once a bucket's end plus the label delay is behind the watermark, writes it
-  final.  A per-resolution ``rolled_to`` mark makes it idempotent.
+  pending; :meth:`SeriesStore.rollup` writes a coarse bucket final once its
+  end plus the label delay is behind the watermark (a per-resolution
+  ``rolled_to`` mark makes this idempotent and cheap to call every second),
+  and, on request (``provisional=``), recomputes the pending open buckets —
+  the running minute and hour — as provisional rows.  The merge of a coarse
+  bucket's *settled* finer buckets (those final for every family) is cached
+  by the writer, so the running hour re-reads a few minutes, not sixty.
 - **Bounded**: each resolution has a retention (default 1 day of panes,
   7 days of minutes, 90 days of hours); :meth:`SeriesStore.apply_retention`
   deletes older buckets and forgotten series; the file is created with
@@ -282,20 +284,15 @@ CREATE TABLE IF NOT EXISTS pending(
     res TEXT NOT NULL, start INTEGER NOT NULL, PRIMARY KEY(res, start)) WITHOUT ROWID;
 """
 
-# A final state is never replaced by a provisional one: each statement below
-# checks the stored state *before* the states upsert runs (rows first).
-_FINAL_EXISTS = ("EXISTS (SELECT 1 FROM states s WHERE s.res = ?1 AND s.start = ?2 "
-                 "AND s.series = ?3 AND s.family = ?4 AND s.final = 1)")
-_DEL_ROWS = (f"DELETE FROM rows WHERE res = ?1 AND start = ?2 AND series = ?3 AND family = ?4 "
-             f"AND (?5 = 1 OR NOT {_FINAL_EXISTS})")
+# A final state is never replaced by a provisional one: _put drops such
+# items after one look-up of the final states among the batch's buckets.
+_DEL_ROWS = "DELETE FROM rows WHERE res = ? AND start = ? AND series = ? AND family = ?"
 _INS_ROWS = ("INSERT INTO rows(res, start, series, family, metric, value, count, labelled, "
-             "provisional, deadline) SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10 "
-             f"WHERE ?11 = 1 OR NOT {_FINAL_EXISTS}")
+             "provisional, deadline) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
 _UPSERT_STATE = ("INSERT INTO states(res, start, series, family, final, deadline, state) "
                  "VALUES (?, ?, ?, ?, ?, ?, ?) "
                  "ON CONFLICT(res, start, series, family) DO UPDATE SET final = excluded.final, "
-                 "deadline = excluded.deadline, state = excluded.state "
-                 "WHERE excluded.final = 1 OR states.final = 0")
+                 "deadline = excluded.deadline, state = excluded.state")
 
 
 def _db_file(path: str | Path) -> Path:
@@ -322,6 +319,8 @@ class SeriesStore:
         self.file = _db_file(path)
         self.readonly = readonly
         self._lock = threading.RLock()
+        self._settled: dict[str, dict[int, tuple[int, dict[tuple[int, str], MetricState]]]] = {}
+        self._data_version: int | None = None
         exists = self.file.exists()
         if not exists and (readonly or config is None):
             raise FileNotFoundError(f"{self.file}: no store here (a new store needs a config)")
@@ -341,7 +340,7 @@ class SeriesStore:
                 conn.execute("PRAGMA auto_vacuum = INCREMENTAL")  # before the first table
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("PRAGMA synchronous = NORMAL")     # durable at each WAL checkpoint
-            conn.execute("PRAGMA journal_size_limit = 67108864")
+            conn.execute("PRAGMA journal_size_limit = 8388608")  # WAL file kept <= 8 MiB
             with self._tx():
                 for stmt in _SCHEMA.split(";"):
                     if stmt.strip():
@@ -356,6 +355,9 @@ class SeriesStore:
         self._ids: dict[SeriesKey, int] = {}
         self._series: dict[int, tuple[SeriesKey, dict[str, str]]] = {}
         self._max_series_id = 0
+        # writer-side roll-up cache, per coarse resolution and open bucket: the
+        # merge of its settled (final, unchangeable) finer buckets up to a mark
+        self._settled = {r.name: {} for r in self.resolutions[1:]}
         self._closed = False
 
     # ------------------------------------------------------------- set-up
@@ -403,10 +405,20 @@ class SeriesStore:
             raise PermissionError(f"{self.file} is open read-only")
         c = self._conn
         c.execute("BEGIN IMMEDIATE")
+        # another connection committed since our last transaction: forget what we cached
+        dv = c.execute("PRAGMA data_version").fetchone()[0]
+        if dv != self._data_version:
+            self._data_version = dv
+            self._drop_settled()
         try:
             yield c
         except BaseException:
             c.execute("ROLLBACK")
+            # what we cached during the transaction may not be in the database
+            self._ids.clear()
+            self._series.clear()
+            self._max_series_id = 0
+            self._drop_settled()
             raise
         c.execute("COMMIT")
 
@@ -461,8 +473,8 @@ class SeriesStore:
         if unknown:
             raise ValueError(f"unknown label(s): {', '.join(unknown)} "
                              f"(series labels of this store: {', '.join(self._label_cols)})")
-        want = {k: ({v} if isinstance(v, str) or not isinstance(v, Iterable) else set(v))
-                for k, v in labels.items()}
+        want = {k: ({str(v)} if isinstance(v, str) or not isinstance(v, Iterable)
+                    else {str(x) for x in v}) for k, v in labels.items()}
         self._refresh_series()
         return sorted(sid for sid, (_, lab) in self._series.items()
                       if all(lab.get(k) in vals for k, vals in want.items()))
@@ -510,25 +522,49 @@ class SeriesStore:
                 self._finalize(base, watermark)
         return n
 
-    def _put(self, res: Resolution, items: Iterable[tuple[int, int, str, MetricState, bool]]) -> int:
+    def _put(self, res: Resolution, items: Sequence[tuple[int, int, str, MetricState, bool]]) -> int:
+        """Upsert (start, series id, family, state, final) items of one resolution; rows written."""
         step, name = res.step_ms, res.name
+        c = self._conn
+        prov_starts = sorted({it[0] for it in items if not it[4]})
+        if prov_starts:
+            final: set[tuple[int, int, str]] = set()
+            for i in range(0, len(prov_starts), _MAX_IN):
+                chunk = prov_starts[i:i + _MAX_IN]
+                final.update(c.execute(
+                    f"SELECT start, series, family FROM states WHERE res = ? AND final = 1 "
+                    f"AND start IN ({','.join('?' * len(chunk))})", [name, *chunk]).fetchall())
+            if final:
+                items = [it for it in items if it[4] or (it[0], it[1], it[2]) not in final]
         st_rows, del_rows, row_rows = [], [], []
         dumps = pickle.dumps
         for start, sid, family, state, fin in items:
             deadline = start + step + self._horizon(family)
             f = 1 if fin else 0
             st_rows.append((name, start, sid, family, f, deadline, dumps(state, PICKLE_PROTOCOL)))
-            del_rows.append((name, start, sid, family, f))
+            del_rows.append((name, start, sid, family))
             prov = 1 - f
             for metric, (value, count, labelled) in state.value().items():
                 row_rows.append((name, start, sid, family, metric, float(value), int(count),
-                                 None if labelled is None else int(labelled), prov, deadline, f))
-        c = self._conn
+                                 None if labelled is None else int(labelled), prov, deadline))
         c.executemany(_DEL_ROWS, del_rows)
-        cur = c.executemany(_INS_ROWS, row_rows)
-        n = max(cur.rowcount, 0)
+        c.executemany(_INS_ROWS, row_rows)
         c.executemany(_UPSERT_STATE, st_rows)
-        return n
+        self._invalidate_settled(res, {it[0] for it in items})
+        return len(row_rows)
+
+    def _drop_settled(self) -> None:
+        for d in self._settled.values():
+            d.clear()
+
+    def _invalidate_settled(self, fine: Resolution, starts: set[int]) -> None:
+        """A finer bucket below a cached settled mark changed (a rewrite): drop that cache."""
+        i = self.resolutions.index(fine)
+        if i + 1 >= len(self.resolutions) or not starts:
+            return
+        cache = self._settled[self.resolutions[i + 1].name]
+        for b in [b for b, (upto, _) in cache.items() if any(b <= s < upto for s in starts)]:
+            del cache[b]
 
     def _mark_pending(self, level: int, starts: Iterable[int]) -> None:
         """Mark the buckets of resolutions >= ``level`` that contain ``starts`` for roll-up."""
@@ -541,25 +577,38 @@ class SeriesStore:
         self._conn.executemany("INSERT OR IGNORE INTO pending(res, start) VALUES (?, ?)", todo)
 
     def _finalize(self, res: Resolution, watermark: int) -> None:
+        """Make stored states final whose deadline the watermark has passed.
+
+        Coarse buckets still pending a roll-up are left alone: their stored
+        state may miss finer updates, and only a recomputation makes it final.
+        """
         wm = _clamp(watermark)
         c = self._conn
-        c.execute("UPDATE states SET final = 1 WHERE res = ? AND final = 0 AND deadline <= ?",
-                  (res.name, wm))
-        c.execute("UPDATE rows SET provisional = 0 WHERE res = ? AND provisional = 1 "
-                  "AND deadline <= ?", (res.name, wm))
+        skip = "" if res is self.base else \
+            " AND start NOT IN (SELECT start FROM pending WHERE res = ?1)"
+        c.execute("UPDATE states SET final = 1 WHERE res = ?1 AND final = 0 AND deadline <= ?2"
+                  + skip, (res.name, wm))
+        c.execute("UPDATE rows SET provisional = 0 WHERE res = ?1 AND provisional = 1 "
+                  "AND deadline <= ?2" + skip, (res.name, wm))
 
     # ------------------------------------------------------------- roll-up
     def rollup(self, watermark: int, *, provisional: bool | Iterable[str] = True) -> int:
         """Merge finer buckets into coarser ones; returns rows written.
 
         For each coarser resolution (from the finest up), every bucket whose
-        end plus the label delay the watermark has passed and that is not
-        yet rolled up final is merged from the next finer resolution's states
-        (per series and family) and written final; buckets touched by writes
-        since the last roll-up are recomputed too (a bucket whose end the
-        watermark has passed always, with its operational families final; an
-        open bucket — the running minute or hour, provisional — only when
-        ``provisional`` is True or names its resolution).  Idempotent.
+        end plus the label delay the watermark has passed, and that is not
+        rolled up final yet (or was touched again by a rewrite), is merged
+        from the next finer resolution's states (per series and family) and
+        written final.  Idempotent: a second call with the same watermark
+        writes nothing.
+
+        ``provisional`` (True, False, or resolution names) also recomputes the
+        open buckets that writes touched since the last roll-up — the running
+        minute or hour — and writes them provisional (operational families
+        final once the watermark passes the bucket end, as the aggregator
+        does).  That costs about (label delay / finer step) finer states per
+        series and family and open bucket, so a publisher may roll up final
+        buckets every second and the running ones less often.
         """
         wm = int(watermark)
         names = set(self._by_name)
@@ -568,11 +617,14 @@ class SeriesStore:
         elif provisional is False:
             prov = set()
         else:
-            prov = set(provisional)
+            prov = {provisional} if isinstance(provisional, str) else set(provisional)
             bad = sorted(prov - names)
             if bad:
                 raise ValueError(f"unknown resolution(s) {', '.join(bad)} "
                                  f"(this store has {', '.join(self._by_name)})")
+            # a running hour is merged from running minutes: refresh those too
+            top = max((i for i, r in enumerate(self.resolutions) if r.name in prov), default=0)
+            prov |= {r.name for r in self.resolutions[: top + 1]}
         delay = self.config.label_delay_ms
         written = 0
         with self._lock, self._tx() as c:
@@ -591,12 +643,12 @@ class SeriesStore:
                         "AND start < ?", (step, step, fine.name, rolled, final_to)))
                 done = []
                 for (b,) in c.execute("SELECT start FROM pending WHERE res = ?", (coarse.name,)).fetchall():
-                    if b + step <= wm or coarse.name in prov:
+                    if b + step <= final_to or coarse.name in prov:
                         buckets.add(b)
                         done.append((coarse.name, b))
                 for b in sorted(buckets):
                     items = [(b, sid, fam, st, wm >= b + step + self._horizon(fam))
-                             for (sid, fam), st in self._merge_bucket(fine, b, step).items()]
+                             for (sid, fam), st in self._merge_bucket(i, b, wm).items()]
                     if items:
                         written += self._put(coarse, items)
                         self._mark_pending(i + 1, [b])
@@ -607,19 +659,46 @@ class SeriesStore:
                 self._finalize(coarse, wm)
         return written
 
-    def _merge_bucket(self, fine: Resolution, start: int, step: int) -> dict[tuple[int, str], MetricState]:
-        merged: dict[tuple[int, str], MetricState] = {}
+    def _load(self, res: Resolution, lo: int, hi: int) -> Iterator[tuple[int, str, MetricState]]:
         cur = self._conn.execute(
             "SELECT series, family, state FROM states WHERE res = ? AND start >= ? AND start < ? "
-            "ORDER BY start, series, family", (fine.name, start, start + step))
+            "ORDER BY start, series, family", (res.name, lo, hi))
         for sid, fam, blob in cur:
-            st = pickle.loads(blob)
-            prev = merged.get((sid, fam))
+            yield sid, fam, pickle.loads(blob)
+
+    @staticmethod
+    def _merge_into(acc: dict[tuple[int, str], MetricState], states) -> None:
+        for sid, fam, st in states:
+            prev = acc.get((sid, fam))
             if prev is None:
-                merged[(sid, fam)] = st
+                acc[(sid, fam)] = st
             else:
                 prev.merge(st)
-        return merged
+
+    def _merge_bucket(self, i: int, b: int, wm: int) -> dict[tuple[int, str], MetricState]:
+        """The states of coarse bucket ``b`` of resolution ``i``: merges of the finer ones.
+
+        Finer buckets that end before ``wm - label_delay`` are settled (final
+        for every family; only a rewrite, which invalidates the cache, changes
+        them), so their merge is cached for the open coarse bucket and only the
+        unsettled tail is read again: the running hour reads a few minutes,
+        not sixty.
+        """
+        fine, coarse = self.resolutions[i - 1], self.resolutions[i]
+        end = b + coarse.step_ms
+        settled = ((wm - self.config.label_delay_ms) // fine.step_ms) * fine.step_ms
+        settled = min(max(settled, b), end)
+        cache = self._settled[coarse.name]
+        upto, acc = cache.pop(b, (b, {}))
+        if settled > upto:
+            self._merge_into(acc, self._load(fine, upto, settled))
+            upto = settled
+        if upto >= end:
+            return acc                      # complete: the cache is no longer needed
+        cache[b] = (upto, acc)
+        out = {k: st.copy() for k, st in acc.items()}
+        self._merge_into(out, self._load(fine, upto, end))
+        return out
 
     # ----------------------------------------------------------- retention
     def apply_retention(self, now_ms: int) -> int:
@@ -644,9 +723,14 @@ class SeriesStore:
                 gone = c.execute("DELETE FROM series WHERE last_ms <= ?", (cutoff,)).rowcount
                 if gone:
                     self._ids.clear()
+            self._drop_settled()
         if deleted:
             with self._lock:
-                self._conn.execute("PRAGMA incremental_vacuum")
+                # give the freed pages back to the file system (executescript runs the
+                # pragma to completion; execute() would free one page), then let a
+                # passive checkpoint (never waiting for readers) shrink the file
+                self._conn.executescript("PRAGMA incremental_vacuum;")
+                self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
         return deleted
 
     # --------------------------------------------------------------- query
@@ -754,6 +838,20 @@ class SeriesStore:
                     continue
                 out.append(StoredState(int(st), info[0], fam, pickle.loads(blob)))
         return out
+
+    @contextmanager
+    def snapshot(self) -> Iterator["SeriesStore"]:
+        """Queries inside see one consistent snapshot (a read transaction).
+
+        The writer is not blocked (WAL); it only cannot checkpoint past the
+        snapshot until it ends, so keep snapshots short.
+        """
+        with self._lock:
+            self._conn.execute("BEGIN")
+            try:
+                yield self
+            finally:
+                self._conn.execute("COMMIT")
 
     # ------------------------------------------------------------- reports
     def nbytes(self) -> int:

@@ -1,0 +1,291 @@
+"""The publisher: merges the shards' partial states, stores them, exposes them.
+
+A plain class (no Ray import): :mod:`actors.remote` makes it a Ray actor and
+gives it a ``pull`` function that collects from every shard in one round
+trip; tests give it plain shards.  Each :meth:`Publisher.tick`:
+
+1. pulls ``(partials, watermark, stats)`` from every shard;
+2. merges them per window (:class:`kpistream.aggregate.WindowAggregator`,
+   one source per shard, the watermark is the slowest shard's);
+3. writes the panes to the time-series store (provisional ones too, so the
+   query API shows the running value of open windows), rolls them up into
+   coarser resolutions and applies retention;
+4. refreshes the snapshot that ``/metrics`` serves: the latest window of
+   every KPI and series, and the pipeline's own counters.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+from kpistream.aggregate import WindowAggregator
+from kpistream.batch import BASE_LABELS
+from kpistream.clock import Clock, SystemClock
+from kpistream.config import EngineConfig, config_from_dict
+from kpistream.engine import Partial
+from kpistream.store import SeriesStore
+
+Pull = Callable[[], Sequence[tuple[list[Partial], int, dict]]]
+
+#: KPI name -> (Prometheus metric name, help, scale to base units)
+PROM_KPIS: dict[str, tuple[str, str, float]] = {
+    "requests": ("kpistream_window_requests", "Requests in the window", 1.0),
+    "error_rate": ("kpistream_error_ratio", "Share of requests that failed", 1.0),
+    "latency_mean": ("kpistream_latency_mean_seconds", "Mean request latency", 1e-3),
+    "latency_p50": ("kpistream_latency_p50_seconds", "Median latency (relative error <= 1%)", 1e-3),
+    "latency_p90": ("kpistream_latency_p90_seconds", "90th percentile latency (relative error <= 1%)", 1e-3),
+    "latency_p99": ("kpistream_latency_p99_seconds", "99th percentile latency (relative error <= 1%)", 1e-3),
+    "latency_p999": ("kpistream_latency_p999_seconds", "99.9th percentile latency (relative error <= 1%)", 1e-3),
+    "accuracy": ("kpistream_accuracy_ratio", "Accuracy of labelled requests", 1.0),
+    "precision": ("kpistream_precision_ratio", "Precision of the positive label", 1.0),
+    "recall": ("kpistream_recall_ratio", "Recall of the positive label", 1.0),
+    "f1": ("kpistream_f1_ratio", "F1 of the positive label", 1.0),
+    "mae": ("kpistream_mae", "Mean absolute error (units of the target)", 1.0),
+    "rmse": ("kpistream_rmse", "Root mean squared error (units of the target)", 1.0),
+    "precision_at_k": ("kpistream_precision_at_k_ratio", "Precision at K", 1.0),
+    "recall_at_k": ("kpistream_recall_at_k_ratio", "Recall at K", 1.0),
+    "ndcg_at_k": ("kpistream_ndcg_at_k_ratio", "NDCG at K", 1.0),
+    "mrr": ("kpistream_mrr_ratio", "Mean reciprocal rank at K", 1.0),
+    "thumbs_up_rate": ("kpistream_thumbs_up_ratio", "Share of thumbs-up feedback", 1.0),
+    "ctr": ("kpistream_ctr_ratio", "Clicked requests per request", 1.0),
+    "conversion_rate": ("kpistream_conversion_ratio", "Converted requests per request", 1.0),
+    "dwell_mean": ("kpistream_dwell_mean_seconds", "Mean dwell time", 1.0),
+    "reward_mean": ("kpistream_reward_mean", "Mean reward", 1.0),
+    "cost_per_1k": ("kpistream_cost_per_1k_usd", "Cost per 1000 requests", 1.0),
+    "tokens_mean": ("kpistream_tokens_mean", "Mean tokens per request", 1.0),
+    "label_coverage": ("kpistream_label_coverage_ratio", "Share of requests with a label", 1.0),
+}
+for _avg in ("macro", "micro", "weighted"):
+    for _m in ("precision", "recall", "f1"):
+        PROM_KPIS[f"{_m}_{_avg}"] = (f"kpistream_{_m}_{_avg}_ratio",
+                                     f"{_m} ({_avg} average over classes)", 1.0)
+
+
+class Publisher:
+    def __init__(self, config: EngineConfig | Mapping[str, Any] | None, store_path: str | Path,
+                 pull: Pull | None = None, clock: Clock | None = None,
+                 retention_every_s: float = 60.0, snapshot_ttl_s: float = 900.0,
+                 n_sources: int | None = None) -> None:
+        if isinstance(config, Mapping):
+            config = config_from_dict(config)
+        self.cfg = config or EngineConfig()
+        self.clock = clock or SystemClock()
+        self.pull = pull
+        # nothing is final until every shard has reported its watermark
+        self.agg = WindowAggregator(self.cfg, sources=n_sources)
+        self.store = SeriesStore(store_path, self.cfg)
+        self.snapshot: dict[tuple, tuple[float, int, Any, bool, int, int]] = {}
+        self.snapshot_ttl_ms = int(snapshot_ttl_s * 1000)
+        self.shard_stats: dict[int, dict] = {}
+        self.ticks = 0
+        self.tick_s = 0.0
+        self.last_tick_ms = 0
+        self._retention_every_ms = int(retention_every_s * 1000)
+        self._last_retention = 0
+        self._last_running = 0
+        self._running_every_ms = 2000
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self.errors: Counter = Counter()
+
+    # ------------------------------------------------------------------ loop
+    def tick(self, results: Sequence[tuple[list[Partial], int, dict]] | None = None) -> int:
+        """One round: pull (or take ``results``), merge, store, refresh. Returns partials seen."""
+        t0 = time.perf_counter()
+        if results is None:
+            results = self.pull() if self.pull is not None else []
+        n = 0
+        with self._lock:
+            for i, (parts, wm, stats) in enumerate(results):
+                src = stats.get("shard", i)
+                self.agg.add(parts, source=src, watermark=wm)
+                self.shard_stats[src] = stats
+                n += len(parts)
+            wm = self.agg.watermark
+            # the store keeps one state per pane: the latest state of every shard
+            # for each pane touched now, merged (a shard that saw nothing new in
+            # a pane still contributes what it sent before)
+            touched = {(p.key, p.series, p.family): p for parts, _, _ in results for p in parts
+                       if p.space == "time"}
+            self.store.write(self._merged(touched, wm), watermark=wm)
+            now = self.clock.now_ms()
+            # final roll-ups every round; the running minute / hour less often
+            running = now - self._last_running >= self._running_every_ms
+            self.store.rollup(wm, provisional=running)
+            if running:
+                self._last_running = now
+            if now - self._last_retention >= self._retention_every_ms:
+                self.store.apply_retention(now)
+                self._last_retention = now
+            final_rows = self.agg.pop_final_rows()  # forgets panes no window needs any more
+            self._refresh_snapshot(final_rows, now)
+            self.ticks += 1
+            self.last_tick_ms = now
+        self.tick_s += time.perf_counter() - t0
+        return n
+
+    def _merged(self, touched: Mapping[tuple, Partial], wm: int) -> list[Partial]:
+        out = []
+        for key, p in touched.items():
+            states = list(self.agg.panes.get(key, {}).values()) or [p.state]
+            st = states[0].copy()
+            for other in states[1:]:
+                st.merge(other)
+            final = wm >= p.end_ms + self.agg._horizon(p.family)
+            out.append(Partial("time", p.key, p.series, p.family, st, final, p.start_ms, p.end_ms))
+        return out
+
+    def start(self, interval_s: float = 0.25) -> bool:
+        """Tick in a background thread every ``interval_s`` (idempotent)."""
+        if self._thread is not None and self._thread.is_alive():
+            return False
+
+        def loop() -> None:
+            while not self._stop.is_set():
+                t = time.monotonic()
+                try:
+                    self.tick()
+                except Exception as e:  # keep publishing; the error is counted and visible
+                    self.errors[type(e).__name__] += 1
+                    self.last_error = repr(e)
+                self._stop.wait(max(0.0, interval_s - (time.monotonic() - t)))
+
+        self._stop.clear()
+        self._thread = threading.Thread(target=loop, name="kpistream-publisher", daemon=True)
+        self._thread.start()
+        return True
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    # --------------------------------------------------------------- queries
+    def _refresh_snapshot(self, final_rows: list[dict], now: int) -> None:
+        """The latest window of every (window spec, series, KPI), kept after its panes go.
+
+        A series that has not reported for ``snapshot_ttl_ms`` (processing
+        time) leaves ``/metrics``, so label sets stay bounded.
+        """
+        latest = self.snapshot
+        names = self._label_names()
+        for r in (*final_rows, *self.agg.current_rows()):
+            key = (r["window"], tuple((k, r[k]) for k in names), r["metric"])
+            cur = latest.get(key)
+            if cur is None or r["window_start"] >= cur[4]:
+                latest[key] = (r["value"], r["count"], r["labelled"], r["provisional"],
+                               r["window_start"], now)
+        for key in [k for k, v in latest.items() if now - v[5] > self.snapshot_ttl_ms]:
+            del latest[key]
+
+    def _label_names(self) -> tuple[str, ...]:
+        return (*BASE_LABELS, *self.cfg.segments)
+
+    def series(self, metric=None, start=None, end=None, resolution=None,
+               **labels) -> list[dict]:
+        """Tidy rows from the store as JSON-able dicts (the ``/v1/series`` body)."""
+        df = self.store.query(metric, start=start, end=end, resolution=resolution, **labels)
+        out = []
+        for rec in df.to_dict(orient="records"):
+            rec["window_start"] = rec["window_start"].isoformat()
+            rec["window_end"] = rec["window_end"].isoformat()
+            lab = rec.get("labelled")
+            rec["labelled"] = None if lab is None or (isinstance(lab, float) and math.isnan(lab)) \
+                or str(lab) == "<NA>" else int(lab)
+            out.append(rec)
+        return out
+
+    def counters(self) -> dict:
+        """Pipeline counters summed over shards."""
+        total: Counter = Counter()
+        rejected: Counter = Counter()
+        for st in self.shard_stats.values():
+            total.update(st.get("counters", {}))
+            rejected.update(st.get("rejected", {}))
+        return {"counters": dict(total), "rejected": dict(rejected)}
+
+    def health(self) -> dict:
+        return {"status": "ok" if not self.errors else "degraded", "ticks": self.ticks,
+                "watermark": self.agg.watermark, "shards": len(self.shard_stats),
+                "last_tick_ms": self.last_tick_ms, "errors": dict(self.errors),
+                "store": str(self.store.file)}
+
+    def metrics_text(self) -> str:
+        """Prometheus text exposition of the snapshot and the pipeline counters."""
+        from prometheus_client import CollectorRegistry, generate_latest
+
+        reg = CollectorRegistry()
+        reg.register(_Collector(self))
+        return generate_latest(reg).decode()
+
+
+class _Collector:
+    """prometheus_client custom collector over a publisher's snapshot."""
+
+    def __init__(self, pub: Publisher) -> None:
+        self.pub = pub
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        pub = self.pub
+        names = ["window", *pub._label_names()]
+        fams: dict[str, GaugeMetricFamily] = {}
+        for (window, labels, metric), (value, count, labelled, prov, start, _) in sorted(
+                pub.snapshot.items(), key=lambda kv: (kv[0][2], kv[0][0], kv[0][1])):
+            lv = [window, *(v for _, v in labels)]
+            spec = PROM_KPIS.get(metric)
+            if spec is None:
+                continue
+            name, help_, scale = spec
+            fam = fams.get(name)
+            if fam is None:
+                fam = fams[name] = GaugeMetricFamily(name, help_, labels=names)
+            fam.add_metric(lv, value * scale)
+        yield from fams.values()
+        c = pub.counters()
+        cnt = c["counters"]
+        ev = CounterMetricFamily("kpistream_events", "Events by type and outcome",
+                                 labels=["type", "outcome"])
+        for typ in ("inference", "feedback"):
+            ev.add_metric([typ, "received"], cnt.get(f"{typ}_in", 0))
+            ev.add_metric([typ, "accepted"], cnt.get(f"{typ}_accepted", 0))
+            ev.add_metric([typ, "late"], cnt.get(f"late_{typ}", 0))
+            ev.add_metric([typ, "duplicate"], cnt.get(f"duplicate_{typ}", 0))
+        yield ev
+        rej = CounterMetricFamily("kpistream_rejected", "Rejected rows by field and reason",
+                                  labels=["field", "reason"])
+        for key, n in sorted(c["rejected"].items()):
+            field, _, reason = key.rpartition(":")
+            rej.add_metric([field[:64] or "row", reason], n)
+        yield rej
+        for name, key, help_ in (
+                ("kpistream_join_evictions", "pending_evicted", "Inferences evicted from the join table for capacity"),
+                ("kpistream_feedback_evictions", "feedback_evicted", "Feedback evicted from the join table for capacity"),
+                ("kpistream_series_overflow", "series_overflow", "Events folded into the __other__ series"),
+                ("kpistream_feedback_unmatched", "feedback_unmatched", "Feedback that never met its inference"),
+                ("kpistream_inference_unlabelled", "inference_expired_unlabelled", "Inferences whose label deadline passed without a label"),
+                ("kpistream_join_pairs", "join_pairs", "Inference-feedback pairs joined"),
+                ("kpistream_feedback_type_mismatch", "feedback_type_mismatch", "Feedback of the wrong kind for its model")):
+            m = CounterMetricFamily(name, help_)
+            m.add_metric([], cnt.get(key, 0))
+            yield m
+        wm = GaugeMetricFamily("kpistream_watermark_seconds", "Event-time watermark per shard",
+                               labels=["shard"])
+        pend = GaugeMetricFamily("kpistream_join_pending", "Inferences waiting for feedback",
+                                 labels=["shard"])
+        for sid, st in sorted(pub.shard_stats.items()):
+            if st.get("watermark", -(2**62)) > 0:
+                wm.add_metric([str(sid)], st["watermark"] / 1000.0)
+            pend.add_metric([str(sid)], st.get("pending", 0))
+        yield wm
+        yield pend
+        t = GaugeMetricFamily("kpistream_publisher_ticks", "Publisher rounds so far")
+        t.add_metric([], pub.ticks)
+        yield t

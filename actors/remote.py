@@ -1,0 +1,60 @@
+"""The one place where kpistream's plain classes become Ray actors.
+
+Actors are named (``kpistream-shard-<i>``, ``kpistream-publisher``) in the
+``kpistream`` namespace, so the Ray dashboard says what each one is, and any
+Serve replica can find them by name.  :func:`ensure_actors` creates them if
+they do not exist yet (idempotent: every replica may call it).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import ray
+
+from actors.publisher import Publisher
+from actors.shard import Shard
+
+NAMESPACE = "kpistream"
+PUBLISHER = "kpistream-publisher"
+
+
+def shard_name(i: int) -> str:
+    return f"kpistream-shard-{i}"
+
+
+class _PublisherOfShards(Publisher):
+    """The publisher, wired to the shards by name; ticks in its own thread."""
+
+    def __init__(self, config: Mapping[str, Any], store_path: str, n_shards: int,
+                 interval_s: float = 0.25) -> None:
+        handles = [ray.get_actor(shard_name(i), namespace=NAMESPACE) for i in range(n_shards)]
+        super().__init__(config, store_path,
+                         pull=lambda: ray.get([h.collect.remote() for h in handles]),
+                         n_sources=n_shards)
+        self.start(interval_s)
+
+
+# Actors hold state, not CPUs: num_cpus=0 so that a small machine can host the
+# shards, the publisher and the Serve replicas together.  Restarted on failure.
+ShardActor = ray.remote(num_cpus=0, max_restarts=-1)(Shard)
+PublisherActor = ray.remote(num_cpus=0, max_restarts=-1, max_concurrency=8)(_PublisherOfShards)
+
+
+def ensure_actors(config: Mapping[str, Any], n_shards: int, store_path: str,
+                  publish_interval_s: float = 0.25) -> tuple[list, Any]:
+    """(shard handles, publisher handle), created on first call, found by name after."""
+    shards = [ShardActor.options(name=shard_name(i), namespace=NAMESPACE, get_if_exists=True,
+                                 lifetime="detached").remote(i, dict(config))
+              for i in range(n_shards)]
+    ray.get([s.ping.remote() for s in shards])
+    pub = PublisherActor.options(name=PUBLISHER, namespace=NAMESPACE, get_if_exists=True,
+                                 lifetime="detached").remote(dict(config), store_path, n_shards,
+                                                             publish_interval_s)
+    ray.get(pub.health.remote())
+    return shards, pub
+
+
+def find_actors(n_shards: int) -> tuple[list, Any]:
+    shards = [ray.get_actor(shard_name(i), namespace=NAMESPACE) for i in range(n_shards)]
+    return shards, ray.get_actor(PUBLISHER, namespace=NAMESPACE)

@@ -1,0 +1,130 @@
+"""The sidecar's HTTP face (Ray Serve + FastAPI): ingest, query, health, /metrics.
+
+Thin on purpose: it decodes and validates request bodies, routes rows to the
+shard actors by ``hash(request_id) % N``, and forwards queries to the
+publisher actor.  Everything stateful lives in :mod:`actors`.
+
+Routes (DESIGN.md's HTTP contract):
+
+- ``POST /v1/events``   — inference (and feedback) events: one JSON object, a
+  JSON array or NDJSON; at most ``max_body_bytes``.
+- ``POST /v1/feedback`` — feedback events only (``type`` may be omitted).
+  Both reply ``{"accepted", "late", "duplicates", "rejected": [{"index",
+  "field", "reason", "message"}]}``; one bad row never sinks the batch.
+- ``GET /v1/series``    — tidy rows from the store: ``metric`` (repeat or
+  comma-separate), ``start``, ``end`` (RFC 3339 or epoch ms),
+  ``resolution``, and any series label as a filter (``model=churn``).
+- ``GET /metrics``      — Prometheus text exposition.
+- ``GET /v1/health``    — publisher and shard status.
+"""
+
+import asyncio
+import time
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import JSONResponse, PlainTextResponse
+from ray import serve
+
+from kpistream.batch import FeedbackBatch, InferenceBatch, shard_of
+from kpistream.config import config_from_dict
+from kpistream.errors import Rejection
+from kpistream.schema import parse_payload, validate_rows
+from kpistream.replay import iter_runs
+
+api = FastAPI(title="kpistream", description="Live KPIs for ML models")
+
+_QUERY_KEYS = {"metric", "start", "end", "resolution"}
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0})
+@serve.ingress(api)
+class SidecarAPI:
+    def __init__(self, config: dict, n_shards: int, store_path: str,
+                 max_body_bytes: int = 8 << 20, publish_interval_s: float = 0.25) -> None:
+        from actors.remote import ensure_actors
+
+        self.cfg = config_from_dict(config)
+        self.n_shards = n_shards
+        self.max_body = max_body_bytes
+        self.shards, self.pub = ensure_actors(config, n_shards, store_path, publish_interval_s)
+        self.received = 0
+        self.too_large = 0
+
+    # ---------------------------------------------------------------- ingest
+    async def _ingest(self, request: Request, expect: str | None) -> JSONResponse:
+        body = await request.body()
+        if len(body) > self.max_body:
+            self.too_large += 1
+            raise HTTPException(413, f"body of {len(body)} bytes is over the limit of "
+                                     f"{self.max_body} bytes: send smaller batches")
+        rows = parse_payload(body)
+        self.received += len(rows)
+        res = validate_rows(rows, now_ms=time.time_ns() // 1_000_000,
+                            max_future_ms=self.cfg.max_future_ms, expect=expect)
+        rejected = list(res.rejections)
+        calls = []
+        inf_pos = iter(res.inference_index)
+        fb_pos = iter(res.feedback_index)
+        for kind, recs in iter_runs(res):
+            pos = np.array([next(inf_pos if kind == "inference" else fb_pos) for _ in recs])
+            batch = (InferenceBatch if kind == "inference" else FeedbackBatch).from_records(recs)
+            owner = shard_of(batch.request_id, self.n_shards)
+            for s in range(self.n_shards):
+                rows_s = np.flatnonzero(owner == s)
+                if not len(rows_s):
+                    continue
+                part = batch.take(rows_s)
+                method = (self.shards[s].ingest_inference if kind == "inference"
+                          else self.shards[s].ingest_feedback)
+                calls.append((method.remote(part), pos[rows_s]))
+        reports = await asyncio.gather(*(ref for ref, _ in calls))
+        accepted = late = dups = 0
+        for rep, (_, pos) in zip(reports, calls):
+            accepted += rep["accepted"]
+            late += rep["late"]
+            dups += rep["duplicates"]
+            for r in rep["rejected"]:
+                rejected.append(Rejection(int(pos[r["index"]]), r["field"], r["reason"],
+                                          r["message"]))
+        rejected.sort(key=lambda r: r.index)
+        return JSONResponse({"received": len(rows), "accepted": accepted, "late": late,
+                             "duplicates": dups, "rejected": [r.as_dict() for r in rejected]})
+
+    @api.post("/v1/events")
+    async def events(self, request: Request) -> JSONResponse:
+        return await self._ingest(request, None)
+
+    @api.post("/v1/feedback")
+    async def feedback(self, request: Request) -> JSONResponse:
+        return await self._ingest(request, "feedback")
+
+    # ---------------------------------------------------------------- query
+    @api.get("/v1/series")
+    async def series(self, request: Request) -> JSONResponse:
+        q = request.query_params
+        metrics = [m for v in q.getlist("metric") for m in v.split(",") if m] or None
+        labels = {k: v for k, v in q.items() if k not in _QUERY_KEYS}
+        start, end = q.get("start"), q.get("end")
+        start = int(start) if start and start.isdigit() else start
+        end = int(end) if end and end.isdigit() else end
+        try:
+            rows = await self.pub.series.remote(metrics, start, end, q.get("resolution"), **labels)
+        except Exception as e:  # a bad filter or time comes back as a clear 400
+            cause = getattr(e, "cause", None) or e
+            if isinstance(cause, (ValueError, KeyError)):
+                raise HTTPException(400, str(cause)) from None
+            raise
+        return JSONResponse(rows)
+
+    @api.get("/metrics")
+    async def metrics(self) -> PlainTextResponse:
+        text = await self.pub.metrics_text.remote()
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @api.get("/v1/health")
+    async def health(self) -> JSONResponse:
+        pub = await self.pub.health.remote()
+        pings = await asyncio.gather(*(s.ping.remote() for s in self.shards))
+        return JSONResponse({**pub, "shards_alive": len(pings), "n_shards": self.n_shards})
