@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: setup
-	$(BIN)/kpistream demo
+	$(BIN)/python -m app.demo $(DEMO_ARGS)
 
 test: setup
 	$(BIN)/pytest -q
