@@ -188,6 +188,32 @@ class Engine:
         self._stream_now = int(future_mask(ts, invalid, ref, F, out))
         return out
 
+    def _reject(self, kind: str, batch, rep: IngestReport, invalid: np.ndarray,
+                checks: list) -> np.ndarray:
+        """Rows failing a check, or too far in the future, become counted rejections.
+
+        ``checks``: ``(mask, field, reason, message)`` in order of precedence;
+        reason and message are strings or functions of the row index.
+        Returns the mask of the rows that go on.
+        """
+        ts = batch.ts
+        fut = self._future_mask(ts, invalid)
+        bad = invalid | fut
+        if bad.any():
+            for i in np.flatnonzero(bad).tolist():
+                for mask, field, reason, message in checks:
+                    if mask[i]:
+                        r = Rejection(i, field, reason(i) if callable(reason) else reason,
+                                      message(i) if callable(message) else message)
+                        break
+                else:
+                    r = Rejection(i, "ts", "future", f"ts {int(ts[i])} is more than "
+                                  f"{self.cfg.max_future_ms} ms ahead of the clock")
+                rep.rejections.append(r)
+                self.rejected[(r.field, r.reason)] += 1
+            self.rejected_events.append((kind, batch.take(bad), rep.rejections))
+        return ~bad
+
     def _watermark_before(self, ts: np.ndarray, ok: np.ndarray, prior: int | None = None,
                           include_self: bool = False) -> np.ndarray:
         """Per event: the watermark just before it (or just after, ``include_self``).
@@ -427,26 +453,12 @@ class Engine:
         bad_tok = (batch.tokens < 0) | np.isinf(batch.tokens)
         bad_val = np.isinf(batch.pred_value) | np.isinf(batch.pred_score)
         invalid = bad_lat | bad_cost | bad_tok | bad_val
-        fut = self._future_mask(ts, invalid)
-        if invalid.any() or fut.any():
-            for i in np.flatnonzero(invalid | fut).tolist():
-                if bad_lat[i]:
-                    r = Rejection(i, "latency_ms", "negative" if lat[i] < 0 else "not_finite",
-                                  f"latency_ms must be a finite number >= 0, got {lat[i]}")
-                elif bad_cost[i]:
-                    r = Rejection(i, "cost.usd", "negative", "cost.usd must be finite and >= 0")
-                elif bad_tok[i]:
-                    r = Rejection(i, "cost.tokens", "negative", "cost.tokens must be >= 0")
-                elif bad_val[i]:
-                    r = Rejection(i, "prediction", "not_finite", "prediction must be finite")
-                else:
-                    r = Rejection(i, "ts", "future",
-                                  f"ts {int(ts[i])} is more than {self.cfg.max_future_ms} ms "
-                                  "ahead of the clock")
-                rep.rejections.append(r)
-                self.rejected[(r.field, r.reason)] += 1
-            self.rejected_events.append(("inference", batch.take(invalid | fut), rep.rejections))
-        ok = ~(invalid | fut)
+        ok = self._reject("inference", batch, rep, invalid, [
+            (bad_lat, "latency_ms", lambda i: "negative" if lat[i] < 0 else "not_finite",
+             lambda i: f"latency_ms must be a finite number >= 0, got {lat[i]}"),
+            (bad_cost, "cost.usd", "negative", "cost.usd must be finite and >= 0"),
+            (bad_tok, "cost.tokens", "negative", "cost.tokens must be >= 0"),
+            (bad_val, "prediction", "not_finite", "prediction must be finite")])
         # 2. late: before the watermark as it stood when the event arrived
         wm = self._watermark_before(ts, ok)
         late = ok & (ts < wm)
@@ -602,9 +614,7 @@ class Engine:
         c["feedback_in"] += n
         ts = batch.ts
         v = batch.value
-        from .batch import KIND_DWELL as _D
-
-        bad_val = np.isinf(v) | ((batch.kind == _D) & (v < 0))
+        bad_val = np.isinf(v) | ((batch.kind == KIND_DWELL) & (v < 0))
         bad_grade = np.zeros(n, dtype=bool)
         if len(batch.rel_grades):
             g_bad = ~np.isfinite(batch.rel_grades) | (batch.rel_grades < 0)
@@ -612,22 +622,10 @@ class Engine:
                 owner = np.repeat(np.arange(n), np.diff(batch.rel_offsets))
                 bad_grade[owner[g_bad]] = True
         invalid = bad_val | bad_grade
-        fut = self._future_mask(ts, invalid)
-        if invalid.any() or fut.any():
-            for i in np.flatnonzero(invalid | fut).tolist():
-                if bad_val[i]:
-                    r = Rejection(i, "value", "not_finite" if np.isinf(v[i]) else "negative",
-                                  f"value must be finite (and >= 0 for dwell), got {v[i]}")
-                elif bad_grade[i]:
-                    r = Rejection(i, "value", "bad_value", "relevance grades must be finite and >= 0")
-                else:
-                    r = Rejection(i, "ts", "future",
-                                  f"ts {int(ts[i])} is more than {self.cfg.max_future_ms} ms "
-                                  "ahead of the clock")
-                rep.rejections.append(r)
-                self.rejected[(r.field, r.reason)] += 1
-            self.rejected_events.append(("feedback", batch.take(invalid | fut), rep.rejections))
-        ok = ~(invalid | fut)
+        ok = self._reject("feedback", batch, rep, invalid, [
+            (bad_val, "value", lambda i: "not_finite" if np.isinf(v[i]) else "negative",
+             lambda i: f"value must be finite (and >= 0 for dwell), got {v[i]}"),
+            (bad_grade, "value", "bad_value", "relevance grades must be finite and >= 0")])
         wm = self._watermark_before(ts, ok)
         late = ok & (wm != _I64_MIN) & (ts < wm - self.cfg.label_delay_ms)
         ok &= ~late

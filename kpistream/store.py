@@ -734,6 +734,20 @@ class SeriesStore:
         return deleted
 
     # --------------------------------------------------------------- query
+    @staticmethod
+    def _range_sql(select: str, res: Resolution, start: Any, end: Any) -> tuple[list, list]:
+        """The SELECT for one resolution and ``start <= bucket start < end``."""
+        s, e = _to_ms(start, "start"), _to_ms(end, "end")
+        sql = [select]
+        params: list[Any] = [res.name]
+        if s is not None:
+            sql.append("AND start >= ?")
+            params.append(_clamp(s))
+        if e is not None:
+            sql.append("AND start < ?")
+            params.append(_clamp(e))
+        return sql, params
+
     def query(self, metric: str | Sequence[str] | None = None, *, start: Any = None,
               end: Any = None, resolution: str | None = None, **labels: Any) -> pd.DataFrame:
         """Tidy rows as :func:`kpistream.aggregate.rows_frame` makes them.
@@ -744,16 +758,9 @@ class SeriesStore:
         matches any of its values); an unknown label name is a ValueError.
         """
         res = self.resolution(resolution)
-        s, e = _to_ms(start, "start"), _to_ms(end, "end")
-        sql = ["SELECT start, series, metric, value, count, labelled, provisional "
-               "FROM rows WHERE res = ?"]
-        params: list[Any] = [res.name]
-        if s is not None:
-            sql.append("AND start >= ?")
-            params.append(_clamp(s))
-        if e is not None:
-            sql.append("AND start < ?")
-            params.append(_clamp(e))
+        sql, params = self._range_sql(
+            "SELECT start, series, metric, value, count, labelled, provisional "
+            "FROM rows WHERE res = ?", res, start, end)
         if metric is not None:
             metrics = [metric] if isinstance(metric, str) else list(metric)
             if not metrics:
@@ -813,15 +820,8 @@ class SeriesStore:
         a fresh, unpickled object the caller owns.
         """
         res = self.resolution(resolution)
-        s, e = _to_ms(start, "start"), _to_ms(end, "end")
-        sql = ["SELECT start, series, family, state FROM states WHERE res = ?"]
-        params: list[Any] = [res.name]
-        if s is not None:
-            sql.append("AND start >= ?")
-            params.append(_clamp(s))
-        if e is not None:
-            sql.append("AND start < ?")
-            params.append(_clamp(e))
+        sql, params = self._range_sql("SELECT start, series, family, state FROM states WHERE res = ?",
+                                      res, start, end)
         if family is not None:
             fams = [family] if isinstance(family, str) else list(family)
             sql.append(f"AND family IN ({','.join('?' * len(fams))})")

@@ -41,3 +41,33 @@ def serve_port(ray_session) -> int:
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     return port
+
+
+def deploy_sidecar(name: str, store_path, **args):
+    """The sidecar app (2 shards) under ``name`` at ``/``, not waiting for readiness."""
+    from pathlib import Path
+
+    from ray import serve
+
+    from app.sidecar import build_app
+
+    root = Path(__file__).resolve().parent.parent
+    serve.run(build_app({"metrics_config": str(root / "configs/metrics.yaml"), "shards": 2,
+                         "store_path": str(store_path), "publish_interval_s": 0.2, **args}),
+              name=name, route_prefix="/", blocking=False)
+
+
+def remove_sidecar(*app_names: str, n_shards: int = 2) -> None:
+    """Delete the apps and the (detached) shard and publisher actors."""
+    import ray
+    from ray import serve
+
+    from actors.remote import NAMESPACE, PUBLISHER, shard_name
+
+    for name in app_names:
+        serve.delete(name)
+    for actor in [PUBLISHER, *(shard_name(i) for i in range(n_shards))]:
+        try:
+            ray.kill(ray.get_actor(actor, namespace=NAMESPACE))
+        except ValueError:
+            pass

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import deploy_sidecar, remove_sidecar
+
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -27,13 +29,10 @@ def apps(serve_port, tmp_path_factory):
     from ray import serve
 
     from app.demo_model import build_demo_app
-    from app.sidecar import build_app
 
     tmp = tmp_path_factory.mktemp("demo")
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
-    serve.run(build_app({"metrics_config": str(ROOT / "configs/metrics.yaml"), "shards": 2,
-                         "store_path": str(tmp / "store"), "publish_interval_s": 0.2}),
-              name="kpistream-e2e", route_prefix="/", blocking=False)
+    deploy_sidecar("kpistream-e2e", tmp / "store")
     serve.run(build_demo_app({"tracking_uri": uri, "n_shards": 2}), name="demo-e2e",
               route_prefix="/demo", blocking=False)
     base = f"http://127.0.0.1:{serve_port}"
@@ -47,17 +46,7 @@ def apps(serve_port, tmp_path_factory):
                 raise
             time.sleep(1)
     yield base, uri
-    serve.delete("demo-e2e")
-    serve.delete("kpistream-e2e")
-    import ray
-
-    from actors.remote import NAMESPACE, PUBLISHER, shard_name
-
-    for name in [PUBLISHER, shard_name(0), shard_name(1)]:
-        try:
-            ray.kill(ray.get_actor(name, namespace=NAMESPACE))
-        except ValueError:
-            pass
+    remove_sidecar("demo-e2e", "kpistream-e2e")
 
 
 def test_model_is_the_mlflow_champion(apps):

@@ -22,7 +22,7 @@ from kpistream.replay import iter_runs, replay_batches
 from kpistream.batch import FeedbackBatch, InferenceBatch
 from kpistream.schema import validate_rows
 
-from conftest import free_port
+from conftest import deploy_sidecar, free_port, remove_sidecar
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,14 +43,8 @@ def _post(url: str, rows: list, ndjson: bool = True) -> dict:
 
 @pytest.fixture(scope="module")
 def sidecar(serve_port, tmp_path_factory):
-    from ray import serve
-
-    from app.sidecar import build_app
-
     store = tmp_path_factory.mktemp("store")
-    serve.run(build_app({"metrics_config": str(ROOT / "configs/metrics.yaml"), "shards": 2,
-                         "store_path": str(store), "publish_interval_s": 0.2}),
-              name="kpistream-test", route_prefix="/", blocking=False)
+    deploy_sidecar("kpistream-test", store)
     base = f"http://127.0.0.1:{serve_port}"
     deadline = time.time() + 60
     while True:
@@ -62,16 +56,7 @@ def sidecar(serve_port, tmp_path_factory):
                 raise
             time.sleep(0.5)
     yield base, store
-    serve.delete("kpistream-test")
-    import ray
-
-    from actors.remote import NAMESPACE, PUBLISHER, shard_name
-
-    for name in [PUBLISHER, shard_name(0), shard_name(1)]:
-        try:
-            ray.kill(ray.get_actor(name, namespace=NAMESPACE))
-        except ValueError:
-            pass
+    remove_sidecar("kpistream-test")
 
 
 @pytest.fixture(scope="module")
