@@ -208,7 +208,15 @@ class Publisher:
         for st in self.shard_stats.values():
             total.update(st.get("counters", {}))
             rejected.update(st.get("rejected", {}))
-        return {"counters": dict(total), "rejected": dict(rejected)}
+        emitters: dict[tuple[str, str], Counter] = {}
+        for st in self.shard_stats.values():
+            for e in st.get("emitters", {}).values():
+                key = (str(e.get("model", "")), str(e.get("variant", "")))
+                emitters.setdefault(key, Counter()).update(
+                    {k: e.get(k, 0) for k in ("dropped", "flushed_rows", "send_errors",
+                                              "lost_rows", "buffered")})
+        return {"counters": dict(total), "rejected": dict(rejected),
+                "emitters": {k: dict(v) for k, v in emitters.items()}}
 
     def health(self) -> dict:
         return {"status": "ok" if not self.errors else "degraded", "ticks": self.ticks,
@@ -276,6 +284,21 @@ class _Collector:
             m = CounterMetricFamily(name, help_)
             m.add_metric([], cnt.get(key, 0))
             yield m
+        em = c["emitters"]
+        for name, key, help_ in (
+                ("kpistream_emitter_dropped", "dropped", "Events dropped by monitored replicas (buffer full)"),
+                ("kpistream_emitter_events", "flushed_rows", "Events flushed by monitored replicas"),
+                ("kpistream_emitter_send_errors", "send_errors", "Failed sends from monitored replicas"),
+                ("kpistream_emitter_lost", "lost_rows", "Events lost in failed sends")):
+            m = CounterMetricFamily(name, help_, labels=["model", "variant"])
+            for (model, variant), v in sorted(em.items()):
+                m.add_metric([model, variant], v.get(key, 0))
+            yield m
+        b = GaugeMetricFamily("kpistream_emitter_buffered", "Events waiting in replica buffers",
+                              labels=["model", "variant"])
+        for (model, variant), v in sorted(em.items()):
+            b.add_metric([model, variant], v.get("buffered", 0))
+        yield b
         wm = GaugeMetricFamily("kpistream_watermark_seconds", "Event-time watermark per shard",
                                labels=["shard"])
         pend = GaugeMetricFamily("kpistream_join_pending", "Inferences waiting for feedback",

@@ -39,6 +39,7 @@ class Shard:
         self.batches = Counter()
         self.busy_s = 0.0
         self.last_event_ms = self.clock.now_ms()
+        self.emitters: dict[str, tuple[dict, int]] = {}
 
     # ------------------------------------------------------------------ input
     def ingest_inference(self, batch: InferenceBatch) -> dict:
@@ -101,7 +102,16 @@ class Shard:
         st["batches"] = dict(self.batches)
         st["busy_s"] = self.busy_s
         st["late_by_series"] = {"|".join(k[:4]): n for k, n in self.engine.late_by_series.items()}
+        # replicas silent for 10 minutes are gone (restarted or scaled down)
+        now = self.clock.now_ms()
+        for k in [k for k, (_, t) in self.emitters.items() if now - t > 600_000]:
+            del self.emitters[k]
+        st["emitters"] = {k: v for k, (v, _) in self.emitters.items()}
         return st
+
+    def report_emitter(self, emitter: str, stats: dict) -> None:
+        """A monitored replica's own counters (buffer drops, send errors), for /metrics."""
+        self.emitters[emitter] = (dict(stats), self.clock.now_ms())
 
     def ping(self) -> int:
         return self.index

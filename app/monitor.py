@@ -204,6 +204,12 @@ class ShardSink:
                 for i, part in enumerate(split_by_shard(batch, n)) if len(part)]
         return asyncio.gather(*refs)
 
+    def report(self, emitter: str, stats: dict) -> None:
+        """The emitter's counters to shard 0 (fire and forget), for /metrics."""
+        if self._handles is None and not self.ready():
+            return
+        self._handles[0].report_emitter.remote(emitter, stats)
+
     @staticmethod
     def _call(handle: Any, kind: str, batch: Any) -> Any:
         if kind == "inference":
@@ -454,6 +460,7 @@ class MonitoredModel:
         self._mon_rejections: Counter = Counter()
         self._mon_last_error: str | None = None
         self._mon_last_log = 0.0
+        self._mon_last_report = 0.0
 
     # ------------------------------------------------------------ user hooks
     async def predict(self, payload: Any) -> Any:
@@ -650,10 +657,24 @@ class MonitoredModel:
         if task is self._mon_task:
             self._mon_running = False
 
+    def _report(self) -> None:
+        """Hand the counters to the sidecar (for /metrics) about once a second."""
+        now = time.monotonic()
+        report = getattr(self._mon_sink, "report", None)
+        if report is None or now - self._mon_last_report < 1.0:
+            return
+        self._mon_last_report = now
+        try:
+            report(self._mon_id_prefix.rstrip("-"), self.monitor_stats())
+        except Exception as e:  # the sidecar may be away: counted, never raised
+            self._mon_c["report_errors"] += 1
+            self._mon_last_error = f"report: {type(e).__name__}: {e}"
+
     async def _flush_loop(self) -> None:
         wake = self._mon_wake
         period = self._mon_flush_s
         while not self._mon_closed:
+            self._report()
             if len(self._mon_buf) < self._mon_flush_rows:
                 wake.clear()
                 try:

@@ -92,3 +92,10 @@ def test_requests_and_feedback_over_http_give_the_kpis(apps):
     assert {r["model_version"] for r in rows} == {"1"} and {r["region"] for r in rows} == {"eu"}
     text = urllib.request.urlopen(base + "/metrics", timeout=30).read().decode()
     assert 'kpistream_accuracy_ratio{endpoint="predict",model="kpistream-demo"' in text
+    # the replica's own counters reach /metrics too (reported about once a second)
+    deadline = time.time() + 20
+    while 'kpistream_emitter_events_total{model="kpistream-demo",variant="primary"}' not in text \
+            and time.time() < deadline:
+        time.sleep(1)
+        text = urllib.request.urlopen(base + "/metrics", timeout=30).read().decode()
+    assert 'kpistream_emitter_dropped_total{model="kpistream-demo",variant="primary"} 0.0' in text
