@@ -54,8 +54,11 @@ def main(argv: list[str] | None = None) -> int:
     cmd = [str(serve_bin) if serve_bin.exists() else "serve", "run", a.config]
     print(f"  2/3 Ray Serve: {' '.join(cmd[1:])}  (log: {log})", flush=True)
     with open(log, "ab") as fh:
+        # its own session (so Ctrl-C reaches the traffic first), with the default
+        # SIGINT handler even if this process was started with SIGINT ignored
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+                                start_new_session=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         from kpistream.demo_traffic import run_traffic
 
@@ -71,15 +74,29 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nthe sidecar did not come up: {e}\nsee {log}", file=sys.stderr)
         return 1
     finally:
-        print("\nstopping Ray Serve ...", flush=True)
-        try:
-            os.killpg(proc.pid, signal.SIGINT)
-            proc.wait(timeout=60)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            proc.kill()
-    print(f"stored KPIs: {data / 'store'} (open them with notebooks/kpis.ipynb); "
-          f"MLflow: mlflow ui --backend-store-uri {tracking}")
+        # stop Serve before anything else can fail (stdout may be gone by now);
+        # a second Ctrl-C must not cut the shutdown short
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        _say("\nstopping Ray Serve ...")
+        for sig, wait_s in ((signal.SIGINT, 60), (signal.SIGTERM, 20), (signal.SIGKILL, 10)):
+            try:
+                os.killpg(proc.pid, sig)
+                proc.wait(timeout=wait_s)
+                break
+            except ProcessLookupError:
+                break
+            except subprocess.TimeoutExpired:
+                continue
+    _say(f"stored KPIs: {data / 'store'} (open them with notebooks/kpis.ipynb); "
+         f"MLflow: mlflow ui --backend-store-uri {tracking}")
     return 0
+
+
+def _say(msg: str) -> None:
+    try:
+        print(msg, flush=True)
+    except OSError:  # the terminal or pipe went away with the Ctrl-C
+        pass
 
 
 if __name__ == "__main__":
