@@ -124,7 +124,7 @@ class Publisher:
                 self.store.apply_retention(now)
                 self._last_retention = now
             final_rows = self.agg.pop_final_rows()  # forgets panes no window needs any more
-            self._refresh_snapshot(final_rows, now)
+            self._refresh_snapshot(final_rows, now, {k[0] for k in touched})
             self.ticks += 1
             self.last_tick_ms = now
         self.tick_s += time.perf_counter() - t0
@@ -167,7 +167,7 @@ class Publisher:
             self._thread.join(timeout=5)
 
     # --------------------------------------------------------------- queries
-    def _refresh_snapshot(self, final_rows: list[dict], now: int) -> None:
+    def _refresh_snapshot(self, final_rows: list[dict], now: int, touched: set[int]) -> None:
         """The latest window of every (window spec, series, KPI), kept after its panes go.
 
         A series that has not reported for ``snapshot_ttl_ms`` (processing
@@ -175,7 +175,7 @@ class Publisher:
         """
         latest = self.snapshot
         names = self._label_names()
-        for r in (*final_rows, *self.agg.current_rows()):
+        for r in (*final_rows, *self.agg.current_rows(touched)):
             key = (r["window"], tuple((k, r[k]) for k in names), r["metric"])
             cur = latest.get(key)
             if cur is None or r["window_start"] >= cur[4]:

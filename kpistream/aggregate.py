@@ -141,10 +141,19 @@ class WindowAggregator:
         return rows
 
     # -------------------------------------------------------------- output
-    def current_rows(self) -> list[dict]:
-        """Every window held now, final or provisional (the live query view)."""
+    def current_rows(self, touched_panes: Iterable[int] | None = None) -> list[dict]:
+        """Windows held now, final or provisional (the live query view).
+
+        With ``touched_panes`` (pane starts), only the windows containing one
+        of them: what changed since the last look, without re-merging the rest.
+        """
         wm = self.watermark
-        return self._rows(self._merged_windows(), wm, final=False) + self._count_rows(
+        select = None
+        if touched_panes is not None:
+            wanted = {(w.name, start) for p in set(touched_panes) for w in self.time_windows
+                      for start in self._window_starts(w, p)}
+            select = lambda w, start, family: (w.name, start) in wanted  # noqa: E731
+        return self._rows(self._merged_windows(select), wm, final=False) + self._count_rows(
             list(self.counts), final_only=False)
 
     def pop_final_rows(self) -> list[dict]:
