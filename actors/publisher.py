@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from kpistream.aggregate import WindowAggregator
+from kpistream.alerts import PROM_METRICS
 from kpistream.batch import BASE_LABELS
 from kpistream.clock import Clock, SystemClock
 from kpistream.config import EngineConfig, config_from_dict
@@ -32,38 +33,30 @@ from kpistream.store import SeriesStore
 
 Pull = Callable[[], Sequence[tuple[list[Partial], int, dict]]]
 
-#: KPI name -> (Prometheus metric name, help, scale to base units)
-PROM_KPIS: dict[str, tuple[str, str, float]] = {
-    "requests": ("kpistream_window_requests", "Requests in the window", 1.0),
-    "error_rate": ("kpistream_error_ratio", "Share of requests that failed", 1.0),
-    "latency_mean": ("kpistream_latency_mean_seconds", "Mean request latency", 1e-3),
-    "latency_p50": ("kpistream_latency_p50_seconds", "Median latency (relative error <= 1%)", 1e-3),
-    "latency_p90": ("kpistream_latency_p90_seconds", "90th percentile latency (relative error <= 1%)", 1e-3),
-    "latency_p99": ("kpistream_latency_p99_seconds", "99th percentile latency (relative error <= 1%)", 1e-3),
-    "latency_p999": ("kpistream_latency_p999_seconds", "99.9th percentile latency (relative error <= 1%)", 1e-3),
-    "accuracy": ("kpistream_accuracy_ratio", "Accuracy of labelled requests", 1.0),
-    "precision": ("kpistream_precision_ratio", "Precision of the positive label", 1.0),
-    "recall": ("kpistream_recall_ratio", "Recall of the positive label", 1.0),
-    "f1": ("kpistream_f1_ratio", "F1 of the positive label", 1.0),
-    "mae": ("kpistream_mae", "Mean absolute error (units of the target)", 1.0),
-    "rmse": ("kpistream_rmse", "Root mean squared error (units of the target)", 1.0),
-    "precision_at_k": ("kpistream_precision_at_k_ratio", "Precision at K", 1.0),
-    "recall_at_k": ("kpistream_recall_at_k_ratio", "Recall at K", 1.0),
-    "ndcg_at_k": ("kpistream_ndcg_at_k_ratio", "NDCG at K", 1.0),
-    "mrr": ("kpistream_mrr_ratio", "Mean reciprocal rank at K", 1.0),
-    "thumbs_up_rate": ("kpistream_thumbs_up_ratio", "Share of thumbs-up feedback", 1.0),
-    "ctr": ("kpistream_ctr_ratio", "Clicked requests per request", 1.0),
-    "conversion_rate": ("kpistream_conversion_ratio", "Converted requests per request", 1.0),
-    "dwell_mean": ("kpistream_dwell_mean_seconds", "Mean dwell time", 1.0),
-    "reward_mean": ("kpistream_reward_mean", "Mean reward", 1.0),
-    "cost_per_1k": ("kpistream_cost_per_1k_usd", "Cost per 1000 requests", 1.0),
-    "tokens_mean": ("kpistream_tokens_mean", "Mean tokens per request", 1.0),
-    "label_coverage": ("kpistream_label_coverage_ratio", "Share of requests with a label", 1.0),
+_HELP = {
+    "requests": "Requests in the window", "error_rate": "Share of requests that failed",
+    "latency_mean": "Mean request latency",
+    "latency_p50": "Median latency (relative error <= 1%)",
+    "latency_p90": "90th percentile latency (relative error <= 1%)",
+    "latency_p99": "99th percentile latency (relative error <= 1%)",
+    "latency_p999": "99.9th percentile latency (relative error <= 1%)",
+    "accuracy": "Accuracy of labelled requests", "precision": "Precision of the positive label",
+    "recall": "Recall of the positive label", "f1": "F1 of the positive label",
+    "mae": "Mean absolute error (units of the target)",
+    "rmse": "Root mean squared error (units of the target)",
+    "precision_at_k": "Precision at K", "recall_at_k": "Recall at K", "ndcg_at_k": "NDCG at K",
+    "mrr": "Mean reciprocal rank at K", "thumbs_up_rate": "Share of thumbs-up feedback",
+    "ctr": "Clicked requests per request", "conversion_rate": "Converted requests per request",
+    "dwell_mean": "Mean dwell time", "reward_mean": "Mean reward",
+    "cost_per_1k": "Cost per 1000 requests", "tokens_mean": "Mean tokens per request",
+    "label_coverage": "Share of requests with a label",
 }
-for _avg in ("macro", "micro", "weighted"):
-    for _m in ("precision", "recall", "f1"):
-        PROM_KPIS[f"{_m}_{_avg}"] = (f"kpistream_{_m}_{_avg}_ratio",
-                                     f"{_m} ({_avg} average over classes)", 1.0)
+#: KPI name -> (Prometheus metric name, help, scale to base units); the names and
+#: scales are the engine's one table (kpistream.alerts.PROM_METRICS), which the
+#: exported alerting rules use too.
+PROM_KPIS: dict[str, tuple[str, str, float]] = {
+    k: (name, _HELP.get(k) or f"{k.replace('_', ' ')} (averaged over classes)", scale)
+    for k, (name, scale) in PROM_METRICS.items()}
 
 
 class Publisher:
