@@ -11,10 +11,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import yaml
 from pydantic import BaseModel, Field
 
-from kpistream.config import config_from_dict
+from kpistream.config import config_from_dict, read_yaml
 
 
 class SidecarArgs(BaseModel):
@@ -28,8 +27,7 @@ class SidecarArgs(BaseModel):
 
 def load_metrics_config(path: str) -> dict:
     """The raw metrics config (validated here, so a bad file fails at deploy time)."""
-    p = Path(path).expanduser().resolve()
-    raw = yaml.safe_load(p.read_text()) or {}
+    raw = read_yaml(Path(path).expanduser().resolve())
     config_from_dict(raw)
     return raw
 

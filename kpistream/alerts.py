@@ -62,7 +62,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
 from .clock import Clock
-from .config import _check_keys, _int, format_duration, parse_duration
+from .config import _check_keys, _int, format_duration, parse_duration, read_yaml
 from .errors import ConfigError
 
 __all__ = [
@@ -334,16 +334,7 @@ def rules_from_dict(raw: Any) -> tuple[AlertRule, ...]:
 def load_rules(source: str | Path | Mapping[str, Any]) -> tuple[AlertRule, ...]:
     """Rules from a YAML path or an already parsed mapping."""
     if isinstance(source, (str, Path)):
-        import yaml
-
-        p = Path(source)
-        try:
-            raw = yaml.safe_load(p.read_text())
-        except FileNotFoundError:
-            raise ConfigError(str(p), "file not found") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(str(p), f"not valid YAML: {e}") from None
-        return rules_from_dict(raw or {})
+        return rules_from_dict(read_yaml(source))
     return rules_from_dict(source)
 
 

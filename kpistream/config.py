@@ -186,17 +186,21 @@ def load_config(source: str | Path | Mapping[str, Any] | None = None) -> EngineC
     if source is None:
         return EngineConfig()
     if isinstance(source, (str, Path)):
-        import yaml
-
-        p = Path(source)
-        try:
-            raw = yaml.safe_load(p.read_text())
-        except FileNotFoundError:
-            raise ConfigError(str(p), "file not found") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(str(p), f"not valid YAML: {e}") from None
-        return config_from_dict(raw or {})
+        return config_from_dict(read_yaml(source))
     return config_from_dict(source)
+
+
+def read_yaml(path: str | Path) -> Any:
+    """A YAML file's content ({} when empty); a missing or broken file is a ConfigError."""
+    import yaml
+
+    p = Path(path)
+    try:
+        return yaml.safe_load(p.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(str(p), "file not found") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(str(p), f"not valid YAML: {e}") from None
 
 
 def config_from_dict(raw: Mapping[str, Any]) -> EngineConfig:

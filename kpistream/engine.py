@@ -465,18 +465,9 @@ class Engine:
         ok &= ~late
         # 3. duplicates: the inference table remembers each request's event ids
         # for as long as a re-delivery would not be late
-        idx = np.flatnonzero(ok)
-        slots_all = np.full(n, -1, dtype=np.int64)
-        if len(idx):
-            ts_i = ts[idx]
-            expiry = ts_i - ts_i % self.pane_ms + self.pane_ms + self.cfg.label_delay_ms
-            sl, dup = self.pending.insert_multi(batch.request_id[idx], expiry,
-                                                ident=batch.event_id[idx])
-            slots_all[idx] = sl
-            ok[idx[dup]] = False
-            rep.duplicates = int(dup.sum())
-            c["duplicate_inference"] += rep.duplicates
-            self._count_evicted(self.pending, "pending_evicted")
+        slots_all = self._insert_dedup(
+            self.pending, batch, ok, rep, "duplicate_inference", "pending_evicted",
+            lambda t: t - t % self.pane_ms + self.pane_ms + self.cfg.label_delay_ms)
         if late.any():
             rep.late = int(late.sum())
             c["late_inference"] += rep.late
@@ -629,19 +620,11 @@ class Engine:
         wm = self._watermark_before(ts, ok)
         late = ok & (wm != _I64_MIN) & (ts < wm - self.cfg.label_delay_ms)
         ok &= ~late
-        # duplicates: the feedback table remembers event ids for the label delay
-        idx = np.flatnonzero(ok)
-        fslots_all = np.full(n, -1, dtype=np.int64)
-        if len(idx):
-            # kept until a re-delivery would be late (ts < wm - label_delay)
-            sl, dup = self.fb_store.insert_multi(batch.request_id[idx],
-                                                 ts[idx] + self.cfg.label_delay_ms + 1,
-                                                 ident=batch.event_id[idx])
-            fslots_all[idx] = sl
-            ok[idx[dup]] = False
-            rep.duplicates = int(dup.sum())
-            c["duplicate_feedback"] += rep.duplicates
-            self._count_evicted(self.fb_store, "feedback_evicted")
+        # duplicates: the feedback table remembers event ids until a
+        # re-delivery would be late (ts < wm - label_delay)
+        fslots_all = self._insert_dedup(
+            self.fb_store, batch, ok, rep, "duplicate_feedback", "feedback_evicted",
+            lambda t: t + self.cfg.label_delay_ms + 1)
         if late.any():
             rep.late = int(late.sum())
             c["late_feedback"] += rep.late
@@ -691,6 +674,26 @@ class Engine:
         self.fb_store.enforce_capacity()
         self._count_evicted(self.fb_store, "feedback_evicted")
         return rep
+
+    def _insert_dedup(self, table: KeyTable, batch, ok: np.ndarray, rep: IngestReport,
+                      dup_counter: str, evicted_counter: str, expiry_of) -> np.ndarray:
+        """Insert the ``ok`` rows into a join table, which also deduplicates them.
+
+        A row whose request already holds an entry with its event id is a
+        duplicate: it is taken out of ``ok`` and counted.  Returns each row's
+        slot (-1 for rows not inserted).
+        """
+        slots_all = np.full(len(batch), -1, dtype=np.int64)
+        idx = np.flatnonzero(ok)
+        if len(idx):
+            sl, dup = table.insert_multi(batch.request_id[idx], expiry_of(batch.ts[idx]),
+                                         ident=batch.event_id[idx])
+            slots_all[idx] = sl
+            ok[idx[dup]] = False
+            rep.duplicates = int(dup.sum())
+            self.counters[dup_counter] += rep.duplicates
+            self._count_evicted(table, evicted_counter)
+        return slots_all
 
     def _count_evicted(self, table: KeyTable, name: str) -> None:
         ev = table.take_evicted()
