@@ -11,7 +11,12 @@ trip; tests give it plain shards.  Each :meth:`Publisher.tick`:
    query API shows the running value of open windows), rolls them up into
    coarser resolutions and applies retention;
 4. refreshes the snapshot that ``/metrics`` serves: the latest window of
-   every KPI and series, and the pipeline's own counters.
+   every KPI and series, and the pipeline's own counters;
+5. feeds the watcher (:class:`kpistream.watch.Watcher`): alert rules see the
+   rows of every window touched (provisional and final), drift detectors the
+   final ones, input-drift tests each closed window's sampled features; the
+   transitions go to the notifier (log, webhooks, the pollable log that
+   later actions subscribe to).
 """
 
 from __future__ import annotations
@@ -30,6 +35,9 @@ from kpistream.clock import Clock, SystemClock
 from kpistream.config import EngineConfig, config_from_dict
 from kpistream.engine import Partial
 from kpistream.store import SeriesStore
+from kpistream.watch import AlertsConfig, Watcher, load_alerts
+
+from actors.notify import Notifier
 
 Pull = Callable[[], Sequence[tuple[list[Partial], int, dict]]]
 
@@ -63,7 +71,8 @@ class Publisher:
     def __init__(self, config: EngineConfig | Mapping[str, Any] | None, store_path: str | Path,
                  pull: Pull | None = None, clock: Clock | None = None,
                  retention_every_s: float = 60.0, snapshot_ttl_s: float = 900.0,
-                 n_sources: int | None = None) -> None:
+                 n_sources: int | None = None,
+                 alerts: AlertsConfig | str | Path | Mapping[str, Any] | None = None) -> None:
         if isinstance(config, Mapping):
             config = config_from_dict(config)
         self.cfg = config or EngineConfig()
@@ -86,6 +95,10 @@ class Publisher:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self.errors: Counter = Counter()
+        self.watcher = Watcher(load_alerts(alerts), self.clock, self.cfg)
+        self.notifier = Notifier(self.watcher.config.webhooks, self.watcher.config.log)
+        self.watcher.subscribe(self.notifier)
+        self.watch_s = 0.0
 
     # ------------------------------------------------------------------ loop
     def tick(self, results: Sequence[tuple[list[Partial], int, dict]] | None = None) -> int:
@@ -117,7 +130,9 @@ class Publisher:
                 self.store.apply_retention(now)
                 self._last_retention = now
             final_rows = self.agg.pop_final_rows()  # forgets panes no window needs any more
-            self._refresh_snapshot(final_rows, now, {k[0] for k in touched})
+            current = self.agg.current_rows({k[0] for k in touched})
+            self._refresh_snapshot(final_rows, current, now)
+            self._watch(final_rows, current)
             self.ticks += 1
             self.last_tick_ms = now
         self.tick_s += time.perf_counter() - t0
@@ -160,7 +175,30 @@ class Publisher:
             self._thread.join(timeout=5)
 
     # --------------------------------------------------------------- queries
-    def _refresh_snapshot(self, final_rows: list[dict], now: int, touched: set[int]) -> None:
+    def _watch(self, final_rows: list[dict], current: list[dict]) -> None:
+        """Alert rules, detectors and input drift on this tick's rows; never stops the tick."""
+        t0 = time.perf_counter()
+        try:
+            self.watcher.observe([*final_rows, *current])
+            self.watcher.evaluate()
+        except Exception as e:  # a bad rule or detector must not stop publishing
+            self.errors[f"watch:{type(e).__name__}"] += 1
+            self.last_error = repr(e)
+        self.watch_s += time.perf_counter() - t0
+
+    def alerts(self) -> dict:
+        """Pending and firing alerts with evidence, detector and input-drift states (GET /v1/alerts)."""
+        with self._lock:
+            st = self.watcher.status()
+            st["notifications"] = self.notifier.stats()
+            st["rules"] = [r.name for r in self.watcher.config.rules]
+            return st
+
+    def notifications(self, since: int = 0, limit: int = 1000) -> list[dict]:
+        """Alert transitions after sequence number ``since`` (the hook later actions poll)."""
+        return self.notifier.since(since, limit)
+
+    def _refresh_snapshot(self, final_rows: list[dict], current: list[dict], now: int) -> None:
         """The latest window of every (window spec, series, KPI), kept after its panes go.
 
         A series that has not reported for ``snapshot_ttl_ms`` (processing
@@ -168,7 +206,7 @@ class Publisher:
         """
         latest = self.snapshot
         names = self._label_names()
-        for r in (*final_rows, *self.agg.current_rows(touched)):
+        for r in (*final_rows, *current):
             key = (r["window"], tuple((k, r[k]) for k in names), r["metric"])
             cur = latest.get(key)
             if cur is None or r["window_start"] >= cur[4]:
@@ -305,3 +343,56 @@ class _Collector:
         t = GaugeMetricFamily("kpistream_publisher_ticks", "Publisher rounds so far")
         t.add_metric([], pub.ticks)
         yield t
+        yield from self._alerts()
+
+    def _alerts(self):
+        """Alert states, transitions, webhook deliveries and drift detectors."""
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        pub = self.pub
+        with pub._lock:
+            w = pub.watcher
+            active = w.alerts.active()
+            dets = [*w.detectors.status(), *w.inputs.status()]
+            detections = dict(w.detections)
+            nstats = pub.notifier.stats()
+            rules = {r.name: r for r in w.config.rules}
+        names = list(pub._label_names())
+        fams = {st: GaugeMetricFamily(
+            f"kpistream_alerts_{st}", f"Alert instances {st} (1 per instance)",
+            labels=["alertname", "severity", *names]) for st in ("firing", "pending")}
+        for a in active:
+            fams[a["state"]].add_metric([a["rule"], a["severity"],
+                                         *(a["series"].get(k, "") for k in names)], 1)
+        yield from fams.values()
+        per_rule = GaugeMetricFamily("kpistream_alert_rule_firing",
+                                     "Firing instances per alert rule", labels=["alertname"])
+        for name in rules:
+            per_rule.add_metric([name], sum(1 for a in active
+                                            if a["rule"] == name and a["state"] == "firing"))
+        yield per_rule
+        tr = CounterMetricFamily("kpistream_alert_transitions", "Alert state transitions",
+                                 labels=["alertname", "state"])
+        for key, n in sorted(nstats["notifications"].items()):
+            rule, _, state = key.partition("|")
+            tr.add_metric([rule, state], n)
+        yield tr
+        wh = CounterMetricFamily("kpistream_webhook_notifications",
+                                 "Webhook notifications by outcome", labels=["receiver", "outcome"])
+        for i, h in enumerate(nstats["webhooks"]):
+            for outcome in ("delivered", "failed", "rejected", "dropped", "retries"):
+                wh.add_metric([str(i), outcome], h.get(outcome, 0))
+        yield wh
+        dt = CounterMetricFamily("kpistream_drift_detections",
+                                 "Change / input-drift signals per detector", labels=["detector"])
+        for name, n in sorted(detections.items()):
+            dt.add_metric([name], n)
+        yield dt
+        da = GaugeMetricFamily("kpistream_drift_active",
+                               "1 while a detector's verdict is drift, per series or group",
+                               labels=["detector", *names])
+        for d in dets:
+            labels = d.get("series") or d.get("group") or {}
+            da.add_metric([d["detector"], *(labels.get(k, "") for k in names)],
+                          1.0 if d["drift"] else 0.0)
+        yield da

@@ -15,6 +15,7 @@ The file::
         # condition: {relative_drop: 0.1, baseline: 10m}   # value < (1-0.1) * baseline mean, or
         # condition: {relative_rise: 0.5, baseline: 10m}   # value > (1+0.5) * baseline mean, or
         # condition: {detector: psi_inputs}                 # a verdict fed by observe_detector()
+        # condition: {disparity: 0.05, across: region}      # max - min across segments > 0.05
         for: 30s                         # how long the condition must hold (default 0: fire at once)
         clear: {op: ">=", value: 0.92}   # hysteresis (default: the negated condition)
         min_count: 50                    # events behind the value (default 30)
@@ -50,6 +51,15 @@ Semantics (per rule and alert *instance*; an instance is one value of the
   start within ``baseline`` of it.
 - Stale data: an instance keeps its last value until new rows come (as a
   Prometheus gauge does).
+- Segment disparity (``{disparity: bound, across: label}``): the instance is
+  the series without the ``across`` label (say, one model version across
+  regions); its value is the largest minus the smallest value among the
+  members of the latest window that each have at least ``min_count`` events
+  (and the label-coverage floor).  Fewer than two such members is thin data.
+  With ``alpha`` (rate KPIs only), the gap must also be significant: a
+  two-proportion z-test between the highest and lowest member at ``alpha``
+  divided by the number of member pairs (Bonferroni).  ``clear`` may give a
+  smaller bound (hysteresis).
 """
 
 from __future__ import annotations
@@ -115,6 +125,10 @@ PROM_METRICS: dict[str, tuple[str, float]] = {
     **{k: (f"kpistream_{k}_ratio", 1.0) for k in _AVG_KPIS},
 }
 
+#: KPIs that are shares of events (Bernoulli rates): binomial tests apply.
+RATE_KPIS: frozenset[str] = frozenset(
+    ("error_rate", "accuracy", "thumbs_up_rate", "ctr", "conversion_rate", "label_coverage"))
+
 _QUANTILES = frozenset(("latency_p50", "latency_p90", "latency_p99", "latency_p999"))
 _OPS: dict[str, Callable[[float, float], bool]] = {
     "<": lambda a, b: a < b, "<=": lambda a, b: a <= b, ">": lambda a, b: a > b,
@@ -130,7 +144,8 @@ ROW_FIELDS = frozenset(("window", "window_start", "window_end", "metric", "value
 # ------------------------------------------------------------------ specs
 @dataclass(frozen=True, slots=True)
 class Condition:
-    """``kind``: threshold (op, value), relative_drop / relative_rise (ratio, baseline_ms), detector."""
+    """``kind``: threshold (op, value), relative_drop / relative_rise (ratio, baseline_ms),
+    detector, disparity (value = bound, across, alpha)."""
 
     kind: str
     op: str | None = None
@@ -138,6 +153,8 @@ class Condition:
     ratio: float | None = None
     baseline_ms: int | None = None
     detector: str | None = None
+    across: str | None = None
+    alpha: float | None = None
 
     def describe(self) -> str:
         if self.kind == "threshold":
@@ -146,6 +163,9 @@ class Condition:
             return f"< (1 - {self.ratio:g}) x mean of preceding {format_duration(self.baseline_ms)}"
         if self.kind == "relative_rise":
             return f"> (1 + {self.ratio:g}) x mean of preceding {format_duration(self.baseline_ms)}"
+        if self.kind == "disparity":
+            sig = f", significant at {self.alpha:g}" if self.alpha is not None else ""
+            return f"max - min across {self.across} > {self.value:g}{sig}"
         return f"detector {self.detector} fired"
 
     def as_dict(self) -> dict:
@@ -153,6 +173,9 @@ class Condition:
             return {"op": self.op, "value": self.value}
         if self.kind == "detector":
             return {"detector": self.detector}
+        if self.kind == "disparity":
+            d = {"disparity": self.value, "across": self.across}
+            return d if self.alpha is None else {**d, "alpha": self.alpha}
         return {self.kind: self.ratio, "baseline": format_duration(self.baseline_ms)}
 
 
@@ -208,10 +231,26 @@ def _str_map(v: Any, path: str, names: bool = True) -> tuple[tuple[str, str], ..
     return tuple(out)
 
 
-def _condition(d: Any, path: str, default_baseline: int | None = None) -> Condition:
+def _condition(d: Any, path: str, default_baseline: int | None = None,
+               default_across: str | None = None) -> Condition:
     if not isinstance(d, Mapping):
         raise ConfigError(path, "expected a mapping: {op, value}, {relative_drop, baseline}, "
-                                "{relative_rise, baseline} or {detector}")
+                                "{relative_rise, baseline}, {disparity, across} or {detector}")
+    if "disparity" in d:
+        _check_keys(d, {"disparity", "across", "alpha"}, path)
+        bound = _num(d["disparity"], f"{path}.disparity", 0.0)
+        across = d.get("across", default_across)
+        if across is None:
+            raise ConfigError(f"{path}.across", "missing (the segment label to compare across)")
+        across = _str(across, f"{path}.across")
+        if not _NAME.match(across) or across in ("window", "metric"):
+            raise ConfigError(f"{path}.across", f"not a series label name: {across!r}")
+        alpha = None
+        if "alpha" in d:
+            alpha = _num(d["alpha"], f"{path}.alpha", 0.0, 1.0)
+            if not 0 < alpha < 1:
+                raise ConfigError(f"{path}.alpha", "must be in (0, 1)")
+        return Condition("disparity", value=bound, across=across, alpha=alpha)
     if "detector" in d:
         _check_keys(d, {"detector"}, path)
         return Condition("detector", detector=_str(d["detector"], f"{path}.detector"))
@@ -243,7 +282,7 @@ def _condition(d: Any, path: str, default_baseline: int | None = None) -> Condit
 def _negated(c: Condition) -> Condition:
     if c.kind == "threshold":
         return Condition("threshold", op=_NEGATE[c.op], value=c.value)
-    return c  # relative/detector: "not (condition)" is evaluated by the engine
+    return c  # relative/disparity/detector: "not (condition)" is evaluated by the engine
 
 
 _RULE_KEYS = {"name", "metric", "window", "match", "condition", "for", "clear", "min_count",
@@ -276,11 +315,19 @@ def _rule(d: Any, path: str) -> AlertRule:
     if "clear" in d:
         if cond.kind == "detector":
             raise ConfigError(f"{path}.clear", "detector rules clear when the detector stops firing")
-        clear = _condition(d["clear"], f"{path}.clear", cond.baseline_ms)
-        if clear.kind == "detector" or (clear.kind == "threshold") != (cond.kind == "threshold"):
+        clear = _condition(d["clear"], f"{path}.clear", cond.baseline_ms, cond.across)
+        same = (clear.kind == cond.kind if "disparity" in (clear.kind, cond.kind)
+                else (clear.kind == "threshold") == (cond.kind == "threshold"))
+        if clear.kind == "detector" or not same:
             raise ConfigError(f"{path}.clear", f"must be of the same form as the condition "
                                                f"({cond.kind})")
-        if clear.kind != "threshold" and clear.baseline_ms != cond.baseline_ms:
+        if clear.kind == "disparity":
+            if clear.across != cond.across:
+                raise ConfigError(f"{path}.clear.across", "must equal the condition's")
+            if clear.value > cond.value:
+                raise ConfigError(f"{path}.clear.disparity",
+                                  "must not exceed the condition's bound (hysteresis)")
+        elif clear.kind != "threshold" and clear.baseline_ms != cond.baseline_ms:
             raise ConfigError(f"{path}.clear.baseline", "must equal the condition's baseline")
     else:
         clear = _negated(cond)
@@ -293,6 +340,9 @@ def _rule(d: Any, path: str) -> AlertRule:
                               f"only for quality metrics ({', '.join(sorted(QUALITY_KPIS))})")
         cov = _num(d["min_label_coverage"], f"{path}.min_label_coverage", 0.0, 1.0)
     severity = _str(d.get("severity", "warning"), f"{path}.severity")
+    if cond.kind == "disparity" and cond.alpha is not None and metric not in RATE_KPIS:
+        raise ConfigError(f"{path}.condition.alpha", f"significance needs a rate KPI "
+                                                     f"({', '.join(sorted(RATE_KPIS))})")
     group_by = None
     if "group_by" in d:
         g = d["group_by"]
@@ -301,6 +351,9 @@ def _rule(d: Any, path: str) -> AlertRule:
         if any(x in ("window", "metric") for x in g) or len(set(g)) != len(g):
             raise ConfigError(f"{path}.group_by", "labels must be distinct series labels")
         group_by = tuple(g)
+        if cond.kind == "disparity" and cond.across in group_by:
+            raise ConfigError(f"{path}.group_by", f"must not hold the disparity label "
+                                                  f"{cond.across!r}")
     annotations = _str_map(d.get("annotations"), f"{path}.annotations", names=False)
     for k, text in annotations:
         try:
@@ -315,7 +368,8 @@ def _rule(d: Any, path: str) -> AlertRule:
 
 
 def rules_from_dict(raw: Any) -> tuple[AlertRule, ...]:
-    d = _check_keys(raw, {"version", "rules"}, "")
+    # the other sections of an alerts file are kpistream.watch's (validated there)
+    d = _check_keys(raw, {"version", "rules", "detectors", "input_drift", "notifications"}, "")
     if d.get("version", 1) != 1:
         raise ConfigError("version", f"unsupported alerts version {d.get('version')!r} (expected 1)")
     rs = d.get("rules", [])
@@ -420,6 +474,8 @@ class AlertEngine:
     @staticmethod
     def _instance_key(rule: AlertRule, series: Mapping[str, str]) -> tuple:
         if rule.group_by is None:  # base labels first, then segments by name
+            if rule.condition.kind == "disparity":
+                series = {k: v for k, v in series.items() if k != rule.condition.across}
             return tuple(sorted(series.items(),
                                 key=lambda kv: (_BASE_ORDER.get(kv[0], len(_BASE_ORDER)), kv[0])))
         return tuple((k, series.get(k, "")) for k in rule.group_by)
@@ -522,6 +578,8 @@ class AlertEngine:
         """Threshold: ``value op c.value``; relative: the drop/rise (``negate``: its absence)."""
         if c.kind == "threshold":
             return _OPS[c.op](value, c.value)
+        if c.kind == "disparity":
+            return value <= c.value if negate else value > c.value
         bound = baseline * (1 - c.ratio) if c.kind == "relative_drop" else baseline * (1 + c.ratio)
         hit = value < bound if c.kind == "relative_drop" else value > bound
         return (not hit) if negate else hit
@@ -537,6 +595,8 @@ class AlertEngine:
         if not inst.windows:
             return None
         latest = max(inst.windows)
+        if rule.condition.kind == "disparity":
+            return self._assess_disparity(rule, inst.windows[latest])
         snap = self._combine(rule, inst.windows[latest])
         thin = []
         if not math.isfinite(snap["value"]):
@@ -574,6 +634,66 @@ class AlertEngine:
         else:
             snap["cond"] = self._holds(rule.condition, snap["value"], baseline, False)
             snap["clear"] = self._holds(rule.clear, snap["value"], baseline, negate=True)
+        return snap
+
+    def _assess_disparity(self, rule: AlertRule, rows: dict[tuple, dict]) -> dict[str, Any]:
+        """Largest minus smallest member value among members with enough data."""
+        c = rule.condition
+        members, skipped = [], []
+        for skey in sorted(rows):
+            r = rows[skey]
+            series = self._series(r)
+            n = int(r.get("count") or 0)
+            lab = r.get("labelled")
+            cov = None
+            if rule.metric in QUALITY_KPIS:
+                cov = r.get("label_coverage")
+                if cov is None:
+                    cov = self._coverage.get((r.get("window"), r["window_start"], skey))
+            m = {"segment": series.get(c.across, ""), "series": series,
+                 "value": float(r["value"]), "count": n,
+                 "labelled": None if lab is None else int(lab), "label_coverage": cov}
+            why = None
+            if not math.isfinite(m["value"]):
+                why = "value is not a number"
+            elif n < rule.min_count:
+                why = f"count {n} < min_count {rule.min_count}"
+            elif rule.min_label_coverage is not None and (cov is None
+                                                          or cov < rule.min_label_coverage):
+                why = "label coverage unknown" if cov is None else \
+                    f"label coverage {cov:.4g} < {rule.min_label_coverage:g}"
+            (skipped if why else members).append({**m, "skipped": why} if why else m)
+        first = next(iter(rows.values()))
+        snap: dict[str, Any] = {
+            "window": first.get("window"), "window_start": first["window_start"],
+            "window_end": first["window_end"],
+            "provisional": any(bool(r.get("provisional")) for r in rows.values()),
+            "segments": members, "skipped_segments": skipped or None,
+            "count": sum(m["count"] for m in members),
+            "labelled": None, "label_coverage": None}
+        if len(members) < 2:
+            snap.update(value=math.nan, thin=f"{len(members)} segment(s) of {c.across} with "
+                                             f"enough data (need 2)", cond=False, clear=False)
+            return snap
+        hi = max(members, key=lambda m: m["value"])
+        lo = min(members, key=lambda m: m["value"])
+        gap = hi["value"] - lo["value"]
+        snap.update(value=gap, highest=hi["segment"], lowest=lo["segment"], thin=None)
+        significant = True
+        if c.alpha is not None:
+            # two-proportion z-test between the extremes, Bonferroni over member pairs
+            n1 = hi["labelled"] if rule.metric in QUALITY_KPIS and hi["labelled"] else hi["count"]
+            n2 = lo["labelled"] if rule.metric in QUALITY_KPIS and lo["labelled"] else lo["count"]
+            pooled = (hi["value"] * n1 + lo["value"] * n2) / (n1 + n2)
+            se = math.sqrt(max(pooled * (1 - pooled), 0.0) * (1 / n1 + 1 / n2))
+            pairs = len(members) * (len(members) - 1) // 2
+            z = gap / se if se > 0 else (math.inf if gap > 0 else 0.0)
+            p = math.erfc(z / math.sqrt(2)) / 2 if math.isfinite(z) else 0.0
+            significant = p * pairs <= c.alpha
+            snap["test"] = {"z": z, "p_value": p, "pairs": pairs, "p_adjusted": min(1.0, p * pairs),
+                            "alpha": c.alpha}
+        snap["cond"] = self._holds(c, gap, None, False) and significant
+        snap["clear"] = self._holds(rule.clear, gap, None, negate=True)
         return snap
 
     def _evidence(self, rule: AlertRule, inst: _Instance, snap: dict[str, Any]) -> dict[str, Any]:
@@ -724,6 +844,17 @@ def _expr(rule: AlertRule) -> str:
     quality = rule.metric in QUALITY_KPIS
     # events behind the value: requests, or (approximately) labelled requests for quality KPIs
     cnt = f"({req} * {cov})" if quality else req
+    c = rule.condition
+    if c.kind == "disparity":
+        # members with enough data, then max - min per instance (the series without `across`)
+        keep = [f"({cnt} >= {rule.min_count})"]
+        if rule.min_label_coverage is not None:
+            keep.append(f"({cov} >= {_fmt(rule.min_label_coverage)})")
+        ok = f"({val} and {' and '.join(keep)})"
+        dby = (f" by ({', '.join(rule.group_by)})" if rule.group_by is not None
+               else f" without ({c.across})")
+        gap = f"(max{dby} {ok} - min{dby} {ok})"
+        return f"({gap} > {_fmt(c.value * scale)}) and (count{dby} {ok} >= 2)"
     by = f" by ({', '.join(rule.group_by)})" if rule.group_by is not None else ""
     if rule.group_by is not None:
         if rule.metric == "requests":
@@ -775,6 +906,9 @@ def to_prometheus_rules(rules: Iterable[AlertRule], group: str = "kpistream") ->
         if rule.clear != _negated(rule.condition):
             lines.append(f"      # {rule.name}: clear ({rule.clear.describe()}) is enforced by "
                          f"the in-process engine only")
+        if rule.condition.kind == "disparity" and rule.condition.alpha is not None:
+            lines.append(f"      # {rule.name}: the significance test (alpha "
+                         f"{rule.condition.alpha:g}) is enforced by the in-process engine only")
         if scale != 1.0:
             lines.append(f"      # {rule.metric} thresholds converted to {gauge} base units "
                          f"(x{scale:g})")
