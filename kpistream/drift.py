@@ -73,7 +73,12 @@ by simulation (see :func:`bernoulli_cusum_threshold`).  This is the Bernoulli CU
 EWMA.  ``Z_0 = 0``, ``Z_t = (1 - lam) Z_{t-1} + lam z_t`` on the standardized
 values ``z_t`` (for aggregates each window is standardized by its own
 ``sd_t = sigma / sqrt(n_t)``, so the in-control law of ``z_t`` and the ARL0
-do not depend on ``n_t``).  Signal when ``|Z_t| > L sqrt(lam / (2 - lam))``
+do not depend on ``n_t``).  Rate windows (``sigma=None``) use the arcsine
+square-root transform ``z_t = 2 sqrt(n_t) (asin sqrt(p_hat) - asin sqrt(p0))``
+instead: its upper tail is close to the normal one, where the plain
+standardized binomial's is heavy (at 200 requests and 10 % errors a chart
+calibrated for 1 false alarm per 10k windows gave 2.05 per 10k with the plain
+standardization, 0.68 with the transform; ``bench/drift_eval.py``).  Signal when ``|Z_t| > L sqrt(lam / (2 - lam))``
 (asymptotic limits; ``side="up"`` uses only the upper limit with a
 reflecting barrier at the target, ``Z_t = max(0, ...)``, as in Crowder and
 Hamilton's one-sided EWMA).  ``L`` is the root of ``ARL0(L) = arl0`` where
@@ -439,6 +444,8 @@ class Ewma(_Detector):
         self._lam = float(lam)
         self._arl0 = float(arl0)
         self._side = _check_side(side, ("both", "up"))
+        self._bernoulli = sigma is None
+        self._asin0 = math.asin(math.sqrt(self._mu0)) if self._bernoulli else 0.0
         self._L = ewma_limit(self._lam, self._arl0, self._side)
         self._c = self._L * math.sqrt(self._lam / (2.0 - self._lam))
         self._z = 0.0
@@ -464,7 +471,13 @@ class Ewma(_Detector):
 
     def update(self, x: float, trials: float | None = None) -> bool:
         mean, n_t = _window(x, trials)
-        zt = (mean - self._mu0) * math.sqrt(n_t) / self._sigma
+        if self._bernoulli and n_t > 1:
+            # arcsine square root: 2 sqrt(n) (asin sqrt(p_hat) - asin sqrt(p0)) is much closer
+            # to N(0, 1) in the tails than (p_hat - p0) / sqrt(p0 (1-p0) / n)
+            zt = 2.0 * math.sqrt(n_t) * (math.asin(math.sqrt(min(max(mean, 0.0), 1.0)))
+                                         - self._asin0)
+        else:
+            zt = (mean - self._mu0) * math.sqrt(n_t) / self._sigma
         z = (1.0 - self._lam) * self._z + self._lam * zt
         if self._side == "up":
             z = z if z > 0.0 else 0.0
