@@ -214,6 +214,8 @@ class TrafficSummary:
     interrupted: bool = False     #: stopped by Ctrl-C or stop_event
     last_rejection: str = ""
     last_feedback_error: str = ""
+    #: rule or detector -> seconds into the run when it was first seen firing / in drift
+    alerts_fired: dict = field(default_factory=dict)
 
     def accuracy(self, phase: str) -> float | None:
         """Client-side accuracy of the replies, ``"before"`` or ``"after"`` the drift."""
@@ -647,6 +649,38 @@ class _Driver:
         return (f"[{el:6.1f}s] sent {sent} ({sent / rate_el:.1f}/s)  ok {ok}  errors {err}  | "
                 f"feedback posted {posted}, pending {pending}{extra}  | {drift}")
 
+    def alert_lines(self) -> list[str]:
+        """Firing / pending alerts and detectors in drift, from ``GET /v1/alerts``."""
+        resp = _http("GET", f"{self.base}/v1/alerts", timeout=min(self.timeout, 3.0))
+        if not resp.ok:
+            return [f"  alerts unavailable ({resp.reason()})"]
+        try:
+            body = resp.json()
+        except (ValueError, UnicodeDecodeError) as e:
+            return [f"  alerts unreadable ({e})"]
+        el = self.clock() - self.t0 if self.t0 else 0.0
+        lines = []
+        for a in body.get("alerts") or []:
+            rule, state = a.get("rule", "?"), a.get("state", "?")
+            series = a.get("series") or {}
+            where = ", ".join(f"{k}={series[k]}" for k in ("model_version", "variant", "region")
+                              if k in series)
+            note = (a.get("annotations") or {}).get("summary", "")
+            lines.append(f"  ALERT {state:<8}{rule} [{where}] {note}")
+            if state == "firing" and rule not in self.summary.alerts_fired:
+                self.summary.alerts_fired[rule] = round(el, 1)
+        drifting: dict[str, list[str]] = defaultdict(list)
+        for d in [*(body.get("detectors") or []), *(body.get("input_drift") or [])]:
+            if d.get("drift"):
+                labels = d.get("series") or d.get("group") or {}
+                drifting[d.get("detector", "?")].append(
+                    str(labels.get("region") or labels.get("model_version") or "*"))
+                if d.get("detector") not in self.summary.alerts_fired:
+                    self.summary.alerts_fired[d.get("detector")] = round(el, 1)
+        for name, where in sorted(drifting.items()):
+            lines.append(f"  DRIFT {name} ({', '.join(sorted(set(where)))})")
+        return lines or ["  alerts: none pending or firing; no detector in drift"]
+
     def display(self) -> None:
         rows, problem = self.fetch_rows()
         lines = [self.status_line()]
@@ -654,6 +688,7 @@ class _Driver:
             lines.append("  " + problem)
         else:
             lines.extend(_table(rows, int(time.time() * 1000)))
+            lines.extend(self.alert_lines())
         self.say("\n".join(lines))
 
     # -- the whole run
@@ -670,6 +705,7 @@ class _Driver:
             "  Ray dashboard (Serve tab):  http://127.0.0.1:8265",
             f"  Prometheus exposition:      {self.base}/metrics",
             f"  KPI series (JSON):          {self.base}/v1/series?metric=accuracy&resolution=10s",
+            f"  alerts and detectors:       {self.base}/v1/alerts",
             f"  MLflow runs and aliases:    mlflow ui --backend-store-uri {uri}"
             "   (then http://127.0.0.1:5000)",
             "Ctrl-C stops (labels already due are posted first).",
@@ -702,6 +738,9 @@ class _Driver:
         acc = [x for x in acc if x]
         if acc:
             lines.append("client-side accuracy of the replies: " + ", ".join(acc))
+        if s.alerts_fired:
+            lines.append("alerts and detectors that fired (seconds into the run): " + ", ".join(
+                f"{k} at {v:g} s" for k, v in sorted(s.alerts_fired.items(), key=lambda kv: kv[1])))
         self.say("\n".join(lines))
 
     def run(self) -> TrafficSummary:

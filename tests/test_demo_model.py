@@ -227,6 +227,18 @@ class FakeSidecar:
 
             def do_GET(self):
                 u = urlparse(self.path)
+                if u.path == "/v1/alerts":
+                    return self._reply(200, {
+                        "alerts": [{"rule": "DemoAccuracyLow", "state": "firing",
+                                    "series": {"model": "kpistream-demo", "model_version": "1",
+                                               "variant": "primary", "region": "eu"},
+                                    "annotations": {"summary": "accuracy is 0.620 < 0.9"}}],
+                        "detectors": [{"detector": "demo_accuracy_cusum", "drift": True,
+                                       "series": {"region": "eu"}},
+                                      {"detector": "demo_error_rate_ewma", "drift": False,
+                                       "series": {"region": "us"}}],
+                        "input_drift": [{"detector": "demo_inputs", "drift": True,
+                                         "group": {"model_version": "1"}}]})
                 if u.path != "/v1/series":
                     return self._reply(404, {"detail": "not found"})
                 q = {k: v[0] for k, v in parse_qs(u.query).items()}
@@ -331,6 +343,13 @@ def test_run_traffic_rate_feedback_drift_and_display(sidecar):
     assert text.count("accuracy") >= 3
     assert "0.975" in text          # accuracy over the two regions, weighted by count
     assert "accuracy by region" in text
+    # alerts and detectors from GET /v1/alerts, and when each was first seen
+    assert "ALERT firing  DemoAccuracyLow [model_version=1, variant=primary, region=eu] " \
+           "accuracy is 0.620 < 0.9" in text
+    assert "DRIFT demo_accuracy_cusum (eu)" in text and "DRIFT demo_inputs (1)" in text
+    assert "demo_error_rate_ewma" not in text
+    assert set(s.alerts_fired) == {"DemoAccuracyLow", "demo_accuracy_cusum", "demo_inputs"}
+    assert "alerts and detectors that fired" in text
     assert "finished after" in text and "feedback: posted" in text
     res = {q["resolution"] for q in sidecar.series_queries}
     assert res == {"10s", "1m"}
