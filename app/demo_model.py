@@ -14,12 +14,15 @@ Two parts:
   and MLflow-free, so the traffic driver can import them).
 
 - :class:`DemoClassifier` is a Ray Serve deployment (a
-  :class:`~app.monitor.MonitoredModel`): each replica calls
+  :class:`~app.monitor.MonitoredModel` that follows an MLflow alias,
+  :class:`~app.monitor.AliasFollowingModel`): each replica calls
   ``ensure_demo_model`` (so the first start trains; later starts only
   resolve the alias), loads the version ``champion`` points to, and answers
   ``{"features": {name: value}}`` (or ``{"features": [30 values]}``) with
   ``{"label": 0 | 1, "score": P(label 1)}``.  ``region`` in the payload is
-  the ``region`` segment.
+  the ``region`` segment.  It checks the alias every ``alias_poll_s``
+  seconds and swaps in the version it moved to; ``alias="challenger"``
+  serves the challenger (503 until that alias exists).
 
 The deployment decorator is applied here (``num_replicas=1``,
 ``ray_actor_options={"num_cpus": 0}``: the model is tiny and the sidecar
@@ -56,7 +59,7 @@ from urllib.parse import urlparse
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
-from app.monitor import MonitoredModel
+from app.monitor import AliasFollowingModel, MonitoredModel
 from kpistream.demo_traffic import default_tracking_uri, demo_dataset, demo_split
 
 __all__ = ["MODEL_NAME", "EXPERIMENT", "ALIAS", "ensure_demo_model", "champion_version",
@@ -300,33 +303,74 @@ def features_row(payload: Any, names: list[str]) -> list[float]:
     return row
 
 
+class _DemoModel:
+    """One loaded version of the demo classifier (swapped as a whole)."""
+
+    __slots__ = ("clf", "classes", "pos")
+
+    def __init__(self, clf) -> None:
+        self.clf = clf
+        self.classes = list(clf.classes_)
+        self.pos = self.classes.index(1)
+
+
 @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0})
-class DemoClassifier(MonitoredModel):
-    """The demo classifier behind ``/demo``, monitored by kpistream.
+class DemoClassifier(AliasFollowingModel):
+    """The demo classifier behind ``/demo``, monitored by kpistream, following an MLflow alias.
 
     Request body: ``{"features": {name: value, ...} | [30 values], "region": "eu"}``;
     reply (by :class:`MonitoredModel`): ``{"request_id": ..., "prediction":
-    {"label": 0 | 1, "score": P(1)}}`` with header ``x-request-id``.
+    {"label": 0 | 1, "score": P(1)}}`` with header ``x-request-id``; through a
+    DeploymentHandle, :meth:`~app.monitor.MonitoredModel.infer`.
+
+    It serves ``models:/<model_name>@<alias>`` and follows the alias
+    (:class:`~app.monitor.AliasFollowingModel`, checked every ``alias_poll_s``
+    seconds): when ``champion`` moves, the replica loads the new version off
+    the event loop and swaps it in without dropping a request, and later
+    events carry the new ``model_version``.  With ``alias="champion"`` the
+    replica first makes sure the champion exists (:func:`ensure_demo_model`:
+    the very first start trains one); any other alias (``challenger``) may be
+    missing, and then the replica answers 503 until it appears.  ``variant``
+    labels its events (``primary``, ``shadow``, ``canary``).
     """
 
     def __init__(self, tracking_uri: str | None = None, model_name: str = MODEL_NAME,
-                 n_shards: int | None = None, feature_sample: float = 0.0) -> None:
-        self.clf, version = load_demo_model(tracking_uri, model_name)
+                 n_shards: int | None = None, feature_sample: float = 0.0,
+                 alias: str = ALIAS, alias_poll_s: float = 5.0,
+                 variant: str = "primary") -> None:
+        uri = _normalize_uri(tracking_uri)
+        if alias == ALIAS:
+            ensure_demo_model(uri, model_name)     # the first start trains the champion
+        else:
+            _setup(uri)
         self.feature_names = demo_dataset(SPLIT_SEED)[2]
-        self.classes = list(self.clf.classes_)
-        self.pos = self.classes.index(1)
-        super().__init__(model=model_name, model_version=version, variant="primary",
-                         endpoint="predict", n_shards=n_shards, feature_sample=feature_sample)
+        super().__init__(registered_model=model_name, alias=alias, alias_poll_s=alias_poll_s,
+                         tracking_uri=uri, variant=variant, endpoint="predict",
+                         n_shards=n_shards, feature_sample=feature_sample)
 
-    def _predict_row(self, row: list[float]) -> dict:
+    def load_version(self, version: str) -> _DemoModel:
+        """The scikit-learn pipeline of ``models:/<model_name>/<version>`` (in a thread)."""
+        import mlflow.sklearn
+
+        _setup(self._af_uri)
+        return _DemoModel(mlflow.sklearn.load_model(f"models:/{self._af_name}/{version}"))
+
+    @property
+    def clf(self):
+        """The scikit-learn pipeline serving now (None while the alias does not exist)."""
+        cur = self._af_current
+        return cur.model.clf if cur is not None else None
+
+    def _predict_row(self, m: _DemoModel, row: list[float]) -> dict:
         import numpy as np
 
-        proba = self.clf.predict_proba(np.asarray([row], dtype=float))[0]
+        proba = m.clf.predict_proba(np.asarray([row], dtype=float))[0]
         best = max(range(len(proba)), key=proba.__getitem__)
-        return {"label": int(self.classes[best]), "score": round(float(proba[self.pos]), 6)}
+        return {"label": int(m.classes[best]), "score": round(float(proba[m.pos]), 6)}
 
     async def predict(self, payload: dict) -> dict:
-        return self._predict_row(features_row(payload, self.feature_names))
+        m = self.loaded()            # before any await: one request, one model version
+        return self._predict_row(m, features_row(payload, self.feature_names))
 
     def segments(self, payload: dict) -> dict[str, str] | None:
         """``{"region": payload["region"]}``; ``"unknown"`` when the request has none, so the
@@ -354,6 +398,9 @@ class DemoAppArgs(BaseModel):
     feature_sample: float = Field(0.0, ge=0.0, le=1.0,
                                   description="share of requests whose features travel with "
                                               "their inference event (for drift detectors)")
+    alias: str = Field(ALIAS, min_length=1, description="the MLflow alias served and followed")
+    alias_poll_s: float = Field(5.0, gt=0, description="seconds between alias checks")
+    variant: str = Field("primary", min_length=1, description="the events' variant label")
 
 
 def build_demo_app(args: DemoAppArgs):
@@ -363,5 +410,7 @@ def build_demo_app(args: DemoAppArgs):
     # resolved on the driver: replicas may run in another working directory
     uri = _normalize_uri(args.tracking_uri)
     return DemoClassifier.bind(tracking_uri=uri, model_name=args.model_name,
-                               n_shards=args.n_shards, feature_sample=args.feature_sample)
+                               n_shards=args.n_shards, feature_sample=args.feature_sample,
+                               alias=args.alias, alias_poll_s=args.alias_poll_s,
+                               variant=args.variant)
 

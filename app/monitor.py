@@ -30,6 +30,17 @@ caller's, or one the proxy made) and the proxy puts it on the reply, so there
 the wrapper uses that id and adds no second header.  The body's
 ``request_id`` is always the id the events carry.
 
+A caller that already has a request id (the experiment ingress, :mod:`app.ingress`,
+through a Serve DeploymentHandle) calls ``await handle.infer.remote(payload,
+request_id)``: the same event, the same labels (this replica's ``variant``
+and ``model_version``), and ``{"request_id", "prediction", "variant",
+"model_version"}`` back, so a primary and a shadow scoring one request emit
+events with the same ``request_id``.  ``predict`` raising
+:class:`ModelUnavailable` (no model to answer with) is a 503 on HTTP, re-raised
+by ``infer``, and records no event.  :class:`AliasFollowingModel` serves an
+MLflow registered model's alias (``champion``, ``challenger``) and swaps in the
+version the alias moves to, live.
+
 What the request path does for monitoring is one tuple appended to a list:
 no validation, no hashing, no dicts.  The reply never waits on kpistream; a
 full buffer (``buffer_rows``) drops the event and counts it.
@@ -67,6 +78,7 @@ import re
 import secrets
 import time
 from collections import Counter, deque
+from contextvars import ContextVar
 from typing import Any
 
 from starlette.requests import Request
@@ -81,6 +93,21 @@ log = logging.getLogger("kpistream.monitor")
 REQUEST_ID_HEADER = "x-request-id"
 _RID_HEADER = b"x-request-id"
 SHARDS_ENV = "KPISTREAM_SHARDS"   #: shard count for ``n_shards=None`` (else discovered)
+
+#: the version of the model that served the current request, when the model can change under
+#: it (set by :meth:`AliasFollowingModel.loaded`; read back by the request path after predict)
+_SERVED_VERSION: ContextVar[str | None] = ContextVar("kpistream_served_version", default=None)
+
+
+class ModelUnavailable(RuntimeError):
+    """There is no model to answer with (e.g. the MLflow alias it follows does not exist yet).
+
+    Raised by ``predict`` (or :meth:`AliasFollowingModel.loaded`): the HTTP path
+    answers 503 with the message, :meth:`MonitoredModel.infer` raises it to the
+    caller (through a DeploymentHandle it arrives as a ``RayTaskError`` that is
+    also an instance of this class), and no inference event is recorded.
+    """
+
 
 _dumps = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode
 _perf_ns = time.perf_counter_ns
@@ -441,6 +468,9 @@ class MonitoredModel:
         self._mon_cost_hook = self.cost if cls.cost is not MonitoredModel.cost else None
         self._mon_extra = (self._mon_seg_hook is not None or self._mon_cost_hook is not None
                            or self._mon_sample > 0)
+        # True when the model can change under a request (AliasFollowingModel): the event then
+        # carries the version predict() says it used (_SERVED_VERSION)
+        self._mon_versioned = False
         # the buffer and the flush task
         self._mon_buf: list = []
         self._mon_task: asyncio.Task | None = None
@@ -456,6 +486,8 @@ class MonitoredModel:
         self._mon_ids_replaced = 0
         self._mon_hook_errors = 0
         self._mon_reply_errors = 0
+        self._mon_unavailable = 0
+        self._mon_infer_calls = 0
         self._mon_c: Counter = Counter()
         self._mon_rejections: Counter = Counter()
         self._mon_last_error: str | None = None
@@ -505,6 +537,9 @@ class MonitoredModel:
             self._mon_bad_requests += 1
             return _Reply(_dumps({"request_id": rid, "error": "the request body is not valid "
                                   "JSON"}).encode(), 400, rid_b)
+        version = self._mon_version
+        if self._mon_versioned:
+            _SERVED_VERSION.set(None)
         t0 = _perf_ns()
         try:
             pred = await self.predict(payload)
@@ -517,11 +552,62 @@ class MonitoredModel:
                 ok = False
                 self._mon_reply_errors += 1
                 reply = self._error_reply(rid, rid_b, e)
+        except ModelUnavailable as e:   # nothing to answer with: not an inference
+            self._mon_unavailable += 1
+            return self._error_reply(rid, rid_b, e, 503)
         except Exception as e:
             t1 = _perf_ns()
             ok = False
             pred = None
             reply = self._error_reply(rid, rid_b, e)
+        if self._mon_versioned:
+            version = _SERVED_VERSION.get() or version
+        self._record(t0, rid, t1 - t0, ok, pred, payload, version)
+        return reply
+
+    async def infer(self, payload: Any, request_id: str | None = None) -> dict:
+        """Score ``payload`` for a caller that already has a request id (a DeploymentHandle).
+
+        The same inference event as the HTTP path (this replica's ``model``,
+        ``model_version``, ``variant``, ``endpoint``; event id
+        ``<request_id>:<variant>``), so two variants scoring one request emit
+        events with the same ``request_id`` and their own ``variant``.  Returns
+        ``{"request_id", "prediction", "variant", "model_version"}``.  When
+        ``predict`` raises, the error event is recorded and the exception
+        re-raised; :class:`ModelUnavailable` is re-raised and records nothing.
+        ``request_id=None`` makes one (as the HTTP path does).
+        """
+        if request_id is None:
+            request_id = f"{self._mon_id_prefix}{next(self._mon_ids)}"
+        elif type(request_id) is not str or not 0 < len(request_id) <= MAX_STR:
+            raise ValueError(f"request_id must be a string of 1..{MAX_STR} characters, "
+                             f"got {request_id!r:.80}")
+        self._mon_infer_calls += 1
+        version = self._mon_version
+        if self._mon_versioned:
+            _SERVED_VERSION.set(None)
+        t0 = _perf_ns()
+        try:
+            pred = await self.predict(payload)
+        except ModelUnavailable:
+            self._mon_unavailable += 1
+            raise
+        except Exception:
+            t1 = _perf_ns()
+            if self._mon_versioned:
+                version = _SERVED_VERSION.get() or version
+            self._record(t0, request_id, t1 - t0, False, None, payload, version)
+            raise
+        t1 = _perf_ns()
+        if self._mon_versioned:
+            version = _SERVED_VERSION.get() or version
+        self._record(t0, request_id, t1 - t0, True, pred, payload, version)
+        return {"request_id": request_id, "prediction": pred, "variant": self._mon_variant,
+                "model_version": version}
+
+    def _record(self, t0: int, rid: str, lat_ns: int, ok: bool, pred: Any, payload: Any,
+                version: str) -> None:
+        """One buffered row (the whole cost of monitoring on the request path)."""
         if self._mon_extra:
             segs, cost, feats = self._hooks(payload, pred if ok else None)
         else:
@@ -530,18 +616,18 @@ class MonitoredModel:
             self._start_flusher()
         buf = self._mon_buf
         if len(buf) < self._mon_cap:
-            buf.append((t0, rid, t1 - t0, ok, pred, segs, cost, feats, self._mon_version))
+            buf.append((t0, rid, lat_ns, ok, pred, segs, cost, feats, version))
             if len(buf) >= self._mon_flush_rows:
                 self._mon_wake.set()
         else:
             self._mon_dropped += 1
-        return reply
 
-    def _error_reply(self, rid: str, rid_b: bytes | None, e: BaseException) -> Response:
+    def _error_reply(self, rid: str, rid_b: bytes | None, e: BaseException,
+                     status: int = 500) -> Response:
         msg = f"{type(e).__name__}: {e}"
         if len(msg) > 500:
             msg = msg[:499] + "…"
-        return _Reply(_dumps({"request_id": rid, "error": msg}).encode(), 500, rid_b)
+        return _Reply(_dumps({"request_id": rid, "error": msg}).encode(), status, rid_b)
 
     def _hooks(self, payload: Any, pred: Any) -> tuple:
         segs = cost = feats = None
@@ -602,6 +688,7 @@ class MonitoredModel:
             "duplicates": c["duplicates"],
             "bad_requests": self._mon_bad_requests, "reply_errors": self._mon_reply_errors,
             "ids_replaced": self._mon_ids_replaced, "hook_errors": self._mon_hook_errors,
+            "unavailable": self._mon_unavailable, "infer_calls": self._mon_infer_calls,
             "last_error": self._mon_last_error,
         }
 
@@ -859,10 +946,253 @@ class MonitoredModel:
                 "features": feats}
 
 
+# ---------------------------------------------------------------------------
+# a model that follows an MLflow registered-model alias
+
+
+class _Loaded:
+    """One loaded model version (swapped as a whole: model and version never disagree)."""
+
+    __slots__ = ("model", "version")
+
+    def __init__(self, model: Any, version: str) -> None:
+        self.model = model
+        self.version = version
+
+
+class AliasFollowingModel(MonitoredModel):
+    """A :class:`MonitoredModel` that serves ``models:/<registered_model>@<alias>`` and follows it.
+
+    Subclasses implement :meth:`load_version` (blocking: runs in a thread) and
+    ``predict``, taking the model with :meth:`loaded` (before their first
+    ``await``, so one request uses one model throughout)::
+
+        @serve.deployment
+        class Churn(AliasFollowingModel):
+            def __init__(self, alias="champion", variant="primary"):
+                super().__init__(registered_model="churn", alias=alias, variant=variant,
+                                 tracking_uri="sqlite:////data/mlflow.db")
+
+            def load_version(self, version):
+                return mlflow.sklearn.load_model(f"models:/churn/{version}")
+
+            async def predict(self, payload):
+                clf = self.loaded()
+                return int(clf.predict([payload["x"]])[0])
+
+    The constructor resolves the alias and loads that version (so a replica
+    starts with a model when the alias exists).  A background task in the
+    replica's event loop (started in the constructor inside Serve, else on the
+    first request) resolves the alias every ``alias_poll_s`` seconds, off the
+    event loop; when it points to another version, that version is loaded in a
+    thread and swapped in with one assignment: requests already running finish
+    on the model they took, later ones get the new one, none is dropped, and
+    :meth:`set_version` makes later events carry the new ``model_version``
+    (each event carries the version of the model that actually served it).
+
+    While the alias does not exist (no ``challenger`` yet) :meth:`loaded`
+    raises :class:`ModelUnavailable`: HTTP 503 with a clear message,
+    :meth:`infer` raises it, and no event is recorded.  If the alias is
+    removed after a version was loaded, ``on_alias_removed="keep"`` (the
+    default) keeps serving that version (a deleted ``champion`` must not take
+    the service down) and ``"unavailable"`` stops answering.  Errors while
+    resolving or loading are counted (:meth:`alias_stats`) and retried at the
+    next poll; the current model keeps serving.
+    """
+
+    def __init__(self, *, registered_model: str, alias: str = "champion",
+                 alias_poll_s: float = 5.0, tracking_uri: str | None = None,
+                 on_alias_removed: str = "keep", model: str | None = None,
+                 **monitor_kw: Any) -> None:
+        _check_name("registered_model", registered_model)
+        _check_name("alias", alias)
+        if not alias_poll_s > 0:
+            raise ValueError(f"alias_poll_s must be > 0, got {alias_poll_s}")
+        if on_alias_removed not in ("keep", "unavailable"):
+            raise ValueError("on_alias_removed must be 'keep' or 'unavailable', "
+                             f"got {on_alias_removed!r}")
+        self._af_name = registered_model
+        self._af_alias = alias
+        self._af_poll_s = float(alias_poll_s)
+        self._af_uri = tracking_uri
+        self._af_on_removed = on_alias_removed
+        self._af_client = None
+        self._af_current: _Loaded | None = None
+        self._af_last: _Loaded | None = None     # kept for an alias that comes back
+        self._af_task: asyncio.Task | None = None
+        self._af_lock: asyncio.Lock | None = None
+        self._af_alias_exists = False
+        self._af_c: Counter = Counter()
+        self._af_last_error: str | None = None
+        self._af_last_poll: float | None = None
+        version = self.resolve_alias()
+        if version is not None:
+            self._af_alias_exists = True
+            self._af_current = self._af_last = _Loaded(self.load_version(version), version)
+            self._af_c["loads"] += 1
+        super().__init__(model=model or registered_model, model_version=version or "none",
+                         **monitor_kw)
+        self._mon_versioned = True
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:   # not in an event loop (a plain test): started on first use
+            return
+        self._start_alias_poller()
+
+    # ------------------------------------------------------------ to override
+    def resolve_alias(self) -> str | None:
+        """The version the alias points to now, or None if the model or the alias does not
+        exist.  Blocking (called in a thread); raises on other errors (counted, retried)."""
+        from mlflow.exceptions import MlflowException
+
+        if self._af_client is None:
+            from mlflow import MlflowClient
+
+            self._af_client = MlflowClient(tracking_uri=self._af_uri,
+                                           registry_uri=self._af_uri)
+        try:
+            return str(self._af_client.get_model_version_by_alias(self._af_name,
+                                                                  self._af_alias).version)
+        except MlflowException as e:
+            if e.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE",
+                                "NOT_FOUND"):
+                return None
+            raise
+
+    def load_version(self, version: str) -> Any:
+        """Load ``models:/<registered_model>/<version>`` (blocking; called in a thread).
+        By default an MLflow pyfunc model; override for a flavor's native object."""
+        import mlflow
+        import mlflow.pyfunc
+
+        if self._af_uri:
+            mlflow.set_tracking_uri(self._af_uri)
+            mlflow.set_registry_uri(self._af_uri)
+        return mlflow.pyfunc.load_model(f"models:/{self._af_name}/{version}")
+
+    # --------------------------------------------------------------- serving
+    def loaded(self) -> Any:
+        """The model to answer this request with (the one :meth:`load_version` returned).
+
+        Raises :class:`ModelUnavailable` while the alias does not exist.  Notes
+        the version for this request's event.
+        """
+        if self._af_task is None:
+            self._start_alias_poller()
+        cur = self._af_current
+        if cur is None:
+            raise ModelUnavailable(
+                f"registered model {self._af_name!r} has no alias {self._af_alias!r} (yet): "
+                f"this replica has no model to answer with; it checks again every "
+                f"{self._af_poll_s:g} s")
+        _SERVED_VERSION.set(cur.version)
+        return cur.model
+
+    @property
+    def alias(self) -> str:
+        return self._af_alias
+
+    def alias_stats(self) -> dict:
+        """Alias following: the version served, polls, swaps, errors."""
+        cur = self._af_current
+        c = self._af_c
+        return {"registered_model": self._af_name, "alias": self._af_alias,
+                "alias_exists": self._af_alias_exists,
+                "version": cur.version if cur is not None else None,
+                "available": cur is not None, "alias_poll_s": self._af_poll_s,
+                "polls": c["polls"], "poll_errors": c["poll_errors"], "loads": c["loads"],
+                "load_errors": c["load_errors"], "swaps": c["swaps"],
+                "unavailable_requests": self._mon_unavailable,
+                "last_poll_age_s": (None if self._af_last_poll is None
+                                    else round(time.monotonic() - self._af_last_poll, 3)),
+                "last_error": self._af_last_error}
+
+    def monitor_stats(self) -> dict:
+        st = super().monitor_stats()
+        st["alias"] = self.alias_stats()
+        return st
+
+    async def refresh_alias(self) -> bool:
+        """Resolve the alias now and swap if it moved; True when a new version was swapped in.
+        Never raises (errors are counted in :meth:`alias_stats`)."""
+        if self._af_lock is None:
+            self._af_lock = asyncio.Lock()
+        async with self._af_lock:
+            return await self._refresh()
+
+    async def _refresh(self) -> bool:
+        c = self._af_c
+        try:
+            version = await asyncio.to_thread(self.resolve_alias)
+        except Exception as e:
+            c["poll_errors"] += 1
+            self._alias_error(f"resolving {self._af_name}@{self._af_alias}: "
+                              f"{type(e).__name__}: {e}")
+            return False
+        c["polls"] += 1
+        self._af_last_poll = time.monotonic()
+        cur = self._af_current
+        if version is None:
+            if self._af_alias_exists:
+                log.warning("kpistream: alias %s@%s was removed; %s", self._af_name,
+                            self._af_alias, "keeping the loaded version"
+                            if self._af_on_removed == "keep" else "no longer answering")
+            self._af_alias_exists = False
+            if self._af_on_removed == "unavailable":
+                self._af_current = None
+            return False
+        self._af_alias_exists = True
+        if cur is not None and cur.version == version:
+            return False
+        last = self._af_last
+        if last is not None and last.version == version:
+            new = last
+        else:
+            try:
+                model = await asyncio.to_thread(self.load_version, version)
+            except Exception as e:
+                c["load_errors"] += 1
+                self._alias_error(f"loading {self._af_name} version {version}: "
+                                  f"{type(e).__name__}: {e}")
+                return False
+            c["loads"] += 1
+            new = _Loaded(model, version)
+        # the swap: one assignment (requests that took the old model finish on it)
+        self._af_current = self._af_last = new
+        self.set_version(version)
+        c["swaps"] += 1
+        log.info("kpistream: %s@%s now serves version %s (was %s)", self._af_name,
+                 self._af_alias, version, cur.version if cur is not None else "none")
+        return True
+
+    def _alias_error(self, msg: str) -> None:
+        self._af_last_error = msg
+        self._note_error(msg)
+
+    def _start_alias_poller(self) -> None:
+        if self._mon_closed or (self._af_task is not None and not self._af_task.done()):
+            return
+        self._af_task = asyncio.get_running_loop().create_task(
+            self._alias_loop(), name="kpistream-alias-poll")
+
+    async def _alias_loop(self) -> None:
+        while not self._mon_closed:
+            await asyncio.sleep(self._af_poll_s)
+            if not self._mon_closed:
+                await self.refresh_alias()
+
+    async def aclose(self, timeout: float = 5.0) -> None:
+        task = self._af_task
+        if task is not None and not task.done():
+            task.cancel()
+        await super().aclose(timeout)
+
+
 def _check_name(name: str, v: Any) -> None:
     if not isinstance(v, str) or not 0 < len(v) <= MAX_STR:
         raise ValueError(f"{name} must be a non-empty string of at most {MAX_STR} characters, "
                          f"got {v!r}")
 
 
-__all__ = ["MonitoredModel", "ShardSink", "REQUEST_ID_HEADER", "SHARDS_ENV"]
+__all__ = ["MonitoredModel", "AliasFollowingModel", "ModelUnavailable", "ShardSink",
+           "REQUEST_ID_HEADER", "SHARDS_ENV"]

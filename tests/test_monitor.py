@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from starlette.requests import Request
 
-from app.monitor import MonitoredModel
+from app.monitor import AliasFollowingModel, ModelUnavailable, MonitoredModel
 from kpistream.batch import hash_id, hash_ids, shard_of
 from kpistream.schema import validate_rows
 
@@ -551,6 +551,174 @@ def check_same(m: MonitoredModel, kw: dict) -> None:
         assert set(m.monitor_stats()["invalid_by_reason"]) == reasons
     else:
         assert fast == ref.inference, kw
+
+
+# ---------------------------------------------------------------------------
+# infer(): a caller's request id (the experiment ingress), and models that follow an alias
+
+
+def _series(batch) -> list:
+    """(model_version, variant, request-id hash, error) per row."""
+    return [(batch.series_keys[s][1], batch.series_keys[s][2], int(r), bool(e))
+            for s, r, e in zip(batch.series.tolist(), batch.request_id, batch.error.tolist())]
+
+
+def test_infer_emits_the_callers_request_id_with_each_variants_label():
+    async def go():
+        sink = FakeSink()
+        primary = Echo(sink=sink, variant="primary")
+        shadow = Echo(sink=sink, variant="shadow", model_version="8")
+        a = await primary.infer({"pred": "x"}, "req-1")
+        b = await shadow.infer({"pred": "y"}, "req-1")
+        assert a == {"request_id": "req-1", "prediction": "x", "variant": "primary",
+                     "model_version": "7"}
+        assert b == {"request_id": "req-1", "prediction": "y", "variant": "shadow",
+                     "model_version": "8"}
+        with pytest.raises(ValueError, match="boom"):          # recorded, then re-raised
+            await shadow.infer({"raise": True}, "req-2")
+        with pytest.raises(ValueError, match="request_id"):
+            await shadow.infer({}, "x" * 300)
+        made = await primary.infer({"pred": "z"})               # no id: one is made
+        assert made["request_id"].startswith(primary._mon_id_prefix)
+        await primary.flush()
+        await shadow.flush()
+        rows = _series(one_batch(sink))
+        assert sorted(rows) == sorted([("7", "primary", hash_id("req-1"), False),
+                                       ("8", "shadow", hash_id("req-1"), False),
+                                       ("8", "shadow", hash_id("req-2"), True),
+                                       ("7", "primary", hash_id(made["request_id"]), False)])
+        assert primary.monitor_stats()["infer_calls"] == 2
+        await primary.aclose()
+        await shadow.aclose()
+
+    run(go())
+
+
+class NoModel(Echo):
+    async def predict(self, payload):
+        raise ModelUnavailable("no alias 'challenger' yet")
+
+
+def test_an_unavailable_model_is_a_503_and_records_nothing():
+    async def go():
+        sink = FakeSink()
+        m = NoModel(sink=sink)
+        st, body, _ = await call(m, {}, headers={"x-request-id": "r-9"})
+        assert st == 503 and body == {"request_id": "r-9",
+                                      "error": "ModelUnavailable: no alias 'challenger' yet"}
+        with pytest.raises(ModelUnavailable):
+            await m.infer({}, "r-10")
+        await m.flush()
+        assert sink.rows == 0 and m.monitor_stats()["unavailable"] == 2
+        await m.aclose()
+
+    run(go())
+
+
+class FakeRegistry:
+    """The alias table and the 'models' a version loads to; loads can be made slow."""
+
+    def __init__(self, version: str | None) -> None:
+        self.version = version
+        self.load_s = 0.0
+        self.loads: list[str] = []
+        self.fail_resolve = False
+
+
+class Follower(AliasFollowingModel):
+    def __init__(self, reg: FakeRegistry, **kw) -> None:
+        self.reg = reg
+        kw.setdefault("alias_poll_s", 0.02)
+        super().__init__(registered_model="churn", alias="champion", **kw)
+
+    def resolve_alias(self):
+        if self.reg.fail_resolve:
+            raise ConnectionError("registry down")
+        return self.reg.version
+
+    def load_version(self, version):
+        time.sleep(self.reg.load_s)             # in a thread: the loop keeps serving
+        self.reg.loads.append(version)
+        return f"model-v{version}"
+
+    async def predict(self, payload):
+        model = self.loaded()
+        await asyncio.sleep(payload.get("sleep", 0))
+        return model
+
+
+def test_alias_follower_swaps_without_dropping_requests():
+    async def go():
+        reg = FakeRegistry("1")
+        sink = FakeSink()
+        m = Follower(reg, sink=sink, variant="shadow")
+        assert m.model_version == "1" and reg.loads == ["1"]
+        # a slow request takes model 1; the alias moves (slow load) while it runs
+        slow = asyncio.ensure_future(call(m, {"sleep": 0.3}, headers={"x-request-id": "slow"}))
+        await asyncio.sleep(0.01)
+        reg.version, reg.load_s = "2", 0.1
+        answers = []
+        t0 = time.monotonic()
+        while m.model_version != "2" and time.monotonic() - t0 < 5:
+            st, body, _ = await call(m, {})     # served all along, on model 1 until the swap
+            assert st == 200
+            answers.append(body["prediction"])
+            await asyncio.sleep(0.005)
+        assert m.model_version == "2" and reg.loads == ["1", "2"]
+        st, body, _ = await slow
+        assert st == 200 and body["prediction"] == "model-v1"   # finished on the old model
+        assert answers and set(answers) <= {"model-v1", "model-v2"}
+        assert "model-v1" in answers                            # the loop served during the load
+        out = await m.infer({}, "after")
+        assert out["prediction"] == "model-v2" and out["model_version"] == "2"
+        await m.flush()
+        rows = _series(one_batch(sink))
+        by_rid = {r: v for v, _, r, _ in rows}
+        assert by_rid[hash_id("slow")] == "1" and by_rid[hash_id("after")] == "2"
+        st = m.alias_stats()
+        assert st["swaps"] == 1 and st["version"] == "2" and st["polls"] >= 1
+
+        # a registry error keeps the model; a removed alias keeps it too (the default)
+        reg.fail_resolve = True
+        await m.refresh_alias()
+        assert m.alias_stats()["poll_errors"] >= 1
+        assert (await m.infer({}, "x"))["model_version"] == "2"
+        reg.fail_resolve = False
+        reg.version = None
+        await m.refresh_alias()
+        assert m.alias_stats()["alias_exists"] is False
+        assert (await m.infer({}, "y"))["prediction"] == "model-v2"
+        await m.aclose(timeout=0.1)
+
+    run(go())
+
+
+def test_alias_follower_without_the_alias_answers_503_until_it_appears():
+    async def go():
+        reg = FakeRegistry(None)
+        sink = FakeSink()
+        m = Follower(reg, sink=sink, on_alias_removed="unavailable")
+        assert m.model_version == "none" and reg.loads == []
+        st, body, _ = await call(m, {})
+        assert st == 503 and "no alias 'champion'" in body["error"]
+        reg.version = "3"
+        t0 = time.monotonic()
+        while m.alias_stats()["version"] != "3" and time.monotonic() - t0 < 5:
+            await asyncio.sleep(0.01)
+        st, body, _ = await call(m, {})
+        assert st == 200 and body["prediction"] == "model-v3" and m.model_version == "3"
+        reg.version = None                      # removed: this one stops answering
+        await m.refresh_alias()
+        st, _, _ = await call(m, {})
+        assert st == 503
+        reg.version = "3"                       # back: no second load of version 3
+        await m.refresh_alias()
+        assert (await m.infer({}, "z"))["prediction"] == "model-v3" and reg.loads == ["3"]
+        await m.flush()
+        assert sink.rows == 2 and m.monitor_stats()["unavailable"] == 2
+        await m.aclose(timeout=0.1)
+
+    run(go())
 
 
 def test_bad_arguments():
