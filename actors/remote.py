@@ -8,6 +8,7 @@ they do not exist yet (idempotent: every replica may call it).
 
 from __future__ import annotations
 
+import os
 from typing import Any, Mapping
 
 import ray
@@ -42,10 +43,18 @@ PublisherActor = ray.remote(num_cpus=0, max_restarts=-1, max_concurrency=8)(_Pub
 
 
 def ensure_actors(config: Mapping[str, Any], n_shards: int, store_path: str,
-                  publish_interval_s: float = 0.25) -> tuple[list, Any]:
-    """(shard handles, publisher handle), created on first call, found by name after."""
+                  publish_interval_s: float = 0.25,
+                  archive_dir: str | None = None) -> tuple[list, Any]:
+    """(shard handles, publisher handle), created on first call, found by name after.
+
+    The shards archive the raw events they accept under ``archive_dir``
+    (None: ``<store_path>/archive``; ``""``: no archive).
+    """
+    if archive_dir is None:
+        archive_dir = os.path.join(store_path, "archive")
     shards = [ShardActor.options(name=shard_name(i), namespace=NAMESPACE, get_if_exists=True,
-                                 lifetime="detached").remote(i, dict(config))
+                                 lifetime="detached").remote(i, dict(config),
+                                                             archive_dir=archive_dir or None)
               for i in range(n_shards)]
     ray.get([s.ping.remote() for s in shards])
     pub = PublisherActor.options(name=PUBLISHER, namespace=NAMESPACE, get_if_exists=True,

@@ -11,6 +11,10 @@ moves the watermark to ``now - lateness`` so that windows close when
 traffic stops; while events flow, event time alone drives it.  It returns
 the cumulative partial states of every pane touched since the last call,
 for the publisher to merge.
+
+With ``archive_dir`` every batch the engine accepted rows of is also kept
+for the raw event archive (:class:`actors.archive.EventArchive`: Parquet
+under ``archive_dir``); ``collect`` writes the files by size or age.
 """
 
 from __future__ import annotations
@@ -28,7 +32,9 @@ from kpistream.schema import validate_rows
 
 class Shard:
     def __init__(self, index: int, config: EngineConfig | Mapping[str, Any] | None = None,
-                 clock: Clock | None = None, processing_time_watermark: bool = True) -> None:
+                 clock: Clock | None = None, processing_time_watermark: bool = True,
+                 archive_dir: str | None = None, archive_options: Mapping[str, Any] | None = None,
+                 ) -> None:
         if isinstance(config, Mapping):
             config = config_from_dict(config)
         self.index = index
@@ -40,11 +46,19 @@ class Shard:
         self.busy_s = 0.0
         self.last_event_ms = self.clock.now_ms()
         self.emitters: dict[str, tuple[dict, int]] = {}
+        self.archive = None
+        if archive_dir:
+            from actors.archive import EventArchive
+
+            self.archive = EventArchive(archive_dir, index, clock=self.clock,
+                                        **{"background": True, **(archive_options or {})})
 
     # ------------------------------------------------------------------ input
     def ingest_inference(self, batch: InferenceBatch) -> dict:
         t0 = time.perf_counter()
         rep = self.engine.ingest_inference(batch)
+        if self.archive is not None and rep.accepted:
+            self.archive.append("inference", batch)
         self.busy_s += time.perf_counter() - t0
         self.last_event_ms = self.clock.now_ms()
         self.batches["inference"] += 1
@@ -53,6 +67,8 @@ class Shard:
     def ingest_feedback(self, batch: FeedbackBatch) -> dict:
         t0 = time.perf_counter()
         rep = self.engine.ingest_feedback(batch)
+        if self.archive is not None and rep.accepted:
+            self.archive.append("feedback", batch)
         self.busy_s += time.perf_counter() - t0
         self.last_event_ms = self.clock.now_ms()
         self.batches["feedback"] += 1
@@ -88,12 +104,16 @@ class Shard:
         if self.processing_time_watermark and now - self.last_event_ms >= self.cfg.lateness_ms:
             self.engine.advance(now - self.cfg.lateness_ms)
         parts = self.engine.collect()
+        if self.archive is not None:
+            self.archive.maybe_flush()
         self.busy_s += time.perf_counter() - t0
         return parts, self.engine.emit_watermark, self.stats()
 
     def flush(self) -> tuple[list[Partial], int, dict]:
         """End of input (tests, shutdown): every window becomes final."""
         self.engine.flush()
+        if self.archive is not None:
+            self.archive.flush()
         return self.collect()
 
     def stats(self) -> dict:
@@ -107,6 +127,8 @@ class Shard:
         for k in [k for k, (_, t) in self.emitters.items() if now - t > 600_000]:
             del self.emitters[k]
         st["emitters"] = {k: v for k, (v, _) in self.emitters.items()}
+        if self.archive is not None:
+            st["archive"] = self.archive.stats()
         return st
 
     def report_emitter(self, emitter: str, stats: dict) -> None:

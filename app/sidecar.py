@@ -23,6 +23,8 @@ class SidecarArgs(BaseModel):
     mlflow_tracking_uri: str = Field("sqlite:///data/mlflow.db")
     max_body_bytes: int = Field(8 << 20, ge=1024)
     publish_interval_s: float = Field(0.25, gt=0, le=60)
+    archive_dir: str | None = Field(None, description="raw event archive (Parquet) directory; "
+                                    "null: <store_path>/archive, \"\": no archive")
 
 
 def load_metrics_config(path: str) -> dict:
@@ -39,4 +41,25 @@ def build_app(args: dict):
     cfg = load_metrics_config(a.metrics_config)
     store = str(Path(a.store_path).expanduser().resolve())
     Path(store).mkdir(parents=True, exist_ok=True)
-    return SidecarAPI.bind(cfg, a.shards, store, a.max_body_bytes, a.publish_interval_s)
+    return SidecarAPI.bind(cfg, a.shards, store, a.max_body_bytes, a.publish_interval_s,
+                           **_archive_arg(SidecarAPI, a.archive_dir, store))
+
+
+def _archive_arg(deployment, archive_dir: str | None, store: str) -> dict:
+    """``{"archive_dir": absolute path | ""}`` for the API deployment.
+
+    The shards' default is ``<store>/archive`` already; until the deployment
+    takes ``archive_dir`` only that default can be used.
+    """
+    import inspect
+
+    default = str(Path(store) / "archive")
+    path = default if archive_dir is None else (
+        str(Path(archive_dir).expanduser().resolve()) if archive_dir else "")
+    cls = getattr(deployment, "func_or_class", deployment)
+    if "archive_dir" in inspect.signature(cls.__init__).parameters:
+        return {"archive_dir": path}
+    if path != default:
+        raise ValueError("archive_dir: this SidecarAPI does not take an archive directory; "
+                         f"only the default {default} is available")
+    return {}

@@ -1,0 +1,692 @@
+"""The trigger: canary decisions and alerts become MLflow actions, idempotently, with an audit.
+
+A plain class (no module-level Ray import); :mod:`actors.remote` (or a test)
+makes it an actor.  MLflow is both the place the actions land and the
+trigger's memory, so a restarted trigger neither repeats nor forgets one.
+
+**Decisions** (:meth:`Trigger.apply`): every decision except ``wait`` becomes
+a run in the ``kpistream-decisions`` experiment:
+
+- params: the policy, flattened (``policy.<key>``);
+- metrics: ``<metric>.estimate``, ``.lower``, ``.upper``, ``.margin``,
+  ``.harm``, ``.n`` per compared metric, and numeric ``srm.<key>``;
+- tags: ``kpistream.decision`` (the action), ``kpistream.decision_id``,
+  ``kpistream.model``, ``kpistream.experiment``, ``kpistream.primary_version``,
+  ``kpistream.challenger_version``, ``kpistream.verdict.<metric>``,
+  ``kpistream.mode``, ``kpistream.status`` (the outcome), ``kpistream.dry_run``,
+  ``kpistream.alias_before`` / ``kpistream.alias_after`` (the champion's
+  version), and the reason as the run's description (``mlflow.note.content``);
+- artifacts: ``decision.json`` (the decision as received) and
+  ``outcome.json`` (the record :meth:`apply` returned).
+
+The challenger's model version gets ``kpistream.decision``,
+``kpistream.decision_id``, ``kpistream.decision_run`` (the run id) and
+``kpistream.decision_reason``, so the registry page says why.
+
+**Actions** (``mode="auto"``):
+
+- ``promote``: alias ``champion`` moves to the challenger's version.  The
+  version it leaves gets alias ``previous-champion`` (moved there from any
+  older one) and tags ``kpistream.replaced_by`` / ``kpistream.demoted_by_run``,
+  so a manual rollback is ``set_registered_model_alias(name, "champion",
+  get_model_version_by_alias(name, "previous-champion").version)``.  Alias
+  ``challenger`` is removed when it points to the promoted version (the
+  challenger is the champion now; a canary left comparing a version with
+  itself would be meaningless), kept when it already points elsewhere.
+- ``rollback`` / ``halt``: ``champion`` untouched; the challenger version is
+  tagged ``kpistream.rolled_back=true`` and ``kpistream.rollback_reason``,
+  and alias ``challenger`` is removed if it still points to it.
+- ``inconclusive``: recorded (run + version tag), nothing moves.
+- ``wait``: ignored (no run; the canary says "keep looking" every tick).
+
+Outcomes (``status`` of the returned record): ``applied``, ``dry_run``,
+``awaiting_approval``, ``cooldown``, ``stale``, ``rejected``, and for a
+decision id seen before ``duplicate`` (with the first outcome as
+``first_status``); ``ignored`` for ``wait``.
+
+**Idempotency.**  The decision id is looked up by tag
+(``kpistream.decision_key``, a hash of the model name and the id) before
+anything happens.  A finished decision (applied, dry_run, stale, rejected)
+is never acted on again.  The champion's version before the move is tagged on the run
+(``kpistream.moving_from``) before the alias moves, and each step checks the registry before it writes, so a
+trigger that dies between steps and sees the same decision again finishes
+it without moving anything twice.  A decision whose ``primary_version`` is
+no longer the champion (someone or something moved it) is ``stale``.
+``cooldown`` and ``awaiting_approval`` are not final: the same id applied
+after the cooldown proceeds (in the same run); an awaiting one proceeds only
+through :meth:`approve`.
+
+**Options.**  ``cooldown_s``: after a champion move, a promote within
+``cooldown_s`` is recorded as ``cooldown`` and nothing moves (the last move
+time survives restarts: it is a tag on the run).  Rollback and halt are
+never held back by the cooldown: removing a harmful challenger should not
+wait.  ``mode="dry_run"``: the run is recorded (tag ``kpistream.dry_run=true``,
+with the alias it would have set) and nothing in the registry changes.
+``mode="approval"``: promote / rollback / halt wait (:meth:`pending`) until
+:meth:`approve` (then applied, with the stale and cooldown checks made at
+that time) or :meth:`reject`; inconclusive is recorded at once.
+
+**Retraining** (:meth:`maybe_retrain`): with its own cooldown
+(``retrain_cooldown_s``) and at most one job at a time, records why (a run
+tagged ``kpistream.decision=retrain`` with the evidence as ``evidence.json``)
+and launches :func:`actors.retrain.launch_retrain` (or the ``launch``
+callable given), which registers a new version under alias ``challenger``.
+In dry-run mode nothing is launched (status ``dry_run``).  A trigger acts on
+its own registered model (``model_name``); a decision's ``model`` is kept
+in the record and the artifact only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import threading
+from collections import deque
+from pathlib import Path
+from typing import Any, Callable, Mapping
+from urllib.parse import urlparse
+
+from kpistream.clock import Clock, SystemClock
+
+__all__ = ["Trigger", "ACTIONS", "normalize_tracking_uri", "artifact_location"]
+
+log = logging.getLogger(__name__)
+
+ACTIONS = ("promote", "rollback", "halt", "inconclusive", "wait")
+MOVING = ("promote", "rollback", "halt")          # actions that change the registry
+FINAL = ("applied", "dry_run", "stale", "rejected")
+PREVIOUS_ALIAS = "previous-champion"
+T = "kpistream."                                  # tag prefix
+
+
+# --------------------------------------------------------------------------- MLflow
+
+def normalize_tracking_uri(uri: str) -> str:
+    """A URI as given; a bare path (a .db file or a folder) becomes an absolute SQLite URI."""
+    uri = str(uri)
+    db = sqlite_path(uri)
+    if db is not None:
+        return "sqlite:///" + str(db)
+    if "://" in uri or uri.startswith("databricks"):
+        return uri
+    p = Path(uri).expanduser().resolve()
+    if p.suffix not in (".db", ".sqlite", ".sqlite3"):
+        p = p / "mlflow.db"
+    return "sqlite:///" + str(p)
+
+
+def sqlite_path(uri: str) -> Path | None:
+    if not uri.startswith("sqlite:"):
+        return None
+    path = urlparse(uri).path
+    if uri.startswith("sqlite:////"):
+        path = "/" + path.lstrip("/")
+    elif uri.startswith("sqlite:///"):
+        path = path[1:] if path.startswith("/") else path
+    if not path or path == ":memory:":
+        return None
+    return Path(path).expanduser().resolve()
+
+
+def artifact_location(uri: str) -> str | None:
+    """Artifacts of a local SQLite store go beside its database, not into ./mlruns."""
+    db = sqlite_path(uri)
+    return (db.parent / "mlartifacts").as_uri() if db is not None else None
+
+
+def ensure_experiment(client, name: str, uri: str, tags: Mapping[str, str] | None = None) -> str:
+    from mlflow.exceptions import MlflowException
+
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=artifact_location(uri),
+                                        tags=dict(tags or {}))
+    except MlflowException as e:     # created meanwhile by another process
+        if e.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        return client.get_experiment_by_name(name).experiment_id
+
+
+def _key(model: str, decision_id: str) -> str:
+    """The lookup tag of a decision: a hash of (registered model, decision id)."""
+    return hashlib.sha1(f"{model}\0{decision_id}".encode()).hexdigest()[:32]
+
+
+def _param_key(k: str) -> str:
+    """An MLflow-safe name (alphanumerics, _ - . / and spaces)."""
+    out = "".join(c if c.isalnum() or c in "_-./ " else "_" for c in str(k))
+    return out[:250] or "_"
+
+
+def _flatten(d: Any, prefix: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    if isinstance(d, Mapping):
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+    else:
+        out[_param_key(prefix)] = json.dumps(d, default=str)[:6000] if not isinstance(
+            d, str) else d[:6000]
+    return out
+
+
+def _num(x: Any) -> float | None:
+    if isinstance(x, bool) or x is None:
+        return None if x is None else float(x)
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) else None
+
+
+def _jsonable(x: Any) -> Any:
+    """Plain JSON (NaN / infinities -> null, anything else unknown -> str)."""
+    return json.loads(json.dumps(_clean_nan(x), default=str))
+
+
+def _clean_nan(x: Any) -> Any:
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, Mapping):
+        return {str(k): _clean_nan(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_clean_nan(v) for v in x]
+    return x
+
+
+# -------------------------------------------------------------------------- trigger
+
+class Trigger:
+    """Decisions and retraining requests -> MLflow (module docstring)."""
+
+    def __init__(self, tracking_uri: str, model_name: str, *, champion_alias: str = "champion",
+                 challenger_alias: str = "challenger",
+                 decisions_experiment: str = "kpistream-decisions", mode: str = "auto",
+                 cooldown_s: float = 600.0, clock: Clock | None = None,
+                 previous_alias: str = PREVIOUS_ALIAS, retrain_cooldown_s: float = 3600.0,
+                 archive_dir: str | None = None, retrain_options: Mapping[str, Any] | None = None,
+                 history_size: int = 1000) -> None:
+        if mode not in ("auto", "dry_run", "approval"):
+            raise ValueError(f"mode must be auto, dry_run or approval, got {mode!r}")
+        self.uri = normalize_tracking_uri(tracking_uri)
+        self.model_name = model_name
+        self.champion_alias = champion_alias
+        self.challenger_alias = challenger_alias
+        self.previous_alias = previous_alias
+        self.experiment_name = decisions_experiment
+        self.mode = mode
+        self.cooldown_ms = int(cooldown_s * 1000)
+        self.retrain_cooldown_ms = int(retrain_cooldown_s * 1000)
+        self.clock = clock or SystemClock()
+        self.archive_dir = archive_dir
+        self.retrain_options = dict(retrain_options or {})
+        self._lock = threading.RLock()
+        self._client = None
+        self._exp_id: str | None = None
+        self._last_move_ms: int | None = None    # loaded from MLflow on first use
+        self._pending: dict[str, dict] | None = None
+        self._history: deque = deque(maxlen=history_size)
+        self._retrain: dict | None = None        # the last launched job
+        self._last_retrain_ms: int | None = None
+
+    # ---------------------------------------------------------------- MLflow access
+    @property
+    def client(self):
+        if self._client is None:
+            from mlflow import MlflowClient
+
+            self._client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
+        return self._client
+
+    @property
+    def experiment_id(self) -> str:
+        if self._exp_id is None:
+            self._exp_id = ensure_experiment(self.client, self.experiment_name, self.uri,
+                                             {T + "kind": "decisions"})
+        return self._exp_id
+
+    def _alias_version(self, alias: str, name: str | None = None) -> str | None:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return str(self.client.get_model_version_by_alias(name or self.model_name,
+                                                              alias).version)
+        except MlflowException as e:
+            if e.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE",
+                                "NOT_FOUND"):
+                return None
+            raise
+
+    def _find_run(self, decision_id: str):
+        runs = self.client.search_runs(
+            [self.experiment_id],
+            f"tags.`{T}decision_key` = '{_key(self.model_name, decision_id)}'",
+            max_results=5, order_by=["attributes.start_time ASC"])
+        runs = [r for r in runs if r.data.tags.get(T + "decision_id") == str(decision_id)]
+        return runs[0] if runs else None
+
+    def _tags(self, run_id: str, tags: Mapping[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(run_id, tags=[RunTag(k, str(v)[:5000]) for k, v in tags.items()])
+
+    def _version_tags(self, name: str, version: str, tags: Mapping[str, Any]) -> None:
+        for k, v in tags.items():
+            self.client.set_model_version_tag(name, version, k, str(v)[:5000])
+
+    # ---------------------------------------------------------------- decisions
+    def apply(self, decision: Mapping[str, Any]) -> dict:
+        """Act on one canary decision (module docstring); returns the outcome record."""
+        d = self._check(decision)
+        with self._lock:
+            if d["action"] == "wait":       # not in history: the canary waits every tick
+                return self._record(d, "ignored", None, None, None, detail="wait: nothing to do")
+            run = self._find_run(d["id"])
+            if run is not None:
+                status = run.data.tags.get(T + "status", "")
+                if status in FINAL or status == "awaiting_approval":
+                    rec = self._record(d, "duplicate", run.info.run_id,
+                                       run.data.tags.get(T + "alias_before"),
+                                       run.data.tags.get(T + "alias_after"),
+                                       detail=f"decision already {status}")
+                    rec["first_status"] = status
+                    return rec                  # a no-op: not in history either
+                run_id = run.info.run_id        # in progress (crash) or cooldown: resume
+                resumed = run.data.tags
+            else:
+                run_id = self._start_run(d, decision)
+                resumed = {}
+            if self.mode == "dry_run":
+                return self._finish(d, run_id, self._dry_run(d))
+            if self.mode == "approval" and d["action"] in MOVING and \
+                    resumed.get(T + "approved_by") is None:
+                self._tags(run_id, {T + "status": "awaiting_approval"})
+                self._pending_map()[d["id"]] = d
+                rec = self._record(d, "awaiting_approval", run_id, self._champion(), None,
+                                   detail="waiting for approve() or reject()")
+                return self._remember(rec)
+            return self._finish(d, run_id, self._act(d, run_id, resumed))
+
+    def pending(self) -> list[dict]:
+        """Decisions waiting for approval (also those recorded before a restart)."""
+        with self._lock:
+            return [dict(d) for d in self._pending_map().values()]
+
+    def approve(self, decision_id: str, by: str) -> dict:
+        """Apply a waiting decision now (stale and cooldown checked now)."""
+        with self._lock:
+            d = self._pending_map().get(str(decision_id))
+            if d is None:
+                raise KeyError(f"no decision {decision_id!r} is waiting for approval")
+            run = self._find_run(d["id"])
+            run_id = run.info.run_id
+            self._tags(run_id, {T + "approved_by": by, T + "approved_at_ms": self.clock.now_ms(),
+                                T + "status": "in_progress"})
+            del self._pending[d["id"]]
+            rec = self._act(d, run_id, {**run.data.tags, T + "approved_by": by})
+            rec["approved_by"] = by
+            return self._finish(d, run_id, rec)
+
+    def reject(self, decision_id: str, by: str) -> dict:
+        """Drop a waiting decision; recorded (status ``rejected``), nothing moves."""
+        with self._lock:
+            d = self._pending_map().get(str(decision_id))
+            if d is None:
+                raise KeyError(f"no decision {decision_id!r} is waiting for approval")
+            run = self._find_run(d["id"])
+            self._tags(run.info.run_id, {T + "rejected_by": by,
+                                         T + "rejected_at_ms": self.clock.now_ms()})
+            del self._pending[d["id"]]
+            champ = self._champion()
+            rec = self._record(d, "rejected", run.info.run_id, champ, champ,
+                               detail=f"rejected by {by}")
+            rec["rejected_by"] = by
+            return self._finish(d, run.info.run_id, rec)
+
+    def history(self) -> list[dict]:
+        """The outcome records of this trigger's calls, oldest first (bounded).
+
+        Only calls that did something (a run recorded, a status changed, a job
+        launched or held back); ``wait`` and ``duplicate`` answers are not kept.
+        """
+        with self._lock:
+            return [dict(r) for r in self._history]
+
+    def status(self) -> dict:
+        with self._lock:
+            return {"mode": self.mode, "model": self.model_name, "tracking_uri": self.uri,
+                    "pending": len(self._pending or {}), "last_alias_move_ms": self._last_move_ms,
+                    "cooldown_s": self.cooldown_ms / 1000, "decisions": len(self._history),
+                    "retrain": self.retrain_status()}
+
+    # -- steps
+    def _check(self, decision: Mapping[str, Any]) -> dict:
+        if not isinstance(decision, Mapping):
+            raise TypeError("a decision is a dict")
+        d = dict(decision)
+        if not d.get("id"):
+            raise ValueError("decision: 'id' is required (unique per decision)")
+        d["id"] = str(d["id"])
+        if d.get("action") not in ACTIONS:
+            raise ValueError(f"decision {d['id']}: action must be one of {', '.join(ACTIONS)}, "
+                             f"got {d.get('action')!r}")
+        if d["action"] in ("promote", "rollback", "halt", "inconclusive") and \
+                d.get("challenger_version") in (None, ""):
+            raise ValueError(f"decision {d['id']}: 'challenger_version' is required")
+        d.setdefault("model", self.model_name)
+        for k in ("primary_version", "challenger_version"):
+            if d.get(k) is not None:
+                d[k] = str(d[k])
+        return d
+
+    def _start_run(self, d: dict, original: Mapping[str, Any]) -> str:
+        from mlflow.entities import Metric, Param
+
+        name = self.model_name
+        tags = {
+            T + "decision": d["action"], T + "decision_id": d["id"],
+            T + "decision_key": _key(self.model_name, d["id"]), T + "model": name,
+            T + "experiment": d.get("experiment", ""),
+            T + "primary_version": d.get("primary_version") or "",
+            T + "challenger_version": d.get("challenger_version") or "",
+            T + "mode": self.mode, T + "dry_run": str(self.mode == "dry_run").lower(),
+            T + "status": "in_progress", T + "decided_at_ms": d.get("at_ms", ""),
+            "mlflow.note.content": f"**{d['action']}** {name} v{d.get('challenger_version')} "
+                                   f"vs v{d.get('primary_version')}: {d.get('reason', '')}",
+        }
+        for m in d.get("metrics") or []:
+            if isinstance(m, Mapping) and m.get("metric") and m.get("verdict") is not None:
+                tags[_param_key(f"{T}verdict.{m['metric']}")] = m["verdict"]
+        run = self.client.create_run(
+            self.experiment_id, start_time=None, tags={k: str(v)[:5000] for k, v in tags.items()},
+            run_name=f"{d['action']}-{name}-v{d.get('challenger_version')}")
+        run_id = run.info.run_id
+        now = self.clock.now_ms()
+        params = [Param(k, v) for k, v in _flatten(d.get("policy") or {}, "policy").items()]
+        metrics = []
+        for m in d.get("metrics") or []:
+            if not isinstance(m, Mapping) or not m.get("metric"):
+                continue
+            for f in ("estimate", "lower", "upper", "margin", "harm", "n"):
+                v = _num(m.get(f))
+                if v is not None:
+                    metrics.append(Metric(_param_key(f"{m['metric']}.{f}"), v, now, 0))
+        for k, v in (d.get("srm") or {}).items():
+            x = _num(v)
+            if x is not None:
+                metrics.append(Metric(_param_key(f"srm.{k}"), x, now, 0))
+            else:
+                self._tags(run_id, {_param_key(f"{T}srm.{k}"): v})
+        for i in range(0, len(params), 100):
+            self.client.log_batch(run_id, params=params[i:i + 100])
+        for i in range(0, len(metrics), 500):
+            self.client.log_batch(run_id, metrics=metrics[i:i + 500])
+        self.client.log_dict(run_id, _jsonable(dict(original)), "decision.json")
+        return run_id
+
+    def _champion(self, name: str | None = None) -> str | None:
+        return self._alias_version(self.champion_alias, name)
+
+    def _dry_run(self, d: dict) -> dict:
+        champ = self._champion()
+        after = d["challenger_version"] if d["action"] == "promote" else champ
+        detail = f"dry run: would {d['action']}"
+        if d["action"] in MOVING and champ != d.get("primary_version"):
+            detail += f" (but it is stale: champion is v{champ})"
+        elif d["action"] == "promote" and self._in_cooldown():
+            detail += " (but the cooldown would hold it)"
+        return self._record(d, "dry_run", None, champ, after, detail=detail)
+
+    def _in_cooldown(self) -> bool:
+        last = self._last_move()
+        return last is not None and self.clock.now_ms() - last < self.cooldown_ms
+
+    def _last_move(self) -> int | None:
+        if self._last_move_ms is None:
+            runs = self.client.search_runs([self.experiment_id],
+                                           f"tags.`{T}alias_moved` = 'true'", max_results=50,
+                                           order_by=["attributes.start_time DESC"])
+            times = [int(r.data.tags.get(T + "alias_moved_at_ms", "0")) for r in runs
+                     if r.data.tags.get(T + "model") == self.model_name]
+            self._last_move_ms = max(times) if times else -1
+        return None if self._last_move_ms < 0 else self._last_move_ms
+
+    def _act(self, d: dict, run_id: str, resumed: Mapping[str, str]) -> dict:
+        name = self.model_name        # a trigger acts on its registered model only
+        action = d["action"]
+        champ = self._champion(name)
+        if action == "inconclusive":
+            self._tag_challenger(d, run_id)
+            return self._record(d, "applied", run_id, champ, champ,
+                                detail="recorded; champion stays")
+        # crash recovery: this decision's own move already happened
+        moving_from = resumed.get(T + "moving_from")
+        ours = moving_from is not None and action == "promote" and \
+            champ == d["challenger_version"]
+        if not ours and champ != d.get("primary_version"):
+            return self._record(d, "stale", run_id, champ, champ,
+                                detail=f"the champion is v{champ}, not the decision's primary "
+                                       f"v{d.get('primary_version')}")
+        if action in ("rollback", "halt"):
+            self._tag_challenger(d, run_id, {T + "rolled_back": "true",
+                                             T + "rollback_reason": d.get("reason", "")})
+            self._drop_challenger_alias(name, d["challenger_version"])
+            return self._record(d, "applied", run_id, champ, champ,
+                                detail=f"{action}: challenger v{d['challenger_version']} "
+                                       f"rolled back; champion stays v{champ}")
+        # promote
+        before = moving_from or champ
+        if not ours and self._in_cooldown():
+            left = (self._last_move_ms + self.cooldown_ms - self.clock.now_ms()) / 1000
+            self._tags(run_id, {T + "status": "cooldown"})
+            return self._record(d, "cooldown", run_id, champ, champ,
+                                detail=f"last champion move {self.cooldown_ms / 1000 - left:.0f} s "
+                                       f"ago; cooldown {left:.0f} s more")
+        new = d["challenger_version"]
+        self._tags(run_id, {T + "moving_from": before or ""})    # before anything moves
+        before = before or None
+        if before is not None and before != new:
+            if self._alias_version(self.previous_alias, name) != before:
+                self.client.set_registered_model_alias(name, self.previous_alias, before)
+            self._version_tags(name, before, {T + "replaced_by": new,
+                                              T + "demoted_by_run": run_id,
+                                              T + "demoted_by_decision": d["id"]})
+        now = self.clock.now_ms()
+        if self._champion(name) != new:
+            self.client.set_registered_model_alias(name, self.champion_alias, new)
+        self._tags(run_id, {T + "alias_moved": "true", T + "alias_moved_at_ms":
+                            resumed.get(T + "alias_moved_at_ms") or now})
+        self._last_move_ms = int(resumed.get(T + "alias_moved_at_ms") or now)
+        self._tag_challenger(d, run_id, {T + "promoted_from": before or "",
+                                         T + "promoted_at_ms": self._last_move_ms})
+        self._drop_challenger_alias(name, new)
+        return self._record(d, "applied", run_id, before, new,
+                            detail=f"{self.champion_alias} v{before} -> v{new}; v{before} is "
+                                   f"{self.previous_alias}")
+
+    def _tag_challenger(self, d: dict, run_id: str, extra: Mapping[str, Any] | None = None):
+        self._version_tags(self.model_name, d["challenger_version"], {
+            T + "decision": d["action"], T + "decision_id": d["id"], T + "decision_run": run_id,
+            T + "decision_reason": d.get("reason", ""), **(extra or {})})
+
+    def _drop_challenger_alias(self, name: str, version: str) -> None:
+        if self._alias_version(self.challenger_alias, name) == version:
+            self.client.delete_registered_model_alias(name, self.challenger_alias)
+
+    def _record(self, d: dict, status: str, run_id: str | None, before, after, *,
+                detail: str = "") -> dict:
+        return {"decision_id": d["id"], "action": d["action"], "status": status,
+                "run_id": run_id, "alias_before": before, "alias_after": after,
+                "model": self.model_name,
+                "primary_version": d.get("primary_version"),
+                "challenger_version": d.get("challenger_version"), "mode": self.mode,
+                "reason": d.get("reason", ""), "detail": detail, "at_ms": self.clock.now_ms()}
+
+    def _finish(self, d: dict, run_id: str, rec: dict) -> dict:
+        rec["run_id"] = run_id
+        tags = {T + "status": rec["status"]}
+        if rec.get("alias_before") is not None:
+            tags[T + "alias_before"] = rec["alias_before"]
+        if rec.get("alias_after") is not None:
+            tags[T + "alias_after"] = rec["alias_after"]
+        self._tags(run_id, tags)
+        self.client.log_dict(run_id, _jsonable(rec), "outcome.json")
+        if rec["status"] in FINAL:
+            self.client.set_terminated(run_id, "FINISHED")
+        return self._remember(rec)
+
+    def _remember(self, rec: dict) -> dict:
+        self._history.append(dict(rec))
+        log.info("kpistream trigger: %s %s -> %s (%s)", rec["action"], rec["decision_id"],
+                 rec["status"], rec.get("detail", ""))
+        return rec
+
+    def _pending_map(self) -> dict[str, dict]:
+        """Waiting decisions; after a restart, rebuilt from the runs that wait."""
+        if self._pending is None:
+            self._pending = {}
+            runs = self.client.search_runs(
+                [self.experiment_id], f"tags.`{T}status` = 'awaiting_approval'",
+                max_results=1000, order_by=["attributes.start_time ASC"])
+            for r in runs:
+                if r.data.tags.get(T + "model") != self.model_name:
+                    continue
+                try:
+                    from mlflow.artifacts import load_dict
+
+                    d = load_dict(f"{r.info.artifact_uri}/decision.json")
+                    self._pending[str(d["id"])] = self._check(d)
+                except Exception as e:  # noqa: BLE001 - a broken record is reported, not fatal
+                    log.warning("kpistream trigger: cannot reload waiting decision of run %s: "
+                                "%s", r.info.run_id, e)
+        return self._pending
+
+    # ---------------------------------------------------------------- retraining
+    def maybe_retrain(self, reason: str, evidence: Mapping[str, Any] | None = None,
+                      launch: Callable[..., Any] | None = None) -> dict:
+        """Launch a retraining job unless one runs or the retrain cooldown holds.
+
+        ``launch(reason=..., parent_run_id=...)`` starts the job and returns a
+        handle: a Ray ObjectRef, a ``concurrent.futures.Future``, or the result
+        dict itself (synchronous).  Default: :func:`actors.retrain.launch_retrain`
+        on ``archive_dir`` with ``retrain_options``.  Returns ``{"status":
+        "launched" | "running" | "cooldown" | "unavailable", ...}``.
+        """
+        with self._lock:
+            now = self.clock.now_ms()
+            cur = self.retrain_status()
+            base = {"reason": reason, "at_ms": now}
+            if cur["status"] == "running":
+                rec = {**base, "status": "running", "run_id": cur.get("run_id"),
+                       "detail": "a retraining job is still running"}
+                return self._remember_retrain(rec)
+            if self._last_retrain_ms is not None and \
+                    now - self._last_retrain_ms < self.retrain_cooldown_ms:
+                left = (self._last_retrain_ms + self.retrain_cooldown_ms - now) / 1000
+                rec = {**base, "status": "cooldown", "run_id": cur.get("run_id"),
+                       "detail": f"last retraining launched {(now - self._last_retrain_ms) / 1000:.0f}"
+                                 f" s ago; cooldown {left:.0f} s more"}
+                return self._remember_retrain(rec)
+            if self.mode == "dry_run":
+                return self._remember_retrain({**base, "status": "dry_run",
+                                               "detail": "dry run: would launch retraining"})
+            if launch is None:
+                if not self.archive_dir:
+                    return self._remember_retrain({**base, "status": "unavailable",
+                                                   "detail": "no archive_dir and no launch"})
+                launch = self._default_launch
+            run = self.client.create_run(
+                self.experiment_id, run_name=f"retrain-{self.model_name}",
+                tags={T + "decision": "retrain", T + "model": self.model_name,
+                      T + "status": "launched", T + "retrain_reason": str(reason)[:5000],
+                      "mlflow.note.content": f"**retrain** {self.model_name}: {reason}"})
+            run_id = run.info.run_id
+            self.client.log_dict(run_id, _jsonable({"reason": reason,
+                                                    "evidence": dict(evidence or {}),
+                                                    "at_ms": now}), "evidence.json")
+            try:
+                handle = launch(reason=reason, parent_run_id=run_id)
+            except Exception as e:  # noqa: BLE001 - recorded, reported, never raised
+                self._tags(run_id, {T + "status": "failed", T + "error": repr(e)})
+                self.client.set_terminated(run_id, "FAILED")
+                return self._remember_retrain({**base, "status": "failed", "run_id": run_id,
+                                               "detail": repr(e)})
+            self._last_retrain_ms = now
+            self._retrain = {"handle": handle, "run_id": run_id, "reason": reason,
+                             "launched_at_ms": now, "result": None, "error": None,
+                             "done": False}
+            return self._remember_retrain({**base, "status": "launched", "run_id": run_id,
+                                           "detail": "retraining launched"})
+
+    def _default_launch(self, reason: str, parent_run_id: str):
+        from actors.retrain import launch_retrain
+
+        return launch_retrain(self.archive_dir, self.uri, self.model_name,
+                              alias=self.challenger_alias, reason=reason,
+                              parent_run_id=parent_run_id, **self.retrain_options)
+
+    def retrain_status(self) -> dict:
+        """``{"status": "idle" | "running" | "done" | "failed", ...}`` of the last job."""
+        with self._lock:
+            job = self._retrain
+            if job is None:
+                return {"status": "idle"}
+            if not job["done"]:
+                done, result, error = _poll(job["handle"])
+                if done:
+                    job.update(done=True, result=result, error=error,
+                               finished_at_ms=self.clock.now_ms())
+                    self._close_retrain(job)
+            out = {k: v for k, v in job.items() if k != "handle"}
+            out["status"] = ("running" if not job["done"] else
+                             "failed" if job["error"] else "done")
+            return out
+
+    def _close_retrain(self, job: dict) -> None:
+        try:
+            if job["error"]:
+                self._tags(job["run_id"], {T + "status": "failed",
+                                           T + "error": job["error"][:5000]})
+                self.client.set_terminated(job["run_id"], "FAILED")
+            else:
+                res = job["result"] if isinstance(job["result"], Mapping) else {}
+                self._tags(job["run_id"], {T + "status": "done",
+                                           T + "retrain_version": res.get("version", ""),
+                                           T + "retrain_run": res.get("run_id", "")})
+                self.client.log_dict(job["run_id"], _jsonable(dict(res)), "result.json")
+                self.client.set_terminated(job["run_id"], "FINISHED")
+        except Exception as e:  # noqa: BLE001
+            log.warning("kpistream trigger: cannot record the retraining result: %s", e)
+
+    def _remember_retrain(self, rec: dict) -> dict:
+        rec = {"decision_id": None, "action": "retrain", **rec}
+        self._history.append(dict(rec))
+        return rec
+
+
+def _poll(handle: Any) -> tuple[bool, Any, str | None]:
+    """(done, result, error) of a launched job, without blocking."""
+    if handle is None or isinstance(handle, Mapping):
+        return True, handle, None
+    if hasattr(handle, "done") and hasattr(handle, "result"):     # concurrent Future
+        if not handle.done():
+            return False, None, None
+        try:
+            return True, handle.result(), None
+        except Exception as e:  # noqa: BLE001
+            return True, None, repr(e)
+    import ray
+
+    ready, _ = ray.wait([handle], timeout=0)
+    if not ready:
+        return False, None, None
+    try:
+        return True, ray.get(handle), None
+    except Exception as e:  # noqa: BLE001
+        return True, None, f"{type(e).__name__}: {e}"[:2000]
+
+
