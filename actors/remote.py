@@ -28,11 +28,11 @@ class _PublisherOfShards(Publisher):
     """The publisher, wired to the shards by name; ticks in its own thread."""
 
     def __init__(self, config: Mapping[str, Any], store_path: str, n_shards: int,
-                 interval_s: float = 0.25) -> None:
+                 interval_s: float = 0.25, alerts: Mapping[str, Any] | None = None) -> None:
         handles = [ray.get_actor(shard_name(i), namespace=NAMESPACE) for i in range(n_shards)]
         super().__init__(config, store_path,
                          pull=lambda: ray.get([h.collect.remote() for h in handles]),
-                         n_sources=n_shards)
+                         n_sources=n_shards, alerts=alerts)
         self.start(interval_s)
 
 
@@ -43,7 +43,7 @@ PublisherActor = ray.remote(num_cpus=0, max_restarts=-1, max_concurrency=8)(_Pub
 
 
 def ensure_actors(config: Mapping[str, Any], n_shards: int, store_path: str,
-                  publish_interval_s: float = 0.25,
+                  publish_interval_s: float = 0.25, alerts: Mapping[str, Any] | None = None,
                   archive_dir: str | None = None) -> tuple[list, Any]:
     """(shard handles, publisher handle), created on first call, found by name after.
 
@@ -59,7 +59,7 @@ def ensure_actors(config: Mapping[str, Any], n_shards: int, store_path: str,
     ray.get([s.ping.remote() for s in shards])
     pub = PublisherActor.options(name=PUBLISHER, namespace=NAMESPACE, get_if_exists=True,
                                  lifetime="detached").remote(dict(config), store_path, n_shards,
-                                                             publish_interval_s)
+                                                             publish_interval_s, alerts)
     ray.get(pub.health.remote())
     return shards, pub
 

@@ -14,6 +14,9 @@ Routes (DESIGN.md's HTTP contract):
 - ``GET /v1/series``    — tidy rows from the store: ``metric`` (repeat or
   comma-separate), ``start``, ``end`` (RFC 3339 or epoch ms),
   ``resolution``, and any series label as a filter (``model=churn``).
+- ``GET /v1/alerts``    — pending and firing alerts with their evidence, the
+  drift detectors and input-drift tests, webhook counters; ``?since=<seq>``
+  adds the transition log after that sequence number.
 - ``GET /metrics``      — Prometheus text exposition.
 - ``GET /v1/health``    — publisher and shard status.
 """
@@ -33,6 +36,22 @@ from kpistream.errors import Rejection
 from kpistream.schema import parse_payload, validate_rows
 from kpistream.replay import iter_runs
 
+def jsonable(x: Any) -> Any:
+    """NaN and infinities (not JSON) become null; numpy scalars plain numbers."""
+    if isinstance(x, dict):
+        return {str(k): jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [jsonable(v) for v in x]
+    if isinstance(x, (np.floating, float)):
+        x = float(x)
+        return x if np.isfinite(x) else None
+    if isinstance(x, np.integer):
+        return int(x)
+    if isinstance(x, np.bool_):
+        return bool(x)
+    return x
+
+
 api = FastAPI(title="kpistream", description="Live KPIs for ML models")
 
 _QUERY_KEYS = {"metric", "start", "end", "resolution"}
@@ -42,13 +61,15 @@ _QUERY_KEYS = {"metric", "start", "end", "resolution"}
 @serve.ingress(api)
 class SidecarAPI:
     def __init__(self, config: dict, n_shards: int, store_path: str,
-                 max_body_bytes: int = 8 << 20, publish_interval_s: float = 0.25) -> None:
+                 max_body_bytes: int = 8 << 20, publish_interval_s: float = 0.25,
+                 alerts: dict | None = None, archive_dir: str | None = None) -> None:
         from actors.remote import ensure_actors
 
         self.cfg = config_from_dict(config)
         self.n_shards = n_shards
         self.max_body = max_body_bytes
-        self.shards, self.pub = ensure_actors(config, n_shards, store_path, publish_interval_s)
+        self.shards, self.pub = ensure_actors(config, n_shards, store_path, publish_interval_s,
+                                             alerts=alerts, archive_dir=archive_dir)
         self.received = 0
         self.too_large = 0
 
@@ -117,6 +138,26 @@ class SidecarAPI:
                 raise HTTPException(400, str(cause)) from None
             raise
         return JSONResponse(rows)
+
+    @api.get("/v1/alerts")
+    async def alerts(self, request: Request) -> JSONResponse:
+        """Pending and firing alerts with evidence; detectors; input drift; notifications.
+
+        ``?state=firing`` (or pending) filters the alerts, ``?since=<seq>`` adds
+        the notifications after that sequence number (the transition log).
+        """
+        body = await self.pub.alerts.remote()
+        state = request.query_params.get("state")
+        if state:
+            if state not in ("pending", "firing"):
+                raise HTTPException(400, f"state: expected pending or firing, got {state!r}")
+            body["alerts"] = [a for a in body["alerts"] if a["state"] == state]
+        since = request.query_params.get("since")
+        if since is not None:
+            if not since.isdigit():
+                raise HTTPException(400, f"since: expected a sequence number, got {since!r}")
+            body["transitions"] = await self.pub.notifications.remote(int(since))
+        return JSONResponse(jsonable(body))
 
     @api.get("/metrics")
     async def metrics(self) -> PlainTextResponse:

@@ -25,12 +25,26 @@ class SidecarArgs(BaseModel):
     publish_interval_s: float = Field(0.25, gt=0, le=60)
     archive_dir: str | None = Field(None, description="raw event archive (Parquet) directory; "
                                     "null: <store_path>/archive, \"\": no archive")
+    alerts_config: str | None = Field("configs/alerts.yaml",
+                                      description="alert rules, detectors, input drift, webhooks "
+                                                  "(null: none)")
 
 
 def load_metrics_config(path: str) -> dict:
     """The raw metrics config (validated here, so a bad file fails at deploy time)."""
     raw = read_yaml(Path(path).expanduser().resolve())
     config_from_dict(raw)
+    return raw
+
+
+def load_alerts_config(path: str | None, metrics: dict) -> dict | None:
+    """The raw alerts config, checked against the metrics config (fails at deploy time)."""
+    from kpistream.watch import alerts_from_dict, check_windows
+
+    if not path:
+        return None
+    raw = read_yaml(Path(path).expanduser().resolve())
+    check_windows(alerts_from_dict(raw), config_from_dict(metrics))
     return raw
 
 
@@ -41,25 +55,13 @@ def build_app(args: dict):
     cfg = load_metrics_config(a.metrics_config)
     store = str(Path(a.store_path).expanduser().resolve())
     Path(store).mkdir(parents=True, exist_ok=True)
+    alerts = load_alerts_config(a.alerts_config, cfg)
     return SidecarAPI.bind(cfg, a.shards, store, a.max_body_bytes, a.publish_interval_s,
-                           **_archive_arg(SidecarAPI, a.archive_dir, store))
+                           alerts=alerts, archive_dir=_archive_dir(a.archive_dir, store))
 
 
-def _archive_arg(deployment, archive_dir: str | None, store: str) -> dict:
-    """``{"archive_dir": absolute path | ""}`` for the API deployment.
-
-    The shards' default is ``<store>/archive`` already; until the deployment
-    takes ``archive_dir`` only that default can be used.
-    """
-    import inspect
-
-    default = str(Path(store) / "archive")
-    path = default if archive_dir is None else (
-        str(Path(archive_dir).expanduser().resolve()) if archive_dir else "")
-    cls = getattr(deployment, "func_or_class", deployment)
-    if "archive_dir" in inspect.signature(cls.__init__).parameters:
-        return {"archive_dir": path}
-    if path != default:
-        raise ValueError("archive_dir: this SidecarAPI does not take an archive directory; "
-                         f"only the default {default} is available")
-    return {}
+def _archive_dir(archive_dir: str | None, store: str) -> str:
+    """The raw event archive: ``<store>/archive`` by default, ``""`` for none."""
+    if archive_dir is None:
+        return str(Path(store) / "archive")
+    return str(Path(archive_dir).expanduser().resolve()) if archive_dir else ""
