@@ -23,11 +23,15 @@ The file (all keys optional; shown with the defaults)::
     join:
       max_pending: 1000000  # inferences kept for feedback (their event ids dedup them)
       max_feedback: 1000000 # feedback kept for inferences that arrive later (and dedup)
+      max_paired: 1000000   # challenger inferences kept for pairing with the primary
     metrics:
-      families: [traffic, latency, classification, regression, ranking, feedback, cost]
+      families: [traffic, latency, classification, regression, ranking, feedback, cost,
+                 paired, features]
       classification: {positive_label: "1", max_classes: 64}
       ranking: {k: 10}
       latency: {relative_accuracy: 0.01}
+      paired: {primary_variant: primary}   # every other variant of a model is a challenger
+      features: {sample_size: 256, max_features: 64}  # bottom-k input sample per series, pane
 """
 
 from __future__ import annotations
@@ -41,7 +45,8 @@ from typing import Any, Mapping
 from .errors import ConfigError
 
 FAMILIES: tuple[str, ...] = (
-    "traffic", "latency", "classification", "regression", "ranking", "feedback", "cost")
+    "traffic", "latency", "classification", "regression", "ranking", "feedback", "cost",
+    "paired", "features")
 
 _UNITS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
 _DUR = re.compile(r"^\s*(\d+)\s*(ms|s|m|h|d)\s*$")
@@ -102,6 +107,10 @@ class EngineConfig:
     max_classes: int = 64
     k: int = 10
     relative_accuracy: float = 0.01
+    primary_variant: str = "primary"
+    max_paired: int = 1_000_000
+    feature_sample_size: int = 256
+    max_features: int = 64
     extra: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     @property
@@ -236,12 +245,12 @@ def config_from_dict(raw: Mapping[str, Any]) -> EngineConfig:
         kw["segments"] = tuple(segs)
     if "max_series" in s:
         kw["max_series"] = _int(s["max_series"], "series.max_series")
-    j = _check_keys(d.get("join"), {"max_pending", "max_feedback"}, "join")
-    for key in ("max_pending", "max_feedback"):
+    j = _check_keys(d.get("join"), {"max_pending", "max_feedback", "max_paired"}, "join")
+    for key in ("max_pending", "max_feedback", "max_paired"):
         if key in j:
             kw[key] = _int(j[key], f"join.{key}", lo=16)
-    m = _check_keys(d.get("metrics"), {"families", "classification", "ranking", "latency"},
-                    "metrics")
+    m = _check_keys(d.get("metrics"), {"families", "classification", "ranking", "latency",
+                                       "paired", "features"}, "metrics")
     if "families" in m:
         fam = m["families"]
         if not isinstance(fam, list) or not fam:
@@ -274,4 +283,16 @@ def config_from_dict(raw: Mapping[str, Any]) -> EngineConfig:
             raise ConfigError("metrics.latency.relative_accuracy",
                               f"expected a number in [0.0001, 0.2], got {a!r}")
         kw["relative_accuracy"] = float(a)
+    pr = _check_keys(m.get("paired"), {"primary_variant"}, "metrics.paired")
+    if "primary_variant" in pr:
+        pv = pr["primary_variant"]
+        if not isinstance(pv, str) or not pv:
+            raise ConfigError("metrics.paired.primary_variant",
+                              f"expected a variant name (a non-empty string), got {pv!r}")
+        kw["primary_variant"] = pv
+    fe = _check_keys(m.get("features"), {"sample_size", "max_features"}, "metrics.features")
+    if "sample_size" in fe:
+        kw["feature_sample_size"] = _int(fe["sample_size"], "metrics.features.sample_size", 1, 65536)
+    if "max_features" in fe:
+        kw["max_features"] = _int(fe["max_features"], "metrics.features.max_features", 1, 256)
     return EngineConfig(**kw)

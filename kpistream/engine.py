@@ -12,6 +12,12 @@ alone).  It takes columnar batches (:mod:`kpistream.batch`) and keeps:
   either order: inferences wait for feedback until their window's label
   deadline (window end + label delay), feedback waits for inferences (early
   feedback, a shadow's late prediction) for the label delay; both bounded;
+- the **pairing** of a challenger's inference with the primary's for the
+  same request and model (family ``paired``, :mod:`kpistream.paired`):
+  challenger inferences wait in a bounded table for the primary's (and
+  find earlier ones in the join table), until the label deadline;
+- a **bottom-k sample** of the sampled inputs (family ``features``,
+  :mod:`kpistream.features`), per pane and series, when events carry them;
 - **panes**: mergeable metric states per (pane, series, family); a pane is
   the gcd of the time windows' sizes and steps, so tumbling and sliding
   windows are merges of panes computed by :mod:`kpistream.aggregate`; count
@@ -45,7 +51,14 @@ from .clock import Clock
 from .config import EngineConfig
 from .errors import Rejection
 from ._hashkernels import apply_once, future_mask
+from .features import FeatureSampleState
 from .keytable import KeyTable
+from .paired import (
+    ARM_INFERENCE_COLS, ARM_LABEL_COLS, PAIR_INFERENCE_COLS, PAIR_LABEL_COLS, ROLE_CHALLENGER,
+    ROLE_NONE, ROLE_PRIMARY, PairedTable, arm_feedback_sums, arm_inference_sums,
+    best_per_query, pair_form_kernel, pair_inference_sums, pair_label_sums_masked,
+    record_labels_kernel, rows_of_slots, take_ready,
+)
 from .states import (
     FAMILY_CLASSES, SumsState, SumsTable, sums_for, TASK_CLASSIFICATION, TASK_NONE, TASK_RANKING, TASK_REGRESSION,
     ClassificationState, FeedbackState, LatencyState, MetricState, RankingState,
@@ -59,6 +72,11 @@ _TIME = "time"
 
 # bits of the per-inference "seen" mask: feedback kinds that count once per inference
 _ONCE_BITS = {KIND_LABEL: 1, KIND_CLICK: 2, KIND_CONVERSION: 4, KIND_RELEVANCE: 8}
+# ... and two more bits of it for the paired family: the inference's status was
+# "error"; its first label made it correct (classification)
+_ERR_BIT, _CORRECT_BIT = 16, 32
+# flags of a pairing record
+_R_CERR, _R_CLAB, _R_HASP, _R_PLAB, _R_DONE = 1, 2, 4, 8, 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,7 +137,11 @@ class Engine:
         self.clock = clock
         self.pane_ms = cfg.pane_ms
         self.families = tuple(f for f in FAMILY_CLASSES if f in cfg.families)
-        self._op_families = [f for f in self.families if FAMILY_CLASSES[f].horizon == "inference"]
+        # families with update paths of their own: paired (time panes only) and features
+        self._paired_on = "paired" in self.families
+        self._features_on = "features" in self.families
+        self._op_families = [f for f in self.families if FAMILY_CLASSES[f].horizon == "inference"
+                             and f != "features"]
         self._q_families = [f for f in self.families if FAMILY_CLASSES[f].horizon == "label"]
         # time
         self.max_ts = _I64_MIN          # largest accepted event time
@@ -131,15 +153,36 @@ class Engine:
         self.labels: list[str] = []                 # interned label strings (global codes)
         self._label_index: dict[str, int] = {}
         self._series_labels: list[list[str]] = []  # per series: its class vocabulary
+        # per series: paired role (primary / challenger / none) and model code
+        self._series_role = np.zeros(0, dtype=np.int8)
+        self._series_model = np.zeros(0, dtype=np.int32)
+        self._model_index: dict[str, int] = {}
+        self._model_has_ch = np.zeros(0, dtype=bool)   # per model: a challenger series exists
+        self._series_pairable = np.zeros(0, dtype=bool)  # per series: its model has one
         self._local_table = np.full((0, 0), -1, dtype=np.int32)
         self._overflowed: set[tuple[int, int]] = set()
         # join / dedup tables
         k = cfg.k
         cw = {f"cw_{w.name}": np.int64 for w in cfg.count_windows}
+        # paired: what a challenger arriving later needs of the primary's
+        # inference: its latency; its status and the outcome of its first label
+        # are bits of "seen", and a regression's absolute error replaces its
+        # prediction once labelled (nothing reads the prediction after that)
+        pc = {"lat": np.float64} if self._paired_on else {}
         self.pending = KeyTable(cfg.max_pending, {
             "ts": np.int64, "series": np.int32, "task": np.int8, "pred": np.int32,
-            "pred_value": np.float64, "seen": np.uint8, "labelled": np.bool_, **cw},
+            "pred_value": np.float64, "seen": np.uint8, "labelled": np.bool_, **cw, **pc},
             arenas={"rank": {"items": np.uint64}})
+        # challenger inferences by request id (ident: their event id), each with
+        # its primary partner once found (pident, pts); expiry: the label
+        # deadline of the challenger's pane while waiting, of the primary's pane
+        # once paired; c_out / p_out: first-label outcomes (1/0 correct, or the
+        # absolute error); flags: _R_* bits
+        self.pair_tab = KeyTable(cfg.max_paired, {
+            "csid": np.int32, "ctask": np.int8, "ptask": np.int8, "flags": np.uint8,
+            "clat": np.float64, "c_out": np.float64, "p_out": np.float64, "pident": np.uint64,
+            "pts": np.int64}, initial=1024) if self._paired_on else None
+        self._pair_waiting = 0   # challenger entries without a primary yet
         self.fb_store = KeyTable(cfg.max_feedback, {
             "ts": np.int64, "kind": np.int8, "label": np.int32, "value": np.float64,
             "matched": np.bool_, "seq": np.int64},
@@ -260,15 +303,33 @@ class Engine:
                                 tuple((s, OTHER) for s in self.cfg.segments))
                     sid = self._series_index.get(proj)
                     if sid is None:
-                        sid = len(self.series_keys)
-                        self.series_keys.append(proj)
-                        self._series_index[proj] = sid
-                        self._series_labels.append([])
+                        sid = self._new_series(proj)
                 if len(cache) > 100_000:
                     cache.clear()
                 cache[raw] = sid
             out[i] = sid
         return out
+
+    def _new_series(self, proj: SeriesKey) -> int:
+        sid = len(self.series_keys)
+        self.series_keys.append(proj)
+        self._series_index[proj] = sid
+        self._series_labels.append([])
+        model = proj[0]
+        m = self._model_index.setdefault(model, len(self._model_index))
+        if m >= len(self._model_has_ch):
+            self._model_has_ch = np.append(self._model_has_ch, False)
+        if model == OTHER and proj[2] == OTHER:
+            role = ROLE_NONE
+        elif proj[2] == self.cfg.primary_variant:
+            role = ROLE_PRIMARY
+        else:
+            role = ROLE_CHALLENGER
+            self._model_has_ch[m] = True
+        self._series_role = np.append(self._series_role, np.int8(role))
+        self._series_model = np.append(self._series_model, np.int32(m))
+        self._series_pairable = (self._series_role >= 0) & self._model_has_ch[self._series_model]
+        return sid
 
     def _label_map(self, labels: list[str]) -> np.ndarray:
         """Global codes of a batch's label vocabulary (index -1 maps to -1).
@@ -343,6 +404,8 @@ class Engine:
             return LatencyState(self.cfg.relative_accuracy)
         if family == "classification":
             return ClassificationState(self._series_labels[sid], self.cfg.positive_label)
+        if family == "features":
+            return FeatureSampleState(self.cfg.feature_sample_size, self.cfg.max_features)
         return FAMILY_CLASSES[family]()
 
     def _time_pane(self, start: int) -> _Pane:
@@ -524,10 +587,22 @@ class Engine:
         # 4. operational and denominator updates, per space
         cols = {"error": b.error, "latency": b.latency_ms, "cost_usd": b.cost_usd,
                 "tokens": b.tokens, "has_task": task != TASK_NONE}
+        feat_rows = None
+        if self._features_on and b.features is not None:
+            has = np.fromiter((f is not None for f in b.features), dtype=bool, count=len(b))
+            feat_rows = np.flatnonzero(has) if has.any() else None
         for space, keys in self._spaces(ts=pane_start, cw_cols=cw_keys):
             gid, panes, sids = self._groups(space, keys, series)
             for f in self._op_families:
                 self._update(space, f, panes, sids, gid, cols)
+            if self._paired_on and space == _TIME:
+                sums = arm_inference_sums(gid, len(panes), b.error, b.latency_ms)
+                self._paired_add(panes, sids, sums, ARM_INFERENCE_COLS, arms=True)
+            if feat_rows is not None:
+                fgid, fpanes, fsids = self._groups(space, keys[feat_rows], series[feat_rows])
+                FeatureSampleState.update_grouped(
+                    self._states("features", fpanes, fsids), fgid,
+                    {"hash": b.event_id[feat_rows], "features": [b.features[i] for i in feat_rows]})
             if space != _TIME:
                 cnt = np.bincount(gid, minlength=len(panes))
                 mx = np.full(len(panes), _I64_MIN, dtype=np.int64)
@@ -555,6 +630,9 @@ class Engine:
         colp["pred_value"][s_] = b.pred_value[kept]
         colp["seen"][s_] = 0
         colp["labelled"][s_] = False
+        if self._paired_on:
+            colp["lat"][s_] = b.latency_ms[kept]
+            colp["seen"][s_] = np.where(b.error[kept], _ERR_BIT, 0)
         for w in self.cfg.count_windows:
             colp[f"cw_{w.name}"][s_] = cw_keys[w.name][kept]
         rk = kept & (task == TASK_RANKING)
@@ -568,6 +646,9 @@ class Engine:
             items = b.rank_items[_ranges(lo, topk)]
             rows = np.flatnonzero(rk)
             self.pending.arena_put("rank", slots[rows], toffs, {"items": items}, rows)
+        # 5b. challenger inferences meet the primary's of the same request
+        if self._paired_on and self._model_has_ch.any():
+            self._pair_inferences(b, kept, s_, series[kept], prior_max)
         # 6. feedback that came first, as one-event-at-a-time processing sees
         # it: the watermark just after each inference, and in arrival order
         if len(self.fb_store):
@@ -588,9 +669,11 @@ class Engine:
                 ln = st["rel_len"][fs].astype(np.int64)
                 np.cumsum(ln, out=roffs[1:])
                 sel = _ranges(st["rel_off"][fs], ln)
+                ids = ((b.request_id[kept][qi], b.event_id[kept][qi]) if self._paired_on
+                       else None)
                 rep.matched_pairs += self._apply_pairs(
                     ps, st["kind"][fs], st["label"][fs], st["value"][fs],
-                    roffs, rel["items"][sel], rel["grades"][sel])
+                    roffs, rel["items"][sel], rel["grades"][sel], wm_after[qi], ids)
         self.pending.enforce_capacity()
         self._count_evicted(self.pending, "pending_evicted")
         return rep
@@ -653,9 +736,10 @@ class Engine:
                 noffs = np.zeros(len(qi) + 1, dtype=np.int64)
                 np.cumsum(ln, out=noffs[1:])
                 sel = _ranges(roffs[qi], ln)
+                ids = (b.request_id[qi], None) if self._paired_on else None
                 rep.matched_pairs += self._apply_pairs(
                     ps, b.kind[qi], label[qi], b.value[qi], noffs,
-                    b.rel_items[sel], b.rel_grades[sel])
+                    b.rel_items[sel], b.rel_grades[sel], wm[qi], ids)
         # 2. keep every feedback for inferences that arrive later
         kept = slots >= 0
         s_ = slots[kept]
@@ -703,8 +787,14 @@ class Engine:
     # ------------------------------------------------------------------ join
     def _apply_pairs(self, ps: np.ndarray, kind: np.ndarray, label: np.ndarray,
                      value: np.ndarray, rel_offs: np.ndarray, rel_items: np.ndarray,
-                     rel_grades: np.ndarray) -> int:
-        """Fold (pending inference slot, feedback) pairs into the inference's panes."""
+                     rel_grades: np.ndarray, wm_pairs: np.ndarray,
+                     ids: tuple | None = None) -> int:
+        """Fold (pending inference slot, feedback) pairs into the inference's panes.
+
+        For the paired family: ``wm_pairs``, the watermark each pair is seen at
+        (liveness of the pairing records), and ``ids``, the request id and
+        (or None: read from the join table) event id of each pair's inference.
+        """
         col = self.pending.col
         task = col["task"][ps]
         # label pairs on the wrong kind of model are counted, not guessed at,
@@ -735,11 +825,12 @@ class Engine:
         series = col["series"][ps]
         pane_start = ts - ts % self.pane_ms
         jobs = []
-        if "classification" in self.families:
-            m = use & cls_ok
-            if m.any():
-                true = self._local_codes(series[m].astype(np.int64), label[m])
-                jobs.append(("classification", m, {"true": true, "pred": col["pred"][ps[m]]}))
+        m_cls = use & cls_ok
+        true_cls = None
+        if m_cls.any() and ("classification" in self.families or self._paired_on):
+            true_cls = self._local_codes(series[m_cls].astype(np.int64), label[m_cls])
+        if "classification" in self.families and true_cls is not None:
+            jobs.append(("classification", m_cls, {"true": true_cls, "pred": col["pred"][ps[m_cls]]}))
         if "regression" in self.families:
             m = use & reg_ok
             if m.any():
@@ -751,13 +842,220 @@ class Engine:
                     np.flatnonzero(m), rel_offs, rel_items, rel_grades))))
         if "feedback" in self.families and fb_kind.any():
             jobs.append(("feedback", fb_kind, {"kind": kind[fb_kind], "value": value[fb_kind]}))
+        # the feedback rows' time-pane groups serve the feedback and paired families
+        fb_groups = None
+        if fb_kind.any() and ("feedback" in self.families or self._paired_on):
+            fb_groups = self._groups(_TIME, pane_start[fb_kind], series[fb_kind])
         for family, m, cols in jobs:
             for space, keys in self._spaces(pend_slots=ps[m], ts=pane_start[m]):
-                gid, panes, sids = self._groups(space, keys, series[m])
+                if family == "feedback" and space == _TIME:
+                    gid, panes, sids = fb_groups
+                else:
+                    gid, panes, sids = self._groups(space, keys, series[m])
                 self._update(space, family, panes, sids, gid, cols)
+        if self._paired_on and fb_groups is not None:
+            self._paired_feedback(ps, series, kind, value, use, fb_kind, fb_groups, m_cls,
+                                  true_cls, use & reg_ok, wm_pairs, ids)
         n_used = int(use.sum())
         self.counters["join_pairs"] += n_used
         return n_used
+
+    # ---------------------------------------------------------------- paired
+    def _paired_add(self, panes: list[_Pane], sids: np.ndarray, sums: np.ndarray,
+                    cols: np.ndarray, arms: bool) -> None:
+        """Add per-group sums (groups -> (time pane, series)) to the panes' paired tables.
+
+        ``arms``: arm sums of each series' own role (series without a role,
+        the overflow series, are skipped); else paired sums of challengers.
+        """
+        by_pane: dict[int, tuple[_Pane, list[int]]] = {}
+        for i, p in enumerate(panes):
+            by_pane.setdefault(id(p), (p, []))[1].append(i)
+        for p, idx in by_pane.values():
+            ix = np.asarray(idx, dtype=np.intp)
+            t = p.tables.get("paired")
+            if t is None:
+                t = p.tables["paired"] = PairedTable(len(self.series_keys))
+            if arms:
+                roles = self._series_role[sids[ix]]
+                ix = ix[roles >= 0]
+                t.add_arms(sids[ix], self._series_role[sids[ix]], cols, sums[ix])
+            else:
+                t.add_pairs(sids[ix], cols, sums[ix])
+
+    def _pair_inferences(self, b: InferenceBatch, kept: np.ndarray, s_: np.ndarray,
+                         ser: np.ndarray, prior_max: int) -> None:
+        """Pair this batch's accepted inferences (``kept`` rows, join-table slots ``s_``).
+
+        A challenger inference is paired with a primary inference of the same
+        request and model: one that arrived before it (the smallest event-id
+        hash if several did), else the first to arrive after it; both must be
+        live (label deadline not passed) when the later one arrives.  This is
+        what one-event-at-a-time processing gives, whatever the batching.
+        Records waiting from earlier batches meet this batch's primaries
+        first; then this batch's challengers are recorded and look for their
+        primary in the join table (this batch's rows included).
+        """
+        T = self.pair_tab
+        role = self._series_role[ser]
+        model = self._series_model[ser]
+        pm = (role == ROLE_PRIMARY) & self._series_pairable[ser]
+        cm = role == ROLE_CHALLENGER
+        if not (cm.any() or (pm.any() and self._pair_waiting > 0)):
+            return
+        ts_k = b.ts[kept]
+        req_k = b.request_id[kept]
+        wm_after = self._watermark_before(ts_k, np.ones(len(ts_k), dtype=bool), prior=prior_max,
+                                          include_self=True)
+        colp = self.pending.col
+        c = T.col
+        # (i) records waiting from earlier batches: the first live primary of this batch
+        if self._pair_waiting > 0 and pm.any():
+            rows = np.flatnonzero(pm)
+            qi, rs = T.lookup_multi(req_k[rows])
+            if len(qi):
+                csid = c["csid"][rs]
+                ok = (((c["flags"][rs] & _R_HASP) == 0)
+                      & (self._series_model[csid] == model[rows][qi])
+                      & (c["expiry"][rs] > wm_after[rows][qi]))
+                qi, rs = qi[ok], rs[ok]
+                order = np.lexsort((qi, rs))
+                qi, rs = qi[order], rs[order]
+                first = np.r_[True, rs[1:] != rs[:-1]] if len(rs) else np.zeros(0, dtype=bool)
+                qi, rs = qi[first], rs[first]
+                if len(rs):
+                    self._pair_form(rs, s_[rows[qi]])
+        # (ii) this batch's challengers: recorded, and paired with a primary already here
+        if cm.any():
+            rows = np.flatnonzero(cm)
+            rslots, dup = T.insert_multi(req_k[rows], colp["expiry"][s_[rows]],
+                                         ident=b.event_id[kept][rows])
+            self._count_pair_evicted()
+            if dup.any():   # a re-delivery whose join entry was evicted: recorded already
+                rows, rslots = rows[~dup], rslots[~dup]
+            c = T.col
+            cs = s_[rows]
+            c["csid"][rslots] = ser[rows]
+            c["ctask"][rslots] = colp["task"][cs]
+            c["clat"][rslots] = colp["lat"][cs]
+            c["flags"][rslots] = np.where(b.error[kept][rows], _R_CERR, 0)
+            self._pair_waiting += len(rows)
+            self.counters["paired_challengers"] += len(rows)
+            qi, ps = self.pending.lookup_multi(req_k[rows])
+            if len(qi):
+                pser = colp["series"][ps]
+                row_c = rows[qi]
+                ok = ((self._series_role[pser] == ROLE_PRIMARY)
+                      & (self._series_model[pser] == model[row_c]))
+                qi, ps, row_c = qi[ok], ps[ok], row_c[ok]
+            if len(qi):
+                # the batch row of candidates of this batch (-1: an earlier batch);
+                # they are among its primaries of models with a challenger
+                prow = np.flatnonzero(pm)
+                row_p = rows_of_slots(np.ascontiguousarray(s_[prow], dtype=np.int64), prow,
+                                      np.ascontiguousarray(ps, dtype=np.int64))
+                before = row_p < row_c
+                at = np.where(before, row_c, row_p)      # the later arrival of the two
+                wm_l = wm_after[at]
+                live = (colp["expiry"][ps] > wm_l) & (c["expiry"][rslots[qi]] > wm_l)
+                qi, ps, before, row_p = qi[live], ps[live], before[live], row_p[live]
+                if len(qi):
+                    # per challenger (qi is non-decreasing): a primary from before it
+                    # (smallest event-id hash), else the first after it
+                    key = np.where(before, self.pending.ident[ps], row_p.astype(np.uint64))
+                    sel = best_per_query(qi, before, key)
+                    self._pair_form(rslots[qi[sel]], ps[sel])
+        T.enforce_capacity()
+        self._count_pair_evicted()
+
+    def _pair_form(self, rs: np.ndarray, ps: np.ndarray) -> None:
+        """Records ``rs`` get the primary inference at join-table slot ``ps``."""
+        T = self.pair_tab
+        c, colp = T.col, self.pending.col
+        n = len(rs)
+        rs = np.ascontiguousarray(rs, dtype=np.int64)
+        ps = np.ascontiguousarray(ps, dtype=np.int64)
+        perr, cerr = np.empty(n, dtype=np.bool_), np.empty(n, dtype=np.bool_)
+        plat, clat = np.empty(n), np.empty(n)
+        lo = pair_form_kernel(
+            rs, ps, self.pending.ident, colp["ts"], colp["task"], colp["seen"],
+            colp["pred_value"], colp["lat"], colp["expiry"], c["pident"], c["pts"], c["ptask"],
+            c["p_out"], c["flags"], c["expiry"], c["clat"], np.uint8(_ERR_BIT),
+            np.uint8(_CORRECT_BIT), np.uint8(_ONCE_BITS[KIND_LABEL]), np.uint8(_R_HASP),
+            np.uint8(_R_PLAB), np.uint8(_R_CERR),
+            np.int8(TASK_CLASSIFICATION), np.int8(TASK_REGRESSION), perr, cerr, plat, clat)
+        T.min_expiry = min(T.min_expiry, int(lo))
+        self._pair_waiting -= n
+        self.counters["paired_requests"] += n
+        pts = c["pts"][rs]
+        gid, panes, sids = self._groups(_TIME, pts - pts % self.pane_ms,
+                                        c["csid"][rs].astype(np.int64))
+        sums = pair_inference_sums(gid, len(panes), perr, cerr, plat, clat)
+        self._paired_add(panes, sids, sums, PAIR_INFERENCE_COLS, arms=False)
+        self._pair_emit_labelled(take_ready(rs, c["flags"], np.uint8(_R_HASP | _R_CLAB | _R_PLAB),
+                                            np.uint8(_R_DONE)))
+
+    def _pair_emit_labelled(self, rs: np.ndarray) -> None:
+        """Labelled-pair sums of records ``rs``, whose two sides now have their label."""
+        if not len(rs):
+            return
+        c = self.pair_tab.col
+        pt, ct = c["ptask"][rs], c["ctask"][rs]
+        pts = c["pts"][rs]
+        gid, panes, sids = self._groups(_TIME, pts - pts % self.pane_ms,
+                                        c["csid"][rs].astype(np.int64))
+        sums = pair_label_sums_masked(gid, len(panes), pt == TASK_CLASSIFICATION,
+                                      ct == TASK_CLASSIFICATION, pt == TASK_REGRESSION,
+                                      ct == TASK_REGRESSION, c["p_out"][rs], c["c_out"][rs])
+        self._paired_add(panes, sids, sums, PAIR_LABEL_COLS, arms=False)
+        self.counters["paired_labelled"] += len(rs)
+
+    def _paired_feedback(self, ps, series, kind, value, use, fb_kind, fb_groups, m_cls, true_cls,
+                         m_reg, wm_pairs, ids) -> None:
+        """Arm sums of joined feedback (first labels, rewards) and label outcomes for pairing.
+
+        ``fb_groups``: the time-pane groups of the ``fb_kind`` rows, which
+        hold every first label and reward.
+        """
+        col = self.pending.col
+        gid, panes, sids = fb_groups
+        f = np.flatnonzero(fb_kind)
+        true_code = np.full(len(ps), -1, dtype=np.int32)
+        if true_cls is not None:
+            true_code[m_cls] = true_cls
+        rew = use & (kind == KIND_REWARD)
+        sums, out_f = arm_feedback_sums(gid, len(panes), ps[f], m_cls[f], true_code[f], m_reg[f],
+                                        rew[f], value[f], col["pred"], col["pred_value"],
+                                        col["seen"], _CORRECT_BIT)
+        self._paired_add(panes, sids, sums, ARM_LABEL_COLS, arms=True)
+        if not len(self.pair_tab):
+            return
+        # first labels of inferences that may be in a pairing record: the outcome
+        # goes to the record (by request id, and event id of either side)
+        outcome = np.full(len(ps), np.nan)
+        outcome[f] = out_f
+        li = np.flatnonzero((m_cls | m_reg) & self._series_pairable[series])
+        if not len(li):
+            return
+        req, ident = ids
+        qi, rs = self.pair_tab.lookup_multi(req[li])
+        if not len(qi):
+            return
+        ident = self.pending.ident[ps[li]] if ident is None else ident[li]
+        c = self.pair_tab.col
+        ready = record_labels_kernel(
+            qi, rs, ident, np.ascontiguousarray(wm_pairs[li], dtype=np.int64),
+            self._series_role[series[li]], outcome[li], self.pair_tab.ident,
+            c["expiry"], c["flags"], c["pident"], c["c_out"], c["p_out"], np.int8(ROLE_PRIMARY),
+            np.int8(ROLE_CHALLENGER), np.uint8(_R_HASP), np.uint8(_R_CLAB), np.uint8(_R_PLAB),
+            np.uint8(_R_DONE))
+        self._pair_emit_labelled(ready)
+
+    def _count_pair_evicted(self) -> None:
+        ev = self.pair_tab.take_evicted()
+        if ev:
+            self.counters["paired_evicted"] += len(ev["expiry"])
+            self._pair_waiting -= int(((ev["flags"] & _R_HASP) == 0).sum())
 
     def _ranking_cols(self, ps, rel_offs, rel_items, rel_grades) -> dict[str, np.ndarray]:
         return ranking_metrics(self.pending.col["rank_off"][ps],
@@ -841,6 +1139,12 @@ class Engine:
         ex = self.fb_store.expire(wm, ("matched",))
         if ex:
             self.counters["feedback_unmatched"] += int((~ex["matched"]).sum())
+        if self.pair_tab is not None:
+            ex = self.pair_tab.expire(wm, ("flags",))
+            if ex:
+                unpaired = int(((ex["flags"] & _R_HASP) == 0).sum())
+                self.counters["paired_unmatched"] += unpaired   # no primary came
+                self._pair_waiting -= unpaired
 
     # --------------------------------------------------------------- reports
     def stats(self) -> dict:
@@ -848,6 +1152,7 @@ class Engine:
             "watermark": self.watermark, "max_ts": self.max_ts,
             "series": len(self.series_keys), "labels": len(self.labels),
             "pending": len(self.pending), "feedback_kept": len(self.fb_store),
+            "paired_kept": len(self.pair_tab) if self.pair_tab is not None else 0,
             "open_panes": sum(len(p) for p in self.panes.values()),
             "counters": dict(self.counters),
             "rejected": {f"{f}:{r}": n for (f, r), n in self.rejected.items()},
@@ -863,7 +1168,8 @@ class Engine:
                    for st in (*p.states.values(), *p.tables.values()))
 
     def table_nbytes(self) -> int:
-        return self.pending.nbytes + self.fb_store.nbytes
+        return (self.pending.nbytes + self.fb_store.nbytes
+                + (self.pair_tab.nbytes if self.pair_tab is not None else 0))
 
     def active_series(self) -> int:
         s = set()

@@ -595,3 +595,7 @@ def sums_for(cls: type[SumsState], gid: np.ndarray, n_groups: int, cols, observe
 FAMILY_CLASSES: dict[str, type[MetricState]] = {
     c.family: c for c in (TrafficState, LatencyState, CostState, ClassificationState,
                           RegressionState, RankingState, FeedbackState)}
+
+# Families defined in modules of their own register themselves in FAMILY_CLASSES
+# on import; importing them here makes every family known wherever states is.
+from . import features as _features, paired as _paired  # noqa: E402,F401
