@@ -99,6 +99,7 @@ class Publisher:
         self.notifier = Notifier(self.watcher.config.webhooks, self.watcher.config.log)
         self.watcher.subscribe(self.notifier)
         self.watch_s = 0.0
+        self._paired_cache: dict[tuple, tuple] = {}
 
     # ------------------------------------------------------------------ loop
     def tick(self, results: Sequence[tuple[list[Partial], int, dict]] | None = None) -> int:
@@ -129,10 +130,11 @@ class Publisher:
             if now - self._last_retention >= self._retention_every_ms:
                 self.store.apply_retention(now)
                 self._last_retention = now
+            features = self._final_features()
             final_rows = self.agg.pop_final_rows()  # forgets panes no window needs any more
             current = self.agg.current_rows({k[0] for k in touched})
             self._refresh_snapshot(final_rows, current, now)
-            self._watch(final_rows, current)
+            self._watch(final_rows, current, features)
             self.ticks += 1
             self.last_tick_ms = now
         self.tick_s += time.perf_counter() - t0
@@ -175,10 +177,29 @@ class Publisher:
             self._thread.join(timeout=5)
 
     # --------------------------------------------------------------- queries
-    def _watch(self, final_rows: list[dict], current: list[dict]) -> None:
+    def _final_features(self) -> list[tuple]:
+        """The sampled inputs of the windows input-drift tests watch, as they become final."""
+        wins = self.watcher.feature_windows
+        if not wins or "features" not in self.cfg.families:
+            return []
+        try:
+            sizes = {w.name: w.size for w in self.cfg.windows if w.is_time}
+            return [(w, start, start + sizes[w], series, st.sample())
+                    for (w, start, series), st in self.agg.final_states("features", wins).items()]
+        except Exception as e:  # counted, never stops the tick
+            self.errors[f"features:{type(e).__name__}"] += 1
+            self.last_error = repr(e)
+            return []
+
+    def _watch(self, final_rows: list[dict], current: list[dict],
+               features: Sequence[tuple] = ()) -> None:
         """Alert rules, detectors and input drift on this tick's rows; never stops the tick."""
+        from kpistream.batch import series_labels
+
         t0 = time.perf_counter()
         try:
+            for w, start, end, series, sample in features:
+                self.watcher.observe_features(w, start, end, series_labels(series), sample, True)
             self.watcher.observe([*final_rows, *current])
             self.watcher.evaluate()
         except Exception as e:  # a bad rule or detector must not stop publishing
@@ -193,6 +214,61 @@ class Publisher:
             st["notifications"] = self.notifier.stats()
             st["rules"] = [r.name for r in self.watcher.config.rules]
             return st
+
+    def paired_summary(self, model: str, challenger: str, version: str | None = None,
+                       since_ms: int = 0, primary: str = "primary") -> dict:
+        """The comparison of ``challenger`` (at ``version``) with ``primary`` since ``since_ms``.
+
+        Merges the stored ``paired`` pane states of the model's primary series
+        and of the challenger's series (every segment and endpoint) with a
+        pane start at or after ``since_ms`` -- the *paired summary* that
+        :meth:`kpistream.canary.CanaryPolicy.decide` reads, plus
+        ``"window": {"start", "end", "panes", "final_until"}``.  Panes
+        final for the paired family (watermark past their end plus the label
+        delay) are merged once and cached; only open panes are re-read.
+        """
+        from kpistream.batch import series_labels
+        from kpistream.paired import PairedState
+
+        key = (model, challenger, version, primary, int(since_ms))
+        with self._lock:
+            wm = self.agg.watermark
+        horizon = self.agg._horizon("paired") if "paired" in self.cfg.families else 0
+        acc, until, panes = self._paired_cache.get(key, (PairedState(), int(since_ms), 0))
+        states = self.store.states(start=until, family="paired", model=model)
+        by_start: dict[int, PairedState] = {}
+        for st in states:
+            lab = series_labels(st.series)
+            v = lab.get("variant")
+            if v == primary or (v == challenger and (version is None
+                                                     or lab.get("model_version") == version)):
+                cur = by_start.get(st.start)
+                if cur is None:
+                    by_start[st.start] = st.state
+                else:
+                    cur.merge(st.state)
+        acc = acc.copy()
+        open_acc = PairedState()
+        new_until, frozen = until, True
+        for start in sorted(by_start):
+            final = wm >= start + self.cfg.pane_ms + horizon
+            frozen = frozen and final
+            if frozen:
+                acc.merge(by_start[start])
+                new_until = start + self.cfg.pane_ms
+                panes += 1
+            else:
+                open_acc.merge(by_start[start])
+        if len(self._paired_cache) > 64:
+            self._paired_cache.pop(next(iter(self._paired_cache)))
+        self._paired_cache[key] = (acc, new_until, panes)
+        total = acc.copy()
+        total.merge(open_acc)
+        out = total.summary()
+        out["window"] = {"start": int(since_ms), "final_until": new_until,
+                         "panes": panes + sum(1 for s in by_start if s >= new_until),
+                         "watermark": wm}
+        return out
 
     def notifications(self, since: int = 0, limit: int = 1000) -> list[dict]:
         """Alert transitions after sequence number ``since`` (the hook later actions poll)."""

@@ -1,8 +1,8 @@
 """The one place where kpistream's plain classes become Ray actors.
 
-Actors are named (``kpistream-shard-<i>``, ``kpistream-publisher``) in the
-``kpistream`` namespace, so the Ray dashboard says what each one is, and any
-Serve replica can find them by name.  :func:`ensure_actors` creates them if
+Actors are named (``kpistream-shard-<i>``, ``kpistream-publisher``,
+``kpistream-canary``) in the ``kpistream`` namespace, so the Ray dashboard
+says what each one is, and any Serve replica can find them by name.  :func:`ensure_actors` creates them if
 they do not exist yet (idempotent: every replica may call it).
 """
 
@@ -13,11 +13,13 @@ from typing import Any, Mapping
 
 import ray
 
+from actors.canary import Canary, load_canary_config
 from actors.publisher import Publisher
 from actors.shard import Shard
 
 NAMESPACE = "kpistream"
 PUBLISHER = "kpistream-publisher"
+CANARY = "kpistream-canary"
 
 
 def shard_name(i: int) -> str:
@@ -36,10 +38,39 @@ class _PublisherOfShards(Publisher):
         self.start(interval_s)
 
 
+class _CanaryOfPublisher(Canary):
+    """The canary controller, reading the publisher by name, acting through MLflow.
+
+    The triggers (one per registered model, :class:`actors.trigger.Trigger`)
+    live in this actor's process: they only talk to MLflow and launch the
+    retraining as a Ray task, so they need no actor of their own.
+    """
+
+    def __init__(self, canary_config: Mapping[str, Any], tracking_uri: str,
+                 archive_dir: str | None = None, interval_s: float = 1.0) -> None:
+        from actors.trigger import Trigger
+
+        cfg = load_canary_config(canary_config)
+        pub = ray.get_actor(PUBLISHER, namespace=NAMESPACE)
+        a = cfg.actions
+        triggers = {name: Trigger(tracking_uri, name, mode=a.mode, cooldown_s=a.cooldown_ms / 1000,
+                                  retrain_cooldown_s=a.retrain_cooldown_ms / 1000,
+                                  archive_dir=archive_dir or None)
+                    for name in cfg.registered_models}
+        super().__init__(
+            cfg, triggers=triggers,
+            summary=lambda spec, version, since: ray.get(pub.paired_summary.remote(
+                spec.model, spec.challenger_variant, version, since, spec.primary_variant)),
+            notifications=lambda seq: ray.get(pub.notifications.remote(seq)),
+            labelled=lambda: ray.get(pub.counters.remote())["counters"].get("join_pairs", 0))
+        self.start(interval_s)
+
+
 # Actors hold state, not CPUs: num_cpus=0 so that a small machine can host the
 # shards, the publisher and the Serve replicas together.  Restarted on failure.
 ShardActor = ray.remote(num_cpus=0, max_restarts=-1)(Shard)
 PublisherActor = ray.remote(num_cpus=0, max_restarts=-1, max_concurrency=8)(_PublisherOfShards)
+CanaryActor = ray.remote(num_cpus=0, max_restarts=-1, max_concurrency=4)(_CanaryOfPublisher)
 
 
 def ensure_actors(config: Mapping[str, Any], n_shards: int, store_path: str,
@@ -62,6 +93,20 @@ def ensure_actors(config: Mapping[str, Any], n_shards: int, store_path: str,
                                                              publish_interval_s, alerts)
     ray.get(pub.health.remote())
     return shards, pub
+
+
+def ensure_canary(canary_config: Mapping[str, Any], tracking_uri: str,
+                  archive_dir: str | None = None) -> Any:
+    """The canary controller actor (after :func:`ensure_actors`); None without experiments
+    or retraining triggers in the config."""
+    cfg = load_canary_config(canary_config)
+    if not cfg.experiments and not (cfg.retrain.on_alerts or cfg.retrain.every_labelled):
+        return None
+    h = CanaryActor.options(name=CANARY, namespace=NAMESPACE, get_if_exists=True,
+                            lifetime="detached").remote(dict(canary_config), tracking_uri,
+                                                        archive_dir)
+    ray.get(h.traffic.remote(""))
+    return h
 
 
 def find_actors(n_shards: int) -> tuple[list, Any]:

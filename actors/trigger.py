@@ -261,6 +261,10 @@ class Trigger:
                 return None
             raise
 
+    def alias_version(self, alias: str) -> str | None:
+        """The version ``alias`` points to in the registered model, or None."""
+        return self._alias_version(alias)
+
     def _find_run(self, decision_id: str):
         runs = self.client.search_runs(
             [self.experiment_id],

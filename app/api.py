@@ -17,6 +17,9 @@ Routes (DESIGN.md's HTTP contract):
 - ``GET /v1/alerts``    — pending and firing alerts with their evidence, the
   drift detectors and input-drift tests, webhook counters; ``?since=<seq>``
   adds the transition log after that sequence number.
+- ``GET /v1/canary``    — shadow / canary experiments: the latest decision
+  with its evidence, the traffic step, outcomes, decisions awaiting approval;
+  ``POST /v1/canary/approve`` / ``reject`` with ``{"decision_id", "by"}``.
 - ``GET /metrics``      — Prometheus text exposition.
 - ``GET /v1/health``    — publisher and shard status.
 """
@@ -62,7 +65,8 @@ _QUERY_KEYS = {"metric", "start", "end", "resolution"}
 class SidecarAPI:
     def __init__(self, config: dict, n_shards: int, store_path: str,
                  max_body_bytes: int = 8 << 20, publish_interval_s: float = 0.25,
-                 alerts: dict | None = None, archive_dir: str | None = None) -> None:
+                 alerts: dict | None = None, archive_dir: str | None = None,
+                 canary: dict | None = None, tracking_uri: str | None = None) -> None:
         from actors.remote import ensure_actors
 
         self.cfg = config_from_dict(config)
@@ -70,6 +74,11 @@ class SidecarAPI:
         self.max_body = max_body_bytes
         self.shards, self.pub = ensure_actors(config, n_shards, store_path, publish_interval_s,
                                              alerts=alerts, archive_dir=archive_dir)
+        self.canary = None
+        if canary is not None and tracking_uri:
+            from actors.remote import ensure_canary
+
+            self.canary = ensure_canary(canary, tracking_uri, archive_dir)
         self.received = 0
         self.too_large = 0
 
@@ -158,6 +167,45 @@ class SidecarAPI:
                 raise HTTPException(400, f"since: expected a sequence number, got {since!r}")
             body["transitions"] = await self.pub.notifications.remote(int(since))
         return JSONResponse(jsonable(body))
+
+    @api.get("/v1/canary")
+    async def canary_status(self) -> JSONResponse:
+        """Live experiments: the latest decision with its evidence, steps, outcomes."""
+        if self.canary is None:
+            return JSONResponse({"experiments": [], "pending_approval": [],
+                                 "detail": "no experiments configured (canary_config)"})
+        return JSONResponse(jsonable(await self.canary.status.remote()))
+
+    async def _approval(self, request: Request, approve: bool) -> JSONResponse:
+        if self.canary is None:
+            raise HTTPException(404, "no experiments configured (canary_config)")
+        try:
+            body = await request.json()
+        except ValueError:
+            raise HTTPException(400, "body: expected JSON {\"decision_id\": ..., \"by\": ...}")
+        if not isinstance(body, dict) or not isinstance(body.get("decision_id"), str):
+            raise HTTPException(400, "decision_id: missing (a string from GET /v1/canary's "
+                                     "pending_approval)")
+        by = body.get("by")
+        if not isinstance(by, str) or not by:
+            raise HTTPException(400, "by: missing (who approves or rejects)")
+        method = self.canary.approve if approve else self.canary.reject
+        try:
+            rec = await method.remote(body["decision_id"], by)
+        except Exception as e:
+            cause = getattr(e, "cause", None) or e
+            if isinstance(cause, KeyError):
+                raise HTTPException(404, str(cause)) from None
+            raise
+        return JSONResponse(jsonable(rec))
+
+    @api.post("/v1/canary/approve")
+    async def canary_approve(self, request: Request) -> JSONResponse:
+        return await self._approval(request, True)
+
+    @api.post("/v1/canary/reject")
+    async def canary_reject(self, request: Request) -> JSONResponse:
+        return await self._approval(request, False)
 
     @api.get("/metrics")
     async def metrics(self) -> PlainTextResponse:

@@ -25,6 +25,9 @@ class SidecarArgs(BaseModel):
     publish_interval_s: float = Field(0.25, gt=0, le=60)
     archive_dir: str | None = Field(None, description="raw event archive (Parquet) directory; "
                                     "null: <store_path>/archive, \"\": no archive")
+    canary_config: str | None = Field(None,
+                                      description="canary policy, experiments, retraining "
+                                                  "triggers (null: none)")
     alerts_config: str | None = Field("configs/alerts.yaml",
                                       description="alert rules, detectors, input drift, webhooks "
                                                   "(null: none)")
@@ -56,8 +59,24 @@ def build_app(args: dict):
     store = str(Path(a.store_path).expanduser().resolve())
     Path(store).mkdir(parents=True, exist_ok=True)
     alerts = load_alerts_config(a.alerts_config, cfg)
+    canary = load_canary(a.canary_config)
+    from actors.trigger import normalize_tracking_uri
+
     return SidecarAPI.bind(cfg, a.shards, store, a.max_body_bytes, a.publish_interval_s,
-                           alerts=alerts, archive_dir=_archive_dir(a.archive_dir, store))
+                           alerts=alerts, archive_dir=_archive_dir(a.archive_dir, store),
+                           canary=canary, tracking_uri=normalize_tracking_uri(
+                               a.mlflow_tracking_uri))
+
+
+def load_canary(path: str | None) -> dict | None:
+    """The raw canary config (validated here, so a bad file fails at deploy time)."""
+    from actors.canary import load_canary_config
+
+    if not path:
+        return None
+    raw = read_yaml(Path(path).expanduser().resolve())
+    load_canary_config(raw)
+    return raw
 
 
 def _archive_dir(archive_dir: str | None, store: str) -> str:

@@ -156,6 +156,18 @@ class WindowAggregator:
         return self._rows(self._merged_windows(select), wm, final=False) + self._count_rows(
             list(self.counts), final_only=False)
 
+    def final_states(self, family: str, windows: Iterable[str] | None = None) -> dict:
+        """``{(window, start, series): merged state}`` of the ``family`` windows that the
+        next :meth:`pop_final_rows` emits as final (call it first; nothing changes here)."""
+        wm, lo = self.watermark, self._emitted_wm
+        names = None if windows is None else set(windows)
+
+        def select(w: WindowSpec, start: int, fam: str) -> bool:
+            return fam == family and (names is None or w.name in names) \
+                and lo < start + w.size + self._horizon(fam) <= wm
+
+        return {(k[0], k[1], k[2]): st for k, st in self._merged_windows(select).items()}
+
     def pop_final_rows(self) -> list[dict]:
         """Rows of windows that became final since the last call; forget what is done."""
         wm = self.watermark

@@ -755,6 +755,14 @@ class AlertEngine:
                 if new != prev:
                     inst.state, inst.since = new, now
                 ev = self._evidence(rule, inst, snap)
+                if snap["thin"] and inst.evidence and not inst.evidence.get("thin") \
+                        and new == prev:
+                    # thin data changes nothing: the evidence stays that of the last window
+                    # with enough data (a new window's first few events must not read as the
+                    # alert's value); the thin window is noted beside it
+                    ev = {**inst.evidence, "state": inst.state, "evaluated_at": ev["evaluated_at"],
+                          "latest_thin": {k: snap.get(k) for k in ("window_start", "value",
+                                                                   "count", "thin")}}
                 inst.evidence = ev
                 if new != prev:
                     n = Notification(rule.name, new, prev, dict(inst.series), now, rule.severity,

@@ -592,8 +592,10 @@ def _rule(d: Any, path: str) -> MetricRule:
 
 def policy_from_dict(raw: Mapping[str, Any]) -> CanaryPolicy:
     """A :class:`CanaryPolicy` from a mapping (the YAML's content); errors name the key path."""
+    # experiments, retrain and actions are the controller's (actors/canary.py validates them)
     d = _check_keys(raw, {"version", "alpha", "mode", "min_samples", "min_duration",
-                          "max_duration", "target_samples", "min_n", "srm", "metrics"}, "")
+                          "max_duration", "target_samples", "min_n", "srm", "metrics",
+                          "experiments", "retrain", "actions"}, "")
     if d.get("version", 1) != 1:
         raise ConfigError("version", f"unsupported version {d.get('version')!r} (expected 1)")
     kw: dict[str, Any] = {}

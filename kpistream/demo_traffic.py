@@ -660,15 +660,20 @@ class _Driver:
             return [f"  alerts unreadable ({e})"]
         el = self.clock() - self.t0 if self.t0 else 0.0
         lines = []
+        grouped: dict[tuple[str, str], list[dict]] = defaultdict(list)
         for a in body.get("alerts") or []:
             rule, state = a.get("rule", "?"), a.get("state", "?")
-            series = a.get("series") or {}
-            where = ", ".join(f"{k}={series[k]}" for k in ("model_version", "variant", "region")
-                              if k in series)
-            note = (a.get("annotations") or {}).get("summary", "")
-            lines.append(f"  ALERT {state:<8}{rule} [{where}] {note}")
+            grouped[(state, rule)].append(a)
             if state == "firing" and rule not in self.summary.alerts_fired:
                 self.summary.alerts_fired[rule] = round(el, 1)
+        for (state, rule), items in sorted(grouped.items()):
+            # one line per rule and state: the instances (version/variant/region) and the
+            # first one's summary
+            where = ", ".join("/".join(str((a.get("series") or {})[k])
+                                       for k in ("model_version", "variant", "region")
+                                       if k in (a.get("series") or {})) for a in items)
+            note = (items[0].get("annotations") or {}).get("summary", "")
+            lines.append(f"  ALERT {state:<8}{rule} [{where}] {note}")
         drifting: dict[str, list[str]] = defaultdict(list)
         for d in [*(body.get("detectors") or []), *(body.get("input_drift") or [])]:
             if d.get("drift"):

@@ -62,11 +62,11 @@ def remove_sidecar(*app_names: str, n_shards: int = 2) -> None:
     import ray
     from ray import serve
 
-    from actors.remote import NAMESPACE, PUBLISHER, shard_name
+    from actors.remote import CANARY, NAMESPACE, PUBLISHER, shard_name
 
     for name in app_names:
         serve.delete(name)
-    for actor in [PUBLISHER, *(shard_name(i) for i in range(n_shards))]:
+    for actor in [CANARY, PUBLISHER, *(shard_name(i) for i in range(n_shards))]:
         try:
             ray.kill(ray.get_actor(actor, namespace=NAMESPACE))
         except ValueError:

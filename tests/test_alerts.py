@@ -120,7 +120,9 @@ def test_min_count_never_starts_or_advances_pending():
     assert e.evaluate() == []
     act = e.active()
     assert act[0]["state"] == "pending"
-    assert "count 10 < min_count 50" in act[0]["evidence"]["thin"]
+    # the evidence stays that of the last window with enough data; the thin one is noted
+    assert act[0]["evidence"]["value"] == 0.9 and act[0]["evidence"]["count"] == 50
+    assert "count 10 < min_count 50" in act[0]["evidence"]["latest_thin"]["thin"]
     e.observe([row(0.9, start=30 * S, count=80)])
     assert states(e.evaluate()) == ["firing"]
     # thin data does not resolve either

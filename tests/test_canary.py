@@ -219,10 +219,10 @@ def test_error_rates_hold_under_continuous_peeking():
 
 def test_shipped_config_loads():
     p = load_policy(ROOT / "configs" / "canary.yaml")
-    assert p.alpha == 0.05 and p.mode == "shadow" and p.min_samples == 1000
-    assert p.min_duration_ms == 30 * 60_000 and p.max_duration_ms == 24 * 3_600_000
+    assert p.alpha == 0.05 and p.mode == "shadow" and p.min_samples == 300   # the demo's
+    assert p.min_duration_ms == 30_000 and p.max_duration_ms == 3_600_000
     assert [m.name for m in p.metrics] == ["accuracy", "error_rate", "latency"]
-    assert p.metrics[2] == MetricRule("latency", 0.05, 0.10, "guardrail")
+    assert p.metrics[2] == MetricRule("latency", 0.5, 1.0, "guardrail")
     assert p.srm_expected_share is None and p.srm_alpha == 0.001 and p.min_n == 100
     assert load_policy(None) == CanaryPolicy()
     assert p.alpha_promote() == 0.025 and p.alpha_rollback() == pytest.approx(0.05 / 6)

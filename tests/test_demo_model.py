@@ -344,8 +344,7 @@ def test_run_traffic_rate_feedback_drift_and_display(sidecar):
     assert "0.975" in text          # accuracy over the two regions, weighted by count
     assert "accuracy by region" in text
     # alerts and detectors from GET /v1/alerts, and when each was first seen
-    assert "ALERT firing  DemoAccuracyLow [model_version=1, variant=primary, region=eu] " \
-           "accuracy is 0.620 < 0.9" in text
+    assert "ALERT firing  DemoAccuracyLow [1/primary/eu] accuracy is 0.620 < 0.9" in text
     assert "DRIFT demo_accuracy_cusum (eu)" in text and "DRIFT demo_inputs (1)" in text
     assert "demo_error_rate_ewma" not in text
     assert set(s.alerts_fired) == {"DemoAccuracyLow", "demo_accuracy_cusum", "demo_inputs"}

@@ -360,3 +360,41 @@ def test_webhook_sender_gives_up_on_4xx_and_counts_unreachable(tmp_path):
     dead.submit({"id": "b"})
     assert dead.flush(10) and dead.counters["failed"] == 1 and dead.counters["retries"] == 2
     dead.close()
+
+
+def test_publisher_runs_input_drift_on_sampled_features(tmp_path):
+    metrics = {**METRICS, "metrics": {**METRICS["metrics"],
+                                      "families": ["traffic", "features"]}}
+    clock = ManualClock(T0)
+    alerts = {"rules": [{"name": "Inputs", "condition": {"detector": "inp"}}],
+              "input_drift": [{"name": "inp", "window": "10s", "reference": "30s",
+                               "alpha": 0.01, "min_effect": 0.1, "min_samples": 50}],
+              "notifications": {"log": False}}
+    shard = Shard(0, metrics, clock=clock, processing_time_watermark=False)
+    pub = Publisher(metrics, tmp_path / "store", pull=lambda: [shard.collect()], clock=clock,
+                    n_sources=1, alerts=alerts)
+    rng = np.random.default_rng(8)
+    fired_at = None
+    for i in range(10):
+        shift = 1.5 if i >= 6 else 0.0
+        rows = [{"type": "inference", "event_id": f"e{i}-{j}", "request_id": f"r{i}-{j}",
+                 "ts": T0 + i * 10_000 + j * 30, "model": "m", "model_version": "1",
+                 "variant": "primary", "latency_ms": 2.0, "status": "ok", "prediction": "1",
+                 "segments": {"region": "eu" if j % 2 else "us"},
+                 "features": {"x": float(rng.normal(shift)), "y": float(rng.normal()),
+                              "kind": str(rng.choice(["a", "b"]))}}
+                for j in range(300)]
+        shard.ingest_rows(rows)
+        clock.set(T0 + (i + 1) * 10_000 + 1_500)
+        pub.tick()
+        if fired_at is None and any(a["rule"] == "Inputs" and a["state"] == "firing"
+                                    for a in pub.alerts()["alerts"]):
+            fired_at = i
+    (st,) = pub.alerts()["input_drift"]
+    assert st["reference_ready"] and st["group"] == {"model": "m", "model_version": "1",
+                                                     "variant": "primary"}
+    # the first shifted window (6) is final once window 7's events move the watermark past it
+    assert fired_at == 7
+    feats = {f["feature"]: f for f in st["last"]["features"]}
+    assert feats["x"]["drift"] and not feats["y"]["drift"] and not feats["kind"]["drift"]
+    assert feats["x"]["n_cur"] >= 256          # both regions' samples of the window

@@ -1,0 +1,158 @@
+"""The decision loop without Ray: shard -> publisher (paired summary) -> canary policy ->
+trigger -> a real MLflow store (SQLite), on a manual clock."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from actors.canary import Canary, load_canary_config
+from actors.publisher import Publisher
+from actors.shard import Shard
+from actors.trigger import Trigger
+from kpistream.clock import ManualClock
+from kpistream.errors import ConfigError
+
+T0 = 1_767_225_600_000
+METRICS = {"version": 1, "time": {"lateness": "1s", "label_delay": "5s", "max_future": "1h"},
+           "windows": [{"name": "10s", "type": "tumbling", "size": "10s"}],
+           "series": {"segments": ["region"]},
+           "metrics": {"families": ["traffic", "latency", "classification", "feedback", "paired"],
+                       "classification": {"positive_label": "1"}}}
+CANARY = {"alpha": 0.05, "min_samples": 300, "min_duration": "20s", "max_duration": "1h",
+          "metrics": [{"name": "accuracy", "margin": 0.02},
+                      {"name": "error_rate", "margin": 0.01}],
+          "experiments": [{"name": "exp", "model": "m", "registered_model": "m",
+                           "challenger_variant": "shadow", "interval": "1s"}],
+          "actions": {"mode": "auto", "cooldown": "0s"}}
+
+
+def _registry(uri: str, versions: int = 2):
+    """A registered model ``m`` with versions 1..n, champion=1, challenger=n (real MLflow)."""
+    from mlflow import MlflowClient
+
+    c = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    c.create_registered_model("m")
+    for _ in range(versions):
+        c.create_model_version("m", source="file:///nonexistent/model", run_id=None)
+    c.set_registered_model_alias("m", "champion", "1")
+    c.set_registered_model_alias("m", "challenger", str(versions))
+    return c
+
+
+def _shadow_events(rng, i0: int, n: int, acc_p: float, acc_c: float, t0: int,
+                   version_c: str = "2") -> list[dict]:
+    """Requests scored by the primary (v1) and the shadow, then labelled."""
+    out = []
+    for j in range(i0, i0 + n):
+        y = int(rng.integers(0, 2))
+        u = rng.random()
+        ts = t0 + (j - i0) * 10_000 // n
+        for variant, version, acc in (("primary", "1", acc_p), ("shadow", version_c, acc_c)):
+            pred = y if u < acc else 1 - y           # common u: the models agree mostly
+            out.append({"type": "inference", "event_id": f"{variant}{j}", "request_id": f"r{j}",
+                        "ts": ts, "model": "m", "model_version": version, "variant": variant,
+                        "latency_ms": 5.0, "status": "ok", "prediction": str(pred),
+                        "segments": {"region": "eu" if j % 2 else "us"}})
+        out.append({"type": "feedback", "event_id": f"f{j}", "request_id": f"r{j}",
+                    "ts": ts + 20, "kind": "label", "value": str(y)})
+    return out
+
+
+def _loop(tmp_path, acc_p, acc_c, config=CANARY, windows=12):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = _registry(uri)
+    clock = ManualClock(T0)
+    cfg = load_canary_config(config)
+    shard = Shard(0, METRICS, clock=clock, processing_time_watermark=False)
+    pub = Publisher(METRICS, tmp_path / "store", pull=lambda: [shard.collect()], clock=clock,
+                    n_sources=1)
+    trig = Trigger(uri, "m", mode=cfg.actions.mode, cooldown_s=cfg.actions.cooldown_ms / 1000,
+                   clock=clock)
+    canary = Canary(cfg, summary=lambda spec, v, since: pub.paired_summary(
+        spec.model, spec.challenger_variant, v, since, spec.primary_variant),
+        triggers={"m": trig}, clock=clock)
+    rng = np.random.default_rng(11)
+    records = []
+    for i in range(windows):
+        shard.ingest_rows(_shadow_events(rng, i * 200, 200, acc_p, acc_c, T0 + i * 10_000))
+        clock.set(T0 + (i + 1) * 10_000 + 500)
+        pub.tick()
+        records += canary.tick()
+    return client, canary, pub, trig, records
+
+
+def test_paired_summary_counts_every_pair(tmp_path):
+    _, canary, pub, _, _ = _loop(tmp_path, 0.9, 0.9, {**CANARY, "min_samples": 10**6}, windows=3)
+    s = pub.paired_summary("m", "shadow", "2", 0)
+    assert s["paired"]["requests"] == 600 and s["paired"]["labelled"] >= 400
+    c = s["paired"]["correct"]
+    assert sum(c.values()) == s["paired"]["labelled"]
+    assert s["arms"]["primary"]["requests"] == 600 and s["arms"]["challenger"]["requests"] == 600
+    # the cache of final panes gives the same answer as a fresh read
+    again = pub.paired_summary("m", "shadow", "2", 0)
+    assert again["paired"] == s["paired"]
+    # a version nobody served has no pairs
+    assert pub.paired_summary("m", "shadow", "7", 0)["paired"]["requests"] == 0
+    st = canary.status()["experiments"][0]
+    assert st["current"]["status"] == "running" and st["current"]["decision"]["action"] == "wait"
+
+
+def test_better_challenger_is_promoted_in_mlflow(tmp_path):
+    client, canary, _, _, records = _loop(tmp_path, 0.80, 0.95)
+    (rec,) = records
+    assert rec["action"] == "promote" and rec["status"] == "applied"
+    assert str(client.get_model_version_by_alias("m", "champion").version) == "2"
+    assert str(client.get_model_version_by_alias("m", "previous-champion").version) == "1"
+    run = client.get_run(rec["run_id"])
+    assert run.data.tags["kpistream.decision"] == "promote"
+    assert run.data.tags["kpistream.challenger_version"] == "2"
+    assert run.data.metrics["accuracy.lower"] > -0.02
+    tags = client.get_model_version("m", "2").tags
+    assert tags["kpistream.decision"] == "promote"
+    cur = canary.status()["experiments"][0]["current"]
+    assert cur["status"] == "promoted" and canary.traffic("exp")["state"] == "promoted"
+    # later ticks do not act again
+    assert canary.tick() == []
+
+
+def test_worse_challenger_is_rolled_back_early(tmp_path):
+    client, canary, _, _, records = _loop(tmp_path, 0.95, 0.75)
+    (rec,) = records
+    assert rec["action"] == "rollback" and rec["status"] == "applied"
+    assert str(client.get_model_version_by_alias("m", "champion").version) == "1"
+    assert client.get_model_version("m", "2").tags["kpistream.rolled_back"] == "true"
+    cur = canary.status()["experiments"][0]["current"]
+    assert cur["status"] == "rolled_back"
+    acc = next(m for m in cur["decision"]["metrics"] if m["metric"] == "accuracy")
+    assert acc["upper"] < 0 and acc["verdict"] == "harmful"
+    # rolled back before min_samples: the evidence was enough on its own
+    assert cur["decision"]["counts"]["paired_labelled"] < 300 * 4
+    assert canary.traffic("exp") == {"mode": "shadow", "weight": 0.0, "step": 0,
+                                     "state": "rollback", "challenger_version": "2"}
+
+
+def test_approval_mode_waits_for_a_person(tmp_path):
+    cfg = {**CANARY, "actions": {"mode": "approval", "cooldown": "0s"}}
+    client, canary, _, trig, records = _loop(tmp_path, 0.80, 0.95, cfg)
+    (rec,) = records
+    assert rec["status"] == "awaiting_approval"
+    assert str(client.get_model_version_by_alias("m", "champion").version) == "1"
+    (pending,) = canary.status()["pending_approval"]
+    canary.approve(pending["id"], "alice")
+    assert str(client.get_model_version_by_alias("m", "champion").version) == "2"
+    assert canary.status()["experiments"][0]["current"]["status"] == "promoted"
+
+
+def test_canary_config_errors_name_the_field():
+    for raw, field in (({"experiments": [{"name": "e"}]}, "experiments[0].model"),
+                       ({"experiments": [{"name": "e", "model": "m", "mode": "blue"}]},
+                        "experiments[0].mode"),
+                       ({"experiments": [{"name": "e", "model": "m", "mode": "canary",
+                                          "steps": [0.5, 0.25]}]}, "experiments[0].steps[1]"),
+                       ({"actions": {"mode": "yolo"}}, "actions.mode"),
+                       ({"metrics": [{"name": "accuracy", "margn": 1}]}, "metrics[0].margn")):
+        with pytest.raises(ConfigError) as e:
+            load_canary_config(raw)
+        assert e.value.path == field
+    load_canary_config("configs/canary.yaml")
