@@ -50,7 +50,11 @@ Semantics (per rule and alert *instance*; an instance is one value of the
   instance's windows that end at or before the current window's start and
   start within ``baseline`` of it.
 - Stale data: an instance keeps its last value until new rows come (as a
-  Prometheus gauge does).
+  Prometheus gauge does), for at most ``stale_after`` (default 5m) of the
+  clock: a pending or firing instance with no new rows (or verdicts) for
+  longer ends -- firing -> resolved, pending -> inactive -- with the evidence
+  saying so (a retired model version's alert must not fire forever).  An
+  inactive instance silent for an hour is forgotten.
 - Segment disparity (``{disparity: bound, across: label}``): the instance is
   the series without the ``across`` label (say, one model version across
   regions); its value is the largest minus the smallest value among the
@@ -194,6 +198,7 @@ class AlertRule:
     labels: tuple[tuple[str, str], ...] = ()
     annotations: tuple[tuple[str, str], ...] = ()
     group_by: tuple[str, ...] | None = None
+    stale_after_ms: int = 300_000
 
     @property
     def is_detector(self) -> bool:
@@ -286,7 +291,8 @@ def _negated(c: Condition) -> Condition:
 
 
 _RULE_KEYS = {"name", "metric", "window", "match", "condition", "for", "clear", "min_count",
-              "min_label_coverage", "severity", "labels", "annotations", "group_by"}
+              "min_label_coverage", "severity", "labels", "annotations", "group_by",
+              "stale_after"}
 
 
 def _rule(d: Any, path: str) -> AlertRule:
@@ -360,8 +366,12 @@ def _rule(d: Any, path: str) -> AlertRule:
             list(string.Formatter().parse(text))
         except ValueError as e:
             raise ConfigError(f"{path}.annotations.{k}", f"bad template: {e}") from None
+    stale = parse_duration(d.get("stale_after", "5m"), f"{path}.stale_after")
+    if stale <= 0:
+        raise ConfigError(f"{path}.stale_after", "must be positive")
     return AlertRule(
         name=name, metric=metric, window=window, condition=cond, clear=clear,
+        stale_after_ms=stale,
         match=_str_map(d.get("match"), f"{path}.match"), for_ms=for_ms, min_count=min_count,
         min_label_coverage=cov, severity=severity, labels=_str_map(d.get("labels"), f"{path}.labels"),
         annotations=annotations, group_by=group_by)
@@ -443,6 +453,7 @@ class _Instance:
     # window_start -> {series key: row}
     windows: dict[int, dict[tuple, dict]] = field(default_factory=dict)
     verdict: tuple[bool, Any, int] | None = None  # detector: (fired, evidence, at)
+    last_seen: int | None = None   # clock time of the latest rows or verdict
 
 
 class AlertEngine:
@@ -457,7 +468,7 @@ class AlertEngine:
         self.clock = clock
         self._inst: dict[str, dict[tuple, _Instance]] = {r.name: {} for r in self.rules}
         self._coverage: dict[tuple, float] = {}
-        self._sent: set[tuple] = set()
+        self._sent: dict[tuple, None] = {}   # recent notification keys (bounded, ordered)
         self._subs: list[Callable[[Notification], Any]] = []
         self.callback_errors: list[tuple[Notification, BaseException]] = []
 
@@ -502,6 +513,7 @@ class AlertEngine:
                 r = dict(row)
                 r["window_start"], r["window_end"] = start, _ms(row["window_end"])
                 inst.windows.setdefault(start, {})[skey] = r
+                inst.last_seen = self.clock.now_ms()
                 touched.add((rule.name, ikey))
         for name, ikey in touched:  # keep what the rule can still need
             rule, inst = self._by_name[name], self._inst[name][ikey]
@@ -532,6 +544,7 @@ class AlertEngine:
         if inst is None:
             inst = self._inst[rule.name][ikey] = _Instance(dict(ikey))
         inst.verdict = (bool(fired), evidence, self.clock.now_ms())
+        inst.last_seen = inst.verdict[2]
 
     # ---------------------------------------------------------- evaluation
     def _combine(self, rule: AlertRule, rows: dict[tuple, dict]) -> dict[str, Any]:
@@ -736,9 +749,23 @@ class AlertEngine:
                 snap = self._assess(rule, inst)
                 if snap is None:
                     continue
+                if inst.state == "inactive" and inst.last_seen is not None \
+                        and now - inst.last_seen > max(rule.stale_after_ms, 3_600_000):
+                    del self._inst[rule.name][ikey]   # forget series gone for an hour
+                    continue
                 prev = inst.state
                 new = prev
-                if snap["thin"]:
+                if inst.last_seen is not None and now - inst.last_seen > rule.stale_after_ms:
+                    # the series went away (a retired model version, a region with no
+                    # traffic): its alert ends instead of firing forever on its last value,
+                    # and old data starts nothing
+                    if prev == "inactive":
+                        continue
+                    new = "resolved" if prev == "firing" else "inactive"
+                    snap = {**snap, "stale": f"no data for {format_duration(now - inst.last_seen)}"
+                                             f" (> stale_after "
+                                             f"{format_duration(rule.stale_after_ms)})"}
+                elif snap["thin"]:
                     pass  # thin data: keep the state as it is
                 elif prev == "inactive":
                     if snap["cond"]:
@@ -768,7 +795,9 @@ class AlertEngine:
                     n = Notification(rule.name, new, prev, dict(inst.series), now, rule.severity,
                                      dict(rule.labels), self._render(rule, inst, ev), ev)
                     if n.key not in self._sent:
-                        self._sent.add(n.key)
+                        self._sent[n.key] = None
+                        if len(self._sent) > 10_000:
+                            del self._sent[next(iter(self._sent))]
                         out.append(n)
                 if new in ("resolved", "inactive"):
                     inst.state, inst.active_at = "inactive", None

@@ -431,3 +431,19 @@ def test_alerts_module_imports_no_ray_mlflow_or_prometheus_client():
             "bad = [m for m in ('ray', 'mlflow', 'prometheus_client') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_a_series_that_goes_away_resolves_after_stale_after():
+    e, clock = engine({**ACC, "for": 0, "stale_after": "2m"})
+    e.observe([row(0.1, count=100)])
+    assert states(e.evaluate()) == ["firing"]
+    clock.set(119 * S)
+    assert e.evaluate() == []                      # still within stale_after: keeps firing
+    clock.set(121 * S)
+    (n,) = e.evaluate()
+    assert n.state == "resolved" and "no data for 121s" in n.evidence["stale"]
+    assert e.active() == []
+    clock.set(130 * S)
+    assert e.evaluate() == []                      # once
+    e.observe([row(0.1, start=130 * S, count=100)])
+    assert states(e.evaluate()) == ["firing"]      # the series is back
