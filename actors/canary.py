@@ -41,9 +41,14 @@ trigger (:class:`actors.trigger.Trigger`): a decision run in MLflow, the
 aliases moved (promote) or the challenger marked (rollback, halt), and the
 run ends -- except ``cooldown`` (tried again next interval) and
 ``awaiting_approval`` (until someone approves or rejects it through the API).
-The decision id is ``<experiment>/<version>/<run start>/<action>``: a
-retried or restarted controller sends the same id, and the trigger acts at
-most once per id.
+The decision id is ``<experiment>/v<challenger>-vs-v<champion>/step<i>/<action>``:
+a retried or restarted controller sends the same id, and the trigger acts at
+most once per id.  A restarted controller does not run a version again that
+MLflow says was decided (its ``kpistream.decision`` tag), and picks up a
+decision still awaiting approval.  A run ends when the ``challenger`` alias
+moves away, or when the champion moves (the primary arm would mix versions:
+a new run starts against the new champion); a decision it left waiting for
+approval is withdrawn (rejected).
 
 **Traffic** (:meth:`traffic`): what the ingress routes -- the current step's
 weight while a canary runs, 0 after a rollback, halt or inconclusive end
@@ -146,6 +151,9 @@ def _experiment(d: Any, path: str) -> ExperimentSpec:
         if out and w <= out[-1]:
             raise ConfigError(f"{path}.steps[{i}]", "weights must increase")
         out.append(float(w))
+    if mode == "canary" and out[0] >= 1.0:
+        raise ConfigError(f"{path}.steps", "a canary needs a first weight below 1 (at 1 no "
+                                           "request is left to the primary)")
     primary = _str(d.get("primary_variant", "primary"), f"{path}.primary_variant")
     challenger = _str(d.get("challenger_variant", "shadow" if mode == "shadow" else "canary"),
                       f"{path}.challenger_variant")
@@ -224,9 +232,9 @@ class Canary:
     """Runs every configured experiment; see the module docstring."""
 
     def __init__(self, config: CanaryConfig | str | Path | Mapping[str, Any] | None, *,
-                 summary: Callable[[ExperimentSpec, str, int], dict],
+                 summary: Callable[[ExperimentSpec, str, int, str | None], dict],
                  triggers: Mapping[str, Any] | None = None,
-                 notifications: Callable[[int], list[dict]] | None = None,
+                 notifications: Callable[[int, str | None], dict] | None = None,
                  labelled: Callable[[], int] | None = None,
                  clock: Clock | None = None, history: int = 50) -> None:
         self.cfg = config if isinstance(config, CanaryConfig) else load_canary_config(config)
@@ -243,6 +251,7 @@ class Canary:
         self._next: dict[str, int] = {s.name: 0 for s in self.cfg.experiments}
         self._seen_versions: dict[str, set[str]] = {s.name: set() for s in self.cfg.experiments}
         self._alert_seq = 0
+        self._alert_epoch: str | None = None
         self._labelled_at: int | None = None
         self.retrains: deque = deque(maxlen=history)
         self.errors: dict[str, str] = {}
@@ -273,6 +282,20 @@ class Canary:
                 self.errors["retrain"] = repr(e)
         return out
 
+    def _end(self, spec: ExperimentSpec, run: _Run, why: str, now: int) -> None:
+        """End a live run whose ground moved; a decision it left waiting is withdrawn."""
+        if run.status == "awaiting_approval" and run.outcome:
+            try:
+                self.triggers[spec.registered_model].reject(run.outcome["decision_id"],
+                                                            f"kpistream-canary: {why}")
+            except Exception as e:  # already decided or gone: nothing to withdraw
+                run.events.append({"at": now, "event": "withdraw failed", "error": repr(e)})
+        run.status = "ended"
+        run.events.append({"at": now, "event": why})
+        self.past[spec.name].append(self._run_dict(spec, run))
+        self.runs[spec.name] = None
+        log.warning("canary %s: run for version %s ended: %s", spec.name, run.version, why)
+
     def _experiment(self, spec: ExperimentSpec) -> dict | None:
         now = self.clock.now_ms()
         trig = self.triggers.get(spec.registered_model)
@@ -281,25 +304,42 @@ class Canary:
         champion = trig.alias_version("champion")
         challenger = trig.alias_version("challenger")
         run = self.runs[spec.name]
-        if challenger is not None and champion is not None and challenger != champion and (
-                run is None or run.version != challenger) \
-                and challenger not in self._seen_versions[spec.name]:
-            if run is not None and run.status == "running":
-                run.status = "ended"
-                run.events.append({"at": now, "event": "superseded", "by": challenger})
-            if run is not None:
-                self.past[spec.name].append(self._run_dict(spec, run))
-            run = self.runs[spec.name] = _Run(challenger, champion, now, 0, now)
-            self._seen_versions[spec.name].add(challenger)
-            self._next[spec.name] = 0
-            log.warning("canary %s: experiment started, challenger version %s vs champion %s "
-                        "(%s)", spec.name, challenger, champion, spec.mode)
+        if run is not None and run.status in ("running", "awaiting_approval"):
+            if challenger != run.version:
+                self._end(spec, run, f"challenger alias moved to {challenger}", now)
+                run = None
+            elif champion != run.primary_version:
+                # the primary arm would mix versions: start over against the new champion
+                self._end(spec, run, f"champion moved to {champion}", now)
+                run = None
+        pair = (challenger, champion)
+        if (run is None or run.status not in ("running", "awaiting_approval")) \
+                and challenger is not None and champion is not None \
+                and challenger != champion and pair not in self._seen_versions[spec.name]:
+            self._seen_versions[spec.name].add(pair)
+            prior = trig.version_decision(challenger)
+            waiting = [d for d in trig.pending() if str(d.get("challenger_version")) == challenger
+                       and str(d.get("primary_version")) == champion]
+            if prior is not None and not waiting:
+                # decided before (e.g. before this controller restarted): not run again
+                if run is None or run.version != challenger:
+                    self.past[spec.name].append({"experiment": spec.name,
+                                                 "challenger_version": challenger,
+                                                 "primary_version": champion,
+                                                 "status": f"decided before: {prior}"})
+            else:
+                if run is not None:
+                    self.past[spec.name].append(self._run_dict(spec, run))
+                run = self.runs[spec.name] = _Run(challenger, champion, now, 0, now)
+                self._next[spec.name] = 0
+                if waiting:   # a decision awaiting approval survives a restart
+                    run.status = "awaiting_approval"
+                    run.outcome = {"decision_id": waiting[0]["id"],
+                                   "action": waiting[0].get("action"),
+                                   "status": "awaiting_approval"}
+                log.warning("canary %s: experiment started, challenger version %s vs champion "
+                            "%s (%s)", spec.name, challenger, champion, spec.mode)
         if run is None:
-            return None
-        if run.status == "running" and challenger != run.version:
-            run.status = "ended"   # the alias moved away (a person, or another decision)
-            run.events.append({"at": now, "event": "challenger alias moved",
-                               "challenger": challenger})
             return None
         if run.status == "awaiting_approval":
             return self._check_approval(spec, run)
@@ -310,7 +350,7 @@ class Canary:
                                        else 0)
         if now < since:
             return None
-        summary = self.summary(spec, run.version, since)
+        summary = self.summary(spec, run.version, since, run.primary_version)
         share = None
         if spec.mode == "canary":
             share = spec.steps[run.step]
@@ -320,7 +360,10 @@ class Canary:
         run.last, run.last_at = dd, now
         if d.action == "wait":
             return None
-        if spec.mode == "canary" and d.action == "promote" and run.step < len(spec.steps) - 1:
+        # at a last weight of 100 % nothing is left to compare with: passing the step before
+        # it promotes
+        last = len(spec.steps) - 1 - (1 if spec.steps[-1] >= 1.0 else 0)
+        if spec.mode == "canary" and d.action == "promote" and run.step < last:
             run.step += 1
             run.step_started_ms = now
             run.events.append({"at": now, "event": "step passed", "step": run.step - 1,
@@ -332,7 +375,9 @@ class Canary:
 
     def _decision(self, spec: ExperimentSpec, run: _Run, dd: dict, now: int) -> dict:
         pol = self.policy
-        return {**dd, "id": f"{spec.name}/{run.version}/{run.started_ms}/{dd['action']}",
+        # stable across retries and restarts: the trigger acts at most once per id
+        return {**dd, "id": f"{spec.name}/v{run.version}-vs-v{run.primary_version}/"
+                            f"step{run.step}/{dd['action']}",
                 "experiment": spec.name, "model": spec.registered_model,
                 "primary_version": run.primary_version, "challenger_version": run.version,
                 "at_ms": now, "step": run.step,
@@ -386,7 +431,16 @@ class Canary:
         if self.triggers.get(r.model) is None or not (r.on_alerts or r.every_labelled):
             return
         if r.on_alerts and self.notifications is not None:
-            for n in self.notifications(self._alert_seq):
+            log_ = self.notifications(self._alert_seq, self._alert_epoch)
+            if log_["epoch"] != self._alert_epoch:
+                # a (re)started publisher: its log starts over; a (re)started controller
+                # starts from the current end (it does not replay old transitions)
+                first = self._alert_epoch is None
+                self._alert_epoch, self._alert_seq = log_["epoch"], 0
+                if first:
+                    self._alert_seq = int(log_["last_seq"])
+                    return
+            for n in log_["items"]:
                 self._alert_seq = max(self._alert_seq, int(n.get("seq", 0)))
                 if n.get("rule") in r.on_alerts and n.get("state") == "firing":
                     self._retrain(f"alert {n['rule']} firing",
@@ -419,6 +473,11 @@ class Canary:
         state = {"promoted": "promoted", "rolled_back": "rollback", "halted": "halt"}.get(
             run.status, run.status)
         running = run.status in ("running", "awaiting_approval")
+        if run.status == "awaiting_approval" and (run.outcome or {}).get("action") in (
+                "rollback", "halt"):
+            # a harmful challenger loses its traffic while a person decides
+            running = False
+            state = "rollback" if run.outcome["action"] == "rollback" else "halt"
         weight = (spec.steps[run.step] if spec.mode == "canary" else 1.0) if running else 0.0
         return {"mode": spec.mode, "weight": weight, "step": run.step, "state": state,
                 "challenger_version": run.version}

@@ -34,6 +34,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+import uuid
 from collections import Counter, deque
 from typing import Any, Callable, Iterable
 
@@ -163,6 +164,8 @@ class WebhookSender:
     def close(self) -> None:
         with self._cv:
             self._stop = True
+            self.counters["abandoned"] += len(self._q)   # never delivered: counted
+            self._q.clear()
             self._cv.notify_all()
         self._thread.join(timeout=2)
 
@@ -175,6 +178,7 @@ class Notifier:
         self.senders = [WebhookSender(w) for w in webhooks]
         self.log_transitions = log_transitions
         self.seq = 0
+        self.epoch = uuid.uuid4().hex[:12]   # a new log: readers of an old one start over
         self.recent: deque[tuple[int, dict]] = deque(maxlen=log_size)
         self.counts: Counter = Counter()   # (rule, state) -> notifications
         self._lock = threading.Lock()
@@ -194,6 +198,14 @@ class Notifier:
             if n.state in s.spec.states:
                 s.submit(body)
 
+    def log(self, seq: int = 0, epoch: str | None = None, limit: int = 1000) -> dict:
+        """``{"epoch", "last_seq", "items"}``: the transitions after ``seq`` of log
+        ``epoch`` (all of this log's when ``epoch`` is another one's)."""
+        with self._lock:
+            after = seq if epoch == self.epoch else 0
+            return {"epoch": self.epoch, "last_seq": self.seq,
+                    "items": [b for s, b in self.recent if s > after][:limit]}
+
     def since(self, seq: int = 0, limit: int = 1000) -> list[dict]:
         """Notifications after ``seq`` (oldest first), each with its ``seq``."""
         with self._lock:
@@ -206,7 +218,8 @@ class Notifier:
                               "last_error": s.last_error} for s in self.senders]}
 
     def flush(self, timeout: float = 10.0) -> bool:
-        return all(s.flush(timeout) for s in self.senders)
+        end = time.monotonic() + timeout
+        return all(s.flush(max(0.0, end - time.monotonic())) for s in self.senders)
 
     def close(self) -> None:
         for s in self.senders:

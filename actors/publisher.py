@@ -216,11 +216,12 @@ class Publisher:
             return st
 
     def paired_summary(self, model: str, challenger: str, version: str | None = None,
-                       since_ms: int = 0, primary: str = "primary") -> dict:
+                       since_ms: int = 0, primary: str = "primary",
+                       primary_version: str | None = None) -> dict:
         """The comparison of ``challenger`` (at ``version``) with ``primary`` since ``since_ms``.
 
         Merges the stored ``paired`` pane states of the model's primary series
-        and of the challenger's series (every segment and endpoint) with a
+        (at ``primary_version`` if given) and of the challenger's series (every segment and endpoint) with a
         pane start at or after ``since_ms`` -- the *paired summary* that
         :meth:`kpistream.canary.CanaryPolicy.decide` reads, plus
         ``"window": {"start", "end", "panes", "final_until"}``.  Panes
@@ -230,7 +231,7 @@ class Publisher:
         from kpistream.batch import series_labels
         from kpistream.paired import PairedState
 
-        key = (model, challenger, version, primary, int(since_ms))
+        key = (model, challenger, version, primary, primary_version, int(since_ms))
         with self._lock:
             wm = self.agg.watermark
         horizon = self.agg._horizon("paired") if "paired" in self.cfg.families else 0
@@ -240,8 +241,9 @@ class Publisher:
         for st in states:
             lab = series_labels(st.series)
             v = lab.get("variant")
-            if v == primary or (v == challenger and (version is None
-                                                     or lab.get("model_version") == version)):
+            ver = lab.get("model_version")
+            if (v == primary and (primary_version is None or ver == primary_version)) or (
+                    v == challenger and (version is None or ver == version)):
                 cur = by_start.get(st.start)
                 if cur is None:
                     by_start[st.start] = st.state
@@ -259,8 +261,11 @@ class Publisher:
                 panes += 1
             else:
                 open_acc.merge(by_start[start])
-        if len(self._paired_cache) > 64:
-            self._paired_cache.pop(next(iter(self._paired_cache)))
+        while len(self._paired_cache) > 64:
+            try:
+                self._paired_cache.pop(next(iter(self._paired_cache)), None)
+            except (StopIteration, RuntimeError):   # emptied or changed by another call
+                break
         self._paired_cache[key] = (acc, new_until, panes)
         total = acc.copy()
         total.merge(open_acc)
@@ -273,6 +278,11 @@ class Publisher:
     def notifications(self, since: int = 0, limit: int = 1000) -> list[dict]:
         """Alert transitions after sequence number ``since`` (the hook later actions poll)."""
         return self.notifier.since(since, limit)
+
+    def transitions(self, since: int = 0, epoch: str | None = None) -> dict:
+        """``{"epoch", "last_seq", "items"}``: the hook later actions poll (a new epoch
+        means a new log, after a publisher restart)."""
+        return self.notifier.log(since, epoch)
 
     def _refresh_snapshot(self, final_rows: list[dict], current: list[dict], now: int) -> None:
         """The latest window of every (window spec, series, KPI), kept after its panes go.

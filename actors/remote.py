@@ -59,9 +59,10 @@ class _CanaryOfPublisher(Canary):
                     for name in cfg.registered_models}
         super().__init__(
             cfg, triggers=triggers,
-            summary=lambda spec, version, since: ray.get(pub.paired_summary.remote(
-                spec.model, spec.challenger_variant, version, since, spec.primary_variant)),
-            notifications=lambda seq: ray.get(pub.notifications.remote(seq)),
+            summary=lambda spec, version, since, primary_version: ray.get(
+                pub.paired_summary.remote(spec.model, spec.challenger_variant, version, since,
+                                          spec.primary_variant, primary_version)),
+            notifications=lambda seq, epoch: ray.get(pub.transitions.remote(seq, epoch)),
             labelled=lambda: ray.get(pub.counters.remote())["counters"].get("join_pairs", 0))
         self.start(interval_s)
 

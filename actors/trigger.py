@@ -265,6 +265,16 @@ class Trigger:
         """The version ``alias`` points to in the registered model, or None."""
         return self._alias_version(alias)
 
+    def version_decision(self, version: str) -> str | None:
+        """The decision recorded on a model version (``kpistream.decision`` tag), or None."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return self.client.get_model_version(self.model_name, str(version)).tags.get(
+                T + "decision")
+        except MlflowException:
+            return None
+
     def _find_run(self, decision_id: str):
         runs = self.client.search_runs(
             [self.experiment_id],

@@ -69,8 +69,8 @@ def _loop(tmp_path, acc_p, acc_c, config=CANARY, windows=12):
                     n_sources=1)
     trig = Trigger(uri, "m", mode=cfg.actions.mode, cooldown_s=cfg.actions.cooldown_ms / 1000,
                    clock=clock)
-    canary = Canary(cfg, summary=lambda spec, v, since: pub.paired_summary(
-        spec.model, spec.challenger_variant, v, since, spec.primary_variant),
+    canary = Canary(cfg, summary=lambda spec, v, since, pv: pub.paired_summary(
+        spec.model, spec.challenger_variant, v, since, spec.primary_variant, pv),
         triggers={"m": trig}, clock=clock)
     rng = np.random.default_rng(11)
     records = []
@@ -156,3 +156,105 @@ def test_canary_config_errors_name_the_field():
             load_canary_config(raw)
         assert e.value.path == field
     load_canary_config("configs/canary.yaml")
+
+
+def _controller(uri, cfg, pub, clock):
+    cfg = load_canary_config(cfg)
+    trig = Trigger(uri, "m", mode=cfg.actions.mode, cooldown_s=cfg.actions.cooldown_ms / 1000,
+                   clock=clock)
+    return Canary(cfg, summary=lambda spec, v, since, pv: pub.paired_summary(
+        spec.model, spec.challenger_variant, v, since, spec.primary_variant, pv),
+        triggers={"m": trig}, clock=clock)
+
+
+def test_a_restarted_controller_neither_reruns_a_decided_version_nor_loses_an_approval(tmp_path):
+    # rolled back before the restart: not run again (MLflow remembers)
+    client, canary, pub, _, (rec,) = _loop(tmp_path / "a", 0.95, 0.75)
+    assert rec["action"] == "rollback"
+    client.set_registered_model_alias("m", "challenger", "2")      # a person puts it back
+    again = _controller(f"sqlite:///{tmp_path / 'a' / 'mlflow.db'}", CANARY, pub, canary.clock)
+    assert again.tick() == []
+    st = again.status()["experiments"][0]
+    assert st["current"] is None and st["past"][-1]["status"] == "decided before: rollback"
+    # awaiting approval before the restart: the new controller picks it up, same decision id
+    cfg = {**CANARY, "actions": {"mode": "approval", "cooldown": "0s"}}
+    client, canary, pub, _, (rec,) = _loop(tmp_path / "b", 0.80, 0.95, cfg)
+    assert rec["status"] == "awaiting_approval"
+    again = _controller(f"sqlite:///{tmp_path / 'b' / 'mlflow.db'}", cfg, pub, canary.clock)
+    again.tick()
+    cur = again.status()["experiments"][0]["current"]
+    assert cur["status"] == "awaiting_approval"
+    assert cur["outcome"]["decision_id"] == rec["decision_id"]
+    (pending,) = again.status()["pending_approval"]
+    again.approve(pending["id"], "bob")
+    assert str(client.get_model_version_by_alias("m", "champion").version) == "2"
+    assert again.status()["experiments"][0]["current"]["status"] == "promoted"
+
+
+def test_champion_moved_by_hand_restarts_the_run_against_the_new_champion(tmp_path):
+    client, canary, pub, _, _ = _loop(tmp_path, 0.9, 0.9, {**CANARY, "min_samples": 10**6},
+                                      windows=2)
+    assert canary.status()["experiments"][0]["current"]["primary_version"] == "1"
+    client.create_model_version("m", source="file:///nonexistent/model", run_id=None)  # v3
+    client.set_registered_model_alias("m", "champion", "3")
+    canary.clock.advance(5_000)
+    canary.tick()
+    st = canary.status()["experiments"][0]
+    assert st["past"][-1]["status"] == "ended"
+    assert "champion moved to 3" in st["past"][-1]["events"][-1]["event"]
+    cur = st["current"]
+    assert cur["status"] == "running" and cur["primary_version"] == "3"
+    # the primary arm of the new run counts only the new champion's requests (none yet)
+    s = pub.paired_summary("m", "shadow", "2", cur["started_ms"], "primary", "3")
+    assert s["arms"]["primary"]["requests"] == 0
+
+
+def test_canary_steps_then_promote_before_the_full_rollout(tmp_path):
+    """Canary mode: each request goes to one arm with the step's weight; passing the step
+    before the last (100 %) promotes."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = _registry(uri)
+    clock = ManualClock(T0)
+    cfg = {**CANARY, "min_samples": 150, "min_duration": "10s",
+           "metrics": [{"name": "accuracy", "margin": 0.05}],
+           "experiments": [{"name": "exp", "model": "m", "mode": "canary",
+                            "challenger_variant": "canary", "steps": [0.2, 0.5, 1.0],
+                            "settle": "0s", "interval": "1s"}]}
+    shard = Shard(0, METRICS, clock=clock, processing_time_watermark=False)
+    pub = Publisher(METRICS, tmp_path / "store", pull=lambda: [shard.collect()], clock=clock,
+                    n_sources=1)
+    canary = _controller(uri, cfg, pub, clock)
+    rng = np.random.default_rng(5)
+    weights, recs = [], []
+    for i in range(40):
+        canary.tick()
+        t = canary.traffic("exp")
+        weights.append(t["weight"])
+        rows = []
+        for j in range(300):
+            k = i * 300 + j
+            y = int(rng.integers(0, 2))
+            to_c = rng.random() < t["weight"]
+            acc = 0.97 if to_c else 0.85
+            pred = y if rng.random() < acc else 1 - y
+            ts = T0 + i * 10_000 + j * 30
+            rows.append({"type": "inference", "event_id": f"i{k}", "request_id": f"r{k}",
+                         "ts": ts, "model": "m", "model_version": "2" if to_c else "1",
+                         "variant": "canary" if to_c else "primary", "latency_ms": 5.0,
+                         "status": "ok", "prediction": str(pred)})
+            rows.append({"type": "feedback", "event_id": f"f{k}", "request_id": f"r{k}",
+                         "ts": ts + 20, "kind": "label", "value": str(y)})
+        shard.ingest_rows(rows)
+        clock.set(T0 + (i + 1) * 10_000 + 500)
+        pub.tick()
+        recs += canary.tick()
+        if recs:
+            break
+    (rec,) = recs
+    assert rec["action"] == "promote" and rec["status"] == "applied"
+    st = canary.status()["experiments"][0]["current"]
+    steps = [e for e in st["events"] if e["event"] == "step passed"]
+    assert [e["next_weight"] for e in steps] == [0.5]      # 0.2 -> 0.5, then promote
+    assert 0.2 in weights and 0.5 in weights and 1.0 not in weights
+    assert str(client.get_model_version_by_alias("m", "champion").version) == "2"
+    assert canary.traffic("exp")["weight"] == 0.0
