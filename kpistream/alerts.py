@@ -60,9 +60,11 @@ Semantics (per rule and alert *instance*; an instance is one value of the
   regions); its value is the largest minus the smallest value among the
   members of the latest window that each have at least ``min_count`` events
   (and the label-coverage floor).  Fewer than two such members is thin data.
-  With ``alpha`` (rate KPIs only), the gap must also be significant: a
-  two-proportion z-test between the highest and lowest member at ``alpha``
-  divided by the number of member pairs (Bonferroni).  ``clear`` may give a
+  With ``alpha`` (rate KPIs only), the gap must also be significantly beyond
+  the bound: ``z = (gap - bound) / se`` between the highest and lowest member
+  (pooled two-proportion standard error), two-sided (the extremes, and so the
+  sign, are picked from the data), at ``alpha`` divided by the number of
+  member pairs (Bonferroni).  ``clear`` may give a
   smaller bound (hysteresis).
 """
 
@@ -700,8 +702,12 @@ class AlertEngine:
             pooled = (hi["value"] * n1 + lo["value"] * n2) / (n1 + n2)
             se = math.sqrt(max(pooled * (1 - pooled), 0.0) * (1 / n1 + 1 / n2))
             pairs = len(members) * (len(members) - 1) // 2
-            z = gap / se if se > 0 else (math.inf if gap > 0 else 0.0)
-            p = math.erfc(z / math.sqrt(2)) / 2 if math.isfinite(z) else 0.0
+            # is the gap beyond the bound?  z = (gap - bound) / se, two-sided (the pair
+            # of extremes, and so the sign, came from the data)
+            excess = gap - c.value
+            z = excess / se if se > 0 else (math.inf if excess > 0 else -math.inf)
+            p = min(1.0, math.erfc(z / math.sqrt(2))) if math.isfinite(z) else \
+                (0.0 if z > 0 else 1.0)
             significant = p * pairs <= c.alpha
             snap["test"] = {"z": z, "p_value": p, "pairs": pairs, "p_adjusted": min(1.0, p * pairs),
                             "alpha": c.alpha}

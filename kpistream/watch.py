@@ -16,7 +16,10 @@ is read here (:func:`load_alerts`); the ``rules`` section is
         shift: 0.05                  # cusum / ewma: the change to detect, in KPI units
         false_alarm_every: 30d       # budget: mean time between false alarms per series
         target: null                 # in-control mean; null = learned from the warm-up
-        warmup: 6                    # windows (with >= min_count events) to learn from
+        sigma: null                  # per-window spread of a non-rate KPI; null = learned
+        warmup: 30                   # windows (with >= min_count events) to learn from
+        guard: 2                     # the learned target moves this many standard errors
+                                     # away from the watched side
         min_count: 50                # thinner windows are skipped (never fed)
         lam: 0.2                     # ewma smoothing
         delta: 0.002                 # adwin confidence / page_hinkley tolerance
@@ -58,6 +61,17 @@ one update per window, whatever the traffic.  Other KPIs (latency quantiles,
 means) are fed one value per window, standardized by the spread of the
 warm-up windows.  River's ADWIN and Page-Hinkley take window values as they
 are: they have no budget calibration (documented in :mod:`kpistream.drift`).
+
+**Learned parameters.**  A target (and, for KPIs that are not rates, the
+spread) estimated from ``warmup`` windows is itself uncertain, and a CUSUM
+reads a target that is off by a fraction of a standard deviation as a change
+that never ends.  So the learned target is moved ``guard`` standard errors
+away from the watched side, and a learned spread is the upper 95 % bound
+from the warm-up windows (chi-square).  Measured (budget: 1 false alarm per
+5,000 windows, 40 runs of 5,000 windows): accuracy at 500 requests per
+window, warm-up 6 -- 0.0 false alarms per run for CUSUM and EWMA; latency
+p99 (spread learned), warm-up 30 -- 0.0 per run, warm-up 6 -- 9.9 per run
+(one run 396): give non-rate KPIs at least 30 warm-up windows, or ``sigma``.
 
 **Detector verdicts.**  A change detector signals at a point and restarts
 (keeping its in-control target, so a change that persists keeps signalling).
@@ -140,7 +154,9 @@ class DetectorSpec:
     shift: float | None = None
     false_alarm_every_ms: int = 30 * _DAY
     target: float | None = None
-    warmup: int = 6
+    sigma: float | None = None
+    warmup: int = 30
+    guard: float = 2.0
     min_count: int = 30
     lam: float = 0.2
     delta: float = 0.002
@@ -186,8 +202,8 @@ class AlertsConfig:
 
 
 _DET_KEYS = {"name", "type", "metric", "window", "match", "direction", "shift",
-             "false_alarm_every", "target", "warmup", "min_count", "lam", "delta", "threshold",
-             "hold"}
+             "false_alarm_every", "target", "sigma", "warmup", "guard", "min_count", "lam",
+             "delta", "threshold", "hold"}
 
 
 def _detector(d: Any, path: str) -> DetectorSpec:
@@ -217,9 +233,13 @@ def _detector(d: Any, path: str) -> DetectorSpec:
     every = parse_duration(d.get("false_alarm_every", "30d"), f"{path}.false_alarm_every")
     if every <= 0:
         raise ConfigError(f"{path}.false_alarm_every", "must be positive")
-    target = None
+    target = sigma = None
     if d.get("target") is not None:
         target = _num(d["target"], f"{path}.target")
+    if d.get("sigma") is not None:
+        sigma = _num(d["sigma"], f"{path}.sigma", 0.0)
+        if sigma <= 0:
+            raise ConfigError(f"{path}.sigma", "must be > 0")
     lam = _num(d.get("lam", 0.2), f"{path}.lam", 0.0, 1.0)
     if lam <= 0:
         raise ConfigError(f"{path}.lam", "must be in (0, 1]")
@@ -227,8 +247,9 @@ def _detector(d: Any, path: str) -> DetectorSpec:
     return DetectorSpec(
         name=name, type=typ, metric=metric, window=_window_name(d["window"], f"{path}.window"),
         match=_str_map(d.get("match"), f"{path}.match"), direction=direction, shift=shift,
-        false_alarm_every_ms=every, target=target,
-        warmup=_int(d.get("warmup", 6), f"{path}.warmup", lo=1),
+        false_alarm_every_ms=every, target=target, sigma=sigma,
+        warmup=_int(d.get("warmup", 30), f"{path}.warmup", lo=2),
+        guard=_num(d.get("guard", 2.0), f"{path}.guard", 0.0, 10.0),
         min_count=_int(d.get("min_count", 30), f"{path}.min_count", lo=1), lam=lam,
         delta=delta if delta > 0 else 0.002,
         threshold=_num(d.get("threshold", 50.0), f"{path}.threshold", 0.0),
@@ -382,6 +403,7 @@ class _DetState:
     last_count: int | None = None
     signal_value: float | None = None
     error: str | None = None
+    seen_at: int | None = None      # clock time of the latest window (for pruning)
 
 
 class DetectorBank:
@@ -405,22 +427,36 @@ class DetectorBank:
         return int(row.get("count") or 0)
 
     def _build(self, spec: DetectorSpec, st: _DetState, arl0: float) -> None:
+        from scipy import stats as _stats
+
         vals = np.array([v for v, _ in st.warm], dtype=float)
         cnts = np.array([c for _, c in st.warm], dtype=float)
+        w = len(vals)
         rate = spec.metric in RATE_KPIS
-        if spec.target is not None:
-            target = spec.target
-        else:
-            target = float((vals * cnts).sum() / cnts.sum())
-        if rate:  # keep a rate strictly inside (0, 1): add half a success and half a failure
-            n = float(cnts.sum())
-            target = min(max(target, 0.5 / (n + 1)), 1 - 0.5 / (n + 1))
-        st.target, st.arl0 = target, arl0
+        # which way the guard band moves a learned target: away from the side watched, so
+        # that the estimate's own error does not read as a persistent change
+        away = {"down": -1.0, "up": 1.0}.get(spec.direction, 0.0)
         sigma = None
-        if not rate:
-            sd = float(vals.std(ddof=1)) if len(vals) > 1 else 0.0
-            sigma = max(sd, abs(target) * 1e-3, 1e-9)
-        st.sigma = sigma
+        if rate:
+            n = float(cnts.sum())
+            p = float((vals * cnts).sum() / n) if spec.target is None else spec.target
+            if spec.target is None:
+                p += away * spec.guard * math.sqrt(max(p * (1 - p), 1e-12) / n)
+            # keep a rate strictly inside (0, 1): half a success and half a failure
+            target = min(max(p, 0.5 / (n + 1)), 1 - 0.5 / (n + 1))
+        else:
+            if spec.sigma is not None:
+                sigma = spec.sigma
+            else:
+                # upper 95 % confidence bound of the spread of the warm-up windows
+                sd = float(vals.std(ddof=1))
+                sigma = sd * math.sqrt((w - 1) / float(_stats.chi2.ppf(0.05, w - 1)))
+                sigma = max(sigma, 1e-9)
+            if spec.target is not None:
+                target = spec.target
+            else:
+                target = float(vals.mean()) + away * spec.guard * sigma / math.sqrt(w)
+        st.target, st.arl0, st.sigma = target, arl0, sigma
         if spec.type == "cusum":
             shift = spec.shift
             if rate:
@@ -458,12 +494,14 @@ class DetectorBank:
             return det.update(-value if spec.direction == "down" else value)
         return det.update(value)
 
-    def observe(self, rows: Iterable[Mapping[str, Any]]) -> list[tuple[DetectorSpec, _DetState, bool]]:
-        """Feed final rows (provisional ones are ignored); returns the touched (spec, state, signal)."""
+    def observe(self, rows: Iterable[Mapping[str, Any]],
+                now_ms: int | None = None) -> list[tuple[DetectorSpec, _DetState, bool]]:
+        """Feed final rows (provisional ones are ignored), in window order; returns the
+        touched (spec, state, signal), thin windows included (their verdict still ages)."""
         out = []
-        for row in rows:
-            if row.get("provisional"):
-                continue
+        final = sorted((r for r in rows if not r.get("provisional")),
+                       key=lambda r: int(r["window_end"]))
+        for row in final:
             for spec in self.specs:
                 if row.get("metric") != spec.metric or str(row.get("window")) != spec.window:
                     continue
@@ -476,16 +514,22 @@ class DetectorBank:
                     st = self.states[spec.name][key] = _DetState(series)
                 end = int(row["window_end"])
                 if st.last_end is not None and end <= st.last_end:
+                    st.skipped += int(end < st.last_end)   # late: counted, not fed
                     continue  # each window once, in order
                 value, count = float(row["value"]), self._count(spec, row)
                 st.last_end = end
+                st.seen_at = now_ms
                 if not math.isfinite(value) or count < spec.min_count:
                     st.skipped += 1
+                    if st.det is not None:
+                        out.append((spec, st, False))
                     continue
                 st.last_value, st.last_count = value, count
                 if st.det is None:
                     st.warm.append((value, count))
-                    if len(st.warm) >= spec.warmup or spec.target is not None:
+                    known = spec.target is not None and (spec.sigma is not None
+                                                         or spec.metric in RATE_KPIS)
+                    if len(st.warm) >= spec.warmup or known:
                         try:
                             self._build(spec, st, self._arl0(spec, row))
                         except ConfigError as e:  # e.g. a constant warm-up: keep learning
@@ -507,6 +551,16 @@ class DetectorBank:
     def verdict(spec: DetectorSpec, st: _DetState) -> bool:
         return (st.last_signal_end is not None and st.last_end is not None
                 and st.last_end - st.last_signal_end < spec.hold_ms)
+
+    def prune(self, now_ms: int, idle_ms: int = 3_600_000) -> int:
+        """Forget series without a window for ``idle_ms`` (retired versions, gone segments)."""
+        n = 0
+        for states in self.states.values():
+            for k in [k for k, st in states.items()
+                      if st.seen_at is not None and now_ms - st.seen_at > idle_ms]:
+                del states[k]
+                n += 1
+        return n
 
     def evidence(self, spec: DetectorSpec, st: _DetState) -> dict[str, Any]:
         det_state = st.det.state if st.det is not None else None
@@ -539,6 +593,7 @@ class _RefState:
     last_end: int | None = None
     last_signal_end: int | None = None
     last: dict[str, Any] | None = None
+    seen_at: int | None = None
 
 
 def _concat(parts: list) -> np.ndarray:
@@ -661,6 +716,16 @@ class InputDriftBank:
                    "features": feats}
         return bool(drifted)
 
+    def prune(self, now_ms: int, idle_ms: int = 3_600_000) -> int:
+        """Forget groups without a window for ``idle_ms``, fixed references excepted."""
+        n = 0
+        for states in self.states.values():
+            for k in [k for k, st in states.items() if st.source == "window"
+                      and st.seen_at is not None and now_ms - st.seen_at > idle_ms]:
+                del states[k]
+                n += 1
+        return n
+
     @staticmethod
     def verdict(spec: InputDriftSpec, st: _RefState) -> bool:
         return (st.last_signal_end is not None and st.last_end is not None
@@ -698,6 +763,7 @@ class Watcher:
         for r in config.rules:
             if r.is_detector:
                 self._det_rules.setdefault(r.condition.detector, []).append(r.name)
+        self._pruned_at = clock.now_ms()
         self.detections: dict[str, int] = {s.name: 0 for s in (*config.detectors,
                                                                 *config.input_drift)}
 
@@ -711,7 +777,8 @@ class Watcher:
     def observe(self, rows: Sequence[Mapping[str, Any]]) -> None:
         """Tidy rows (provisional and final): rules see all, detectors the final ones."""
         self.alerts.observe(rows)
-        for spec, st, signal in self.detectors.observe(rows):
+        now = self.clock.now_ms()
+        for spec, st, signal in self.detectors.observe(rows, now):
             self.detections[spec.name] += int(signal)
             for rule in self._det_rules.get(spec.name, ()):
                 self.alerts.observe_detector(rule, st.series, self.detectors.verdict(spec, st),
@@ -719,9 +786,15 @@ class Watcher:
 
     def observe_features(self, window: str, start: int, end: int, series: Mapping[str, str],
                          sample: Mapping[str, np.ndarray], final: bool = True) -> None:
-        self.inputs.observe(window, start, end, series, sample, final)
+        for _, st in self.inputs.observe(window, start, end, series, sample, final):
+            st.seen_at = self.clock.now_ms()
 
     def evaluate(self) -> list[Notification]:
+        now = self.clock.now_ms()
+        if now - self._pruned_at > 60_000:
+            self._pruned_at = now
+            self.detectors.prune(now)
+            self.inputs.prune(now)
         for spec, st, fired in self.inputs.run():
             self.detections[spec.name] += int(fired)
             for rule in self._det_rules.get(spec.name, ()):

@@ -110,7 +110,11 @@ def test_cusum_budget_from_time_learns_target_and_detects_a_step():
                 signals.append(i)
     st = next(iter(bank.states["acc"].values()))
     assert st.arl0 == pytest.approx(30 * 86_400_000 / 10_000)   # windows per 30 days
-    assert abs(st.target - 0.95) < 0.01                           # learned from the warm-up
+    # learned from the warm-up, moved away from the watched side by 2 standard errors
+    n = sum(c for _, c in st.warm)
+    p = sum(v * c for v, c in st.warm) / n
+    assert st.target == pytest.approx(p - 2 * np.sqrt(p * (1 - p) / n))
+    assert abs(p - 0.95) < 0.01
     assert signals and signals[0] >= change and signals[0] - change <= 5
     ev = bank.evidence(bank.specs[0], st)
     assert ev["drift"] and ev["signals"] == len(signals) and ev["state"]["side"] == "down"
@@ -197,20 +201,22 @@ def test_segment_disparity_rule_fires_resolves_and_needs_data_in_each_segment():
 
     eng.observe(window(0, [0.95, 0.80, 0.94], [500, 50, 500]))     # us too thin: gap 0.01
     assert eng.evaluate() == []
-    eng.observe(window(1, [0.95, 0.80, 0.94], [500, 500, 500]))
+    eng.observe(window(1, [0.95, 0.80, 0.94], [2000, 2000, 2000]))
     (n,) = eng.evaluate()
     assert n.state == "firing" and n.series == base
     ev = n.evidence
     assert ev["value"] == pytest.approx(0.15) and ev["highest"] == "eu" and ev["lowest"] == "us"
     assert {s["segment"] for s in ev["segments"]} == {"eu", "us", "ap"}
     assert ev["test"]["pairs"] == 3 and ev["test"]["p_adjusted"] < 0.01
+    assert ev["test"]["z"] == pytest.approx(0.05 / np.sqrt(0.875 * 0.125 * 2 / 2000))
     eng.observe(window(2, [0.95, 0.88, 0.94], [500, 500, 500]))    # gap 0.07: hysteresis band
     assert eng.evaluate() == []
     eng.observe(window(3, [0.95, 0.92, 0.94], [500, 500, 500]))    # gap 0.03 <= 0.05: resolve
     assert [x.state for x in eng.evaluate()] == ["resolved"]
-    # not significant: small samples with a large gap
-    eng.observe(window(4, [0.95, 0.80, 0.94], [100, 100, 100]))
-    assert eng.evaluate() == [] or eng.evaluate()[0].state != "firing"
+    # the same gap on 500 requests each is not significantly beyond the bound
+    eng.observe(window(4, [0.95, 0.80, 0.94], [500, 500, 500]))
+    assert eng.evaluate() == []
+    assert next(iter(eng._inst["RegionGap"].values())).evidence["test"]["p_adjusted"] > 0.01
     text = to_prometheus_rules(rules)
     assert "without (region)" in text and "count without (region)" in text
 
