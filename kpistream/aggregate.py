@@ -94,12 +94,18 @@ class WindowAggregator:
     def _merged_windows(self, select=None):
         """{(window, start, series, family): merged state} over all stored panes."""
         out: dict[tuple[str, int, SeriesKey, str], MetricState] = {}
+        chosen: dict[tuple[str, int, str], bool] = {}   # select() once per window and family
         for (pane, series, family), by_src in self.panes.items():
             for w in self.time_windows:
                 for start in self._window_starts(w, pane):
                     key = (w.name, start, series, family)
-                    if select is not None and not select(w, start, family):
-                        continue
+                    if select is not None:
+                        ck = (w.name, start, family)
+                        ok = chosen.get(ck)
+                        if ok is None:
+                            ok = chosen[ck] = bool(select(w, start, family))
+                        if not ok:
+                            continue
                     for st in by_src.values():
                         cur = out.get(key)
                         out[key] = st.copy() if cur is None else cur.merge(st)
