@@ -4,10 +4,14 @@
    scikit-learn and registers it in a local MLflow store (SQLite under
    ``data/``) with the alias ``champion`` (skipped if it exists).
 2. Starts ``serve run configs/serve.yaml``: the sidecar (shards, publisher,
-   store, /metrics) and the demo model served through the monitoring wrapper
-   from ``models:/kpistream-demo@champion``.
+   store, /metrics, alerts, the canary controller) and, at ``/demo``, a
+   shadow experiment: the primary follows ``models:/kpistream-demo@champion``,
+   the challenger follows the alias ``challenger`` (none at first).
 3. Drives traffic with labels arriving seconds later and a drift injected
-   halfway, showing live KPIs in the terminal and where to look.
+   halfway, showing live KPIs, alerts and detectors in the terminal and where
+   to look.  The drift fires the alerts; the accuracy alert launches a
+   retraining job that registers a challenger; the shadow comparison promotes
+   it; the MLflow UI shows every step.
 
 Ctrl-C stops the traffic, then Serve, cleanly.
 """
