@@ -439,7 +439,8 @@ class _Collector:
         with pub._lock:
             w = pub.watcher
             active = w.alerts.active()
-            dets = [*w.detectors.status(), *w.inputs.status()]
+            now = pub.clock.now_ms()
+            dets = [*w.detectors.status(now), *w.inputs.status(now)]
             detections = dict(w.detections)
             nstats = pub.notifier.stats()
             rules = {r.name: r for r in w.config.rules}

@@ -24,6 +24,7 @@ The file::
         labels: {team: ml}
         annotations: {summary: "accuracy {value:.3f} on {series}"}
         group_by: [model, variant]       # default: every series label
+        stale_after: 5m                  # no data this long: a pending or firing alert ends
 
 Semantics (per rule and alert *instance*; an instance is one value of the
 ``group_by`` labels, default one series):

@@ -562,8 +562,12 @@ class DetectorBank:
                 n += 1
         return n
 
-    def evidence(self, spec: DetectorSpec, st: _DetState) -> dict[str, Any]:
+    def evidence(self, spec: DetectorSpec, st: _DetState,
+                 now_ms: int | None = None) -> dict[str, Any]:
         det_state = st.det.state if st.det is not None else None
+        # a series that stopped reporting (a retired version) is not "in drift" any more
+        idle = (now_ms is not None and st.seen_at is not None
+                and now_ms - st.seen_at > spec.hold_ms)
         return {"detector": spec.name, "type": spec.type, "metric": spec.metric,
                 "window": spec.window, "series": dict(st.series), "direction": spec.direction,
                 "target": st.target, "sigma": st.sigma, "shift": spec.shift, "arl0_windows": st.arl0,
@@ -572,10 +576,11 @@ class DetectorBank:
                 "windows": st.windows, "skipped_windows": st.skipped, "signals": st.signals,
                 "last_signal_window_end": st.last_signal_end, "value_at_signal": st.signal_value,
                 "last_value": st.last_value, "last_count": st.last_count,
-                "drift": self.verdict(spec, st), "state": det_state, "error": st.error}
+                "drift": self.verdict(spec, st) and not idle, "idle": bool(idle),
+                "state": det_state, "error": st.error}
 
-    def status(self) -> list[dict[str, Any]]:
-        return [self.evidence(spec, st) for spec in self.specs
+    def status(self, now_ms: int | None = None) -> list[dict[str, Any]]:
+        return [self.evidence(spec, st, now_ms) for spec in self.specs
                 for st in self.states[spec.name].values()]
 
 
@@ -731,16 +736,20 @@ class InputDriftBank:
         return (st.last_signal_end is not None and st.last_end is not None
                 and st.last_end - st.last_signal_end < spec.hold_ms)
 
-    def evidence(self, spec: InputDriftSpec, st: _RefState) -> dict[str, Any]:
+    def evidence(self, spec: InputDriftSpec, st: _RefState,
+                 now_ms: int | None = None) -> dict[str, Any]:
+        idle = (now_ms is not None and st.seen_at is not None
+                and now_ms - st.seen_at > spec.hold_ms)
         return {"detector": spec.name, "type": "input_drift", "window": spec.window,
                 "group": dict(st.group), "reference_source": st.source,
                 "reference_rows": st.ref_rows, "reference_ready": st.frozen is not None,
                 "tests": st.tests, "signals": st.signals,
-                "last_signal_window_end": st.last_signal_end, "drift": self.verdict(spec, st),
+                "last_signal_window_end": st.last_signal_end,
+                "drift": self.verdict(spec, st) and not idle, "idle": bool(idle),
                 "alpha": spec.alpha, "min_effect": spec.min_effect, "last": st.last}
 
-    def status(self) -> list[dict[str, Any]]:
-        return [self.evidence(spec, st) for spec in self.specs
+    def status(self, now_ms: int | None = None) -> list[dict[str, Any]]:
+        return [self.evidence(spec, st, now_ms) for spec in self.specs
                 for st in self.states[spec.name].values()]
 
 
@@ -803,5 +812,6 @@ class Watcher:
         return self.alerts.evaluate()
 
     def status(self) -> dict[str, Any]:
-        return {"alerts": self.alerts.active(), "detectors": self.detectors.status(),
-                "input_drift": self.inputs.status()}
+        now = self.clock.now_ms()
+        return {"alerts": self.alerts.active(), "detectors": self.detectors.status(now),
+                "input_drift": self.inputs.status(now)}

@@ -404,3 +404,15 @@ def test_publisher_runs_input_drift_on_sampled_features(tmp_path):
     feats = {f["feature"]: f for f in st["last"]["features"]}
     assert feats["x"]["drift"] and not feats["y"]["drift"] and not feats["kind"]["drift"]
     assert feats["x"]["n_cur"] >= 256          # both regions' samples of the window
+
+
+def test_a_series_that_stops_reporting_is_not_in_drift_and_is_pruned():
+    bank = _bank({"name": "acc", "type": "cusum", "metric": "accuracy", "window": "10s",
+                  "shift": 0.05, "warmup": 2, "min_count": 50, "hold": "1m"})
+    for i in range(6):
+        bank.observe([acc_row(T0 + i * 10_000, 0.95 if i < 2 else 0.5, 200)], now_ms=i * 1000)
+    st = next(iter(bank.states["acc"].values()))
+    assert bank.evidence(bank.specs[0], st, now_ms=6_000)["drift"]
+    ev = bank.evidence(bank.specs[0], st, now_ms=5_000 + 61_000)     # silent for over `hold`
+    assert not ev["drift"] and ev["idle"]
+    assert bank.prune(now_ms=5_000 + 3_600_001) == 1 and not bank.states["acc"]
