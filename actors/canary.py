@@ -249,7 +249,8 @@ class Canary:
         self.runs: dict[str, _Run | None] = {s.name: None for s in self.cfg.experiments}
         self.past: dict[str, deque] = {s.name: deque(maxlen=history) for s in self.cfg.experiments}
         self._next: dict[str, int] = {s.name: 0 for s in self.cfg.experiments}
-        self._seen_versions: dict[str, set[str]] = {s.name: set() for s in self.cfg.experiments}
+        # (challenger, champion) pairs a run was started (or skipped) for
+        self._seen_versions: dict[str, set[tuple]] = {s.name: set() for s in self.cfg.experiments}
         self._alert_seq = 0
         self._alert_epoch: str | None = None
         self._labelled_at: int | None = None
@@ -466,8 +467,9 @@ class Canary:
         spec = next((s for s in self.cfg.experiments if s.name == experiment), None)
         if spec is None:
             return {"state": "unknown"}
-        with self._lock:
-            run = self.runs.get(spec.name)
+        # no lock: a tick may hold it through MLflow and publisher calls, and the ingress
+        # polls every second; reading one run object is atomic enough here
+        run = self.runs.get(spec.name)
         if run is None:
             return {"mode": spec.mode, "weight": 0.0, "step": 0, "state": "idle"}
         state = {"promoted": "promoted", "rolled_back": "rollback", "halted": "halt"}.get(
