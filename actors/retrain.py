@@ -78,7 +78,7 @@ def _read(path: Path, columns: list[str], keep: Callable):
         return None
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
-    ds = ray.data.read_parquet(str(path), columns=columns, file_extensions=["parquet"])
+    ds = ray.data.read_parquet(str(path), file_extensions=["parquet"]).select_columns(columns)
 
     def select(t: pa.Table) -> pa.Table:
         return t.select(columns).filter(keep(t))
