@@ -205,3 +205,75 @@ def test_better_challenger_promoted_worse_rolled_back(serve_port, tmp_path):
             serve.delete("e2e-exp")
         finally:
             remove_sidecar("kpistream-e2e")
+
+
+def test_canary_steps_through_weights_then_promotes(serve_port, tmp_path):
+    """Canary mode on the real stack: the ingress splits by the controller's weight (polled),
+    each step is analysed on its own data, passing the step before 100 % promotes."""
+    from mlflow import MlflowClient
+
+    from app.demo_model import demo_dataset
+    from app.ingress import ExperimentAppArgs, build_experiment_app
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    models = _models()
+    v1 = _log_model(uri, *models["weak"])
+    v2 = _log_model(uri, *models["strong"])
+    c = MlflowClient(uri, uri)
+    c.set_registered_model_alias(MODEL, "champion", v1)
+    canary = {"alpha": 0.05, "min_samples": 60, "min_duration": "3s", "max_duration": "10m",
+              "metrics": [{"name": "accuracy", "margin": 0.05}],
+              "experiments": [{"name": "e2e-canary", "model": MODEL, "mode": "canary",
+                               "challenger_variant": "canary", "steps": [0.2, 0.5, 1.0],
+                               "settle": "2s", "interval": "1s"}],
+              "actions": {"mode": "auto", "cooldown": "0s"}}
+    cfile = tmp_path / "canary.yaml"
+    cfile.write_text(yaml.safe_dump(canary))
+    deploy_sidecar("kpistream-e2e-canary", tmp_path / "store", canary_config=str(cfile),
+                   mlflow_tracking_uri=uri, alerts_config=None)
+    base = f"http://127.0.0.1:{serve_port}"
+    args = ExperimentAppArgs(experiment="e2e-canary", mode="canary", sticky_key=None,
+                             weights=[0.2, 0.5, 1.0], control_poll_s=0.5,
+                             challenger={"variant": "canary", "init_args": {"alias": "challenger"}},
+                             shared_init_args={"tracking_uri": uri, "model_name": MODEL,
+                                               "n_shards": 2, "alias_poll_s": 0.5})
+    try:
+        deadline = time.time() + 90
+        while True:
+            try:
+                if _get(base + "/v1/health")["shards_alive"] == 2:
+                    break
+            except Exception:
+                pass
+            assert time.time() < deadline, "the sidecar did not come up"
+            time.sleep(0.5)
+        serve.run(build_experiment_app(args), name="e2e-canary", route_prefix="/exp")
+        x, y, names = demo_dataset(0)
+        rng = np.random.default_rng(4)
+        # idle controller: weight 0, everything to the primary
+        r = _drive(base, 3, rng, x, y, names)
+        assert all(t["status"] == 200 and t["variant"] == "primary" for t in r)
+        c.set_registered_model_alias(MODEL, "challenger", v2)
+
+        def decided():
+            cur = _get(base + "/v1/canary")["experiments"][0]["current"]
+            return cur is not None and cur["status"] != "running"
+
+        replies = _drive(base, 120, rng, x, y, names, stop_when=decided)
+        cur = _get(base + "/v1/canary")["experiments"][0]["current"]
+        assert cur["status"] == "promoted", json.dumps(cur, indent=1)[:3000]
+        steps = [e for e in cur["events"] if e["event"] == "step passed"]
+        assert [e["next_weight"] for e in steps] == [0.5]
+        assert cur["decision"]["srm"]["checked"] and cur["decision"]["srm"]["expected_share"] == 0.5
+        # the split followed the controller: some requests went to the canary, none failed
+        canary_share = np.mean([t.get("variant") == "canary" for t in replies])
+        assert 0.1 < canary_share < 0.6 and all(t["status"] == 200 for t in replies)
+        assert str(c.get_model_version_by_alias(MODEL, "champion").version) == v2
+        run = c.get_run(cur["outcome"]["run_id"])
+        assert run.data.tags["kpistream.decision"] == "promote"
+        assert run.data.params["policy.mode"] == "canary"
+    finally:
+        try:
+            serve.delete("e2e-canary")
+        finally:
+            remove_sidecar("kpistream-e2e-canary")
