@@ -426,6 +426,17 @@ class _Collector:
             pend.add_metric([str(sid)], st.get("pending", 0))
         yield wm
         yield pend
+        arch = {k: CounterMetricFamily(f"kpistream_archive_{k}", help_, labels=["shard"])
+                for k, help_ in (("rows", "Raw events written to the Parquet archive"),
+                                 ("files", "Parquet files written to the archive"),
+                                 ("errors", "Failed archive writes"),
+                                 ("dropped", "Events the archive dropped (buffer full)"))}
+        for sid, st in sorted(pub.shard_stats.items()):
+            a = st.get("archive")
+            if a:
+                for k, fam in arch.items():
+                    fam.add_metric([str(sid)], a.get(k, 0))
+        yield from arch.values()
         t = GaugeMetricFamily("kpistream_publisher_ticks", "Publisher rounds so far")
         t.add_metric([], pub.ticks)
         yield t

@@ -156,6 +156,7 @@ def test_metrics_pass_promtool(sidecar, posted):
     text = _get(base + "/metrics")
     assert "kpistream_accuracy_ratio{" in text and "kpistream_events_total{" in text
     assert 'kpistream_latency_p99_seconds{' in text
+    assert 'kpistream_archive_rows_total{shard="0"}' in text     # the raw event archive
     promtool = shutil.which("promtool")
     if promtool is None:
         pytest.skip("promtool not installed (.ci/run installs the prometheus package)")
