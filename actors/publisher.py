@@ -221,8 +221,9 @@ class Publisher:
         """The comparison of ``challenger`` (at ``version``) with ``primary`` since ``since_ms``.
 
         Merges the stored ``paired`` pane states of the model's primary series
-        (at ``primary_version`` if given) and of the challenger's series (every segment and endpoint) with a
-        pane start at or after ``since_ms`` -- the *paired summary* that
+        (at ``primary_version`` if given) and of the challenger's series
+        (every segment and endpoint) with a pane start at or after ``since_ms``
+        (a run's first partial pane is left out) -- the *paired summary* that
         :meth:`kpistream.canary.CanaryPolicy.decide` reads, plus
         ``"window": {"start", "end", "panes", "final_until"}``.  Panes
         final for the paired family (watermark past their end plus the label
