@@ -23,7 +23,8 @@ MODEL = "e2e-model"
 
 
 def _log_model(uri: str, model, accuracy: float) -> str:
-    """Log and register a scikit-learn model (a real MLflow run and version)."""
+    """Log and register a scikit-learn model (a real MLflow run and version); artifacts go
+    beside the SQLite file, not into ./mlruns."""
     import mlflow
     import sklearn
     from mlflow import MlflowClient
@@ -33,11 +34,17 @@ def _log_model(uri: str, model, accuracy: float) -> str:
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     x_te = demo_split(0)[1]
-    with mlflow.start_run() as run:
+    c = MlflowClient(uri, uri)
+    exp = c.get_experiment_by_name("e2e")
+    if exp is None:
+        db = Path(uri.removeprefix("sqlite:///"))
+        exp_id = c.create_experiment("e2e", artifact_location=(db.parent / "artifacts").as_uri())
+    else:
+        exp_id = exp.experiment_id
+    with mlflow.start_run(experiment_id=exp_id) as run:
         mlflow.log_metric("accuracy", accuracy)
         info = mlflow.sklearn.log_model(model, name="model", input_example=x_te[:2],
                                         pip_requirements=[f"scikit-learn=={sklearn.__version__}"])
-    c = MlflowClient(uri, uri)
     try:
         c.create_registered_model(MODEL)
     except Exception:
