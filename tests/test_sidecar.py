@@ -7,6 +7,7 @@ import json
 import shutil
 import subprocess
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -201,3 +202,20 @@ def test_prometheus_scrapes_the_same_accuracy(sidecar, posted, tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def test_alerts_and_canary_routes_without_experiments(sidecar):
+    base, _ = sidecar
+    body = _get(base + "/v1/alerts?since=0")
+    assert {"alerts", "detectors", "input_drift", "notifications", "rules",
+            "transitions"} <= set(body)
+    assert "DemoAccuracyLow" in body["rules"]          # the shipped configs/alerts.yaml
+    with pytest.raises(urllib.error.HTTPError) as e:
+        _get(base + "/v1/alerts?state=sleeping")
+    assert e.value.code == 400 and b"state" in e.value.read()
+    assert _get(base + "/v1/canary")["experiments"] == []
+    req = urllib.request.Request(base + "/v1/canary/approve", method="POST",
+                                 data=json.dumps({"decision_id": "x", "by": "me"}).encode())
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=10)
+    assert e.value.code == 404 and b"no experiments configured" in e.value.read()
