@@ -65,12 +65,12 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from actors.ticker import Ticker
 from kpistream.canary import CanaryPolicy, policy_from_dict
 from kpistream.clock import Clock, SystemClock
 from kpistream.config import _check_keys, format_duration, parse_duration, read_yaml
@@ -257,8 +257,7 @@ class Canary:
         self.retrains: deque = deque(maxlen=history)
         self.errors: dict[str, str] = {}
         self._lock = threading.RLock()
-        self._thread: threading.Thread | None = None
-        self._stop = threading.Event()
+        self._ticker = Ticker(self.tick, "kpistream-canary", on_error=self._tick_failed)
 
     # ------------------------------------------------------------------ loop
     def tick(self) -> list[dict]:
@@ -549,21 +548,11 @@ class Canary:
 
     # ------------------------------------------------------------------ thread
     def start(self, interval_s: float = 1.0) -> bool:
-        if self._thread is not None and self._thread.is_alive():
-            return False
-
-        def loop() -> None:
-            while not self._stop.is_set():
-                t = time.monotonic()
-                self.tick()
-                self._stop.wait(max(0.0, interval_s - (time.monotonic() - t)))
-
-        self._stop.clear()
-        self._thread = threading.Thread(target=loop, name="kpistream-canary", daemon=True)
-        self._thread.start()
-        return True
+        """Tick in a background thread every ``interval_s`` (idempotent)."""
+        return self._ticker.start(interval_s)
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
+        self._ticker.stop()
+
+    def _tick_failed(self, e: Exception) -> None:   # tick() catches its own; never die
+        self.errors["tick"] = repr(e)

@@ -38,6 +38,7 @@ from kpistream.store import SeriesStore
 from kpistream.watch import AlertsConfig, Watcher, load_alerts
 
 from actors.notify import Notifier
+from actors.ticker import Ticker
 
 Pull = Callable[[], Sequence[tuple[list[Partial], int, dict]]]
 
@@ -92,8 +93,7 @@ class Publisher:
         self._last_running = 0
         self._running_every_ms = 2000
         self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
-        self._stop = threading.Event()
+        self._ticker = Ticker(self.tick, "kpistream-publisher", on_error=self._tick_failed)
         self.errors: Counter = Counter()
         self.watcher = Watcher(load_alerts(alerts), self.clock, self.cfg)
         self.notifier = Notifier(self.watcher.config.webhooks, self.watcher.config.log)
@@ -153,28 +153,15 @@ class Publisher:
 
     def start(self, interval_s: float = 0.25) -> bool:
         """Tick in a background thread every ``interval_s`` (idempotent)."""
-        if self._thread is not None and self._thread.is_alive():
-            return False
-
-        def loop() -> None:
-            while not self._stop.is_set():
-                t = time.monotonic()
-                try:
-                    self.tick()
-                except Exception as e:  # keep publishing; the error is counted and visible
-                    self.errors[type(e).__name__] += 1
-                    self.last_error = repr(e)
-                self._stop.wait(max(0.0, interval_s - (time.monotonic() - t)))
-
-        self._stop.clear()
-        self._thread = threading.Thread(target=loop, name="kpistream-publisher", daemon=True)
-        self._thread.start()
-        return True
+        return self._ticker.start(interval_s)
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
+        self._ticker.stop()
+
+    def _tick_failed(self, e: Exception) -> None:
+        """Keep publishing; the error is counted and visible (/v1/health)."""
+        self.errors[type(e).__name__] += 1
+        self.last_error = repr(e)
 
     # --------------------------------------------------------------- queries
     def _final_features(self) -> list[tuple]:

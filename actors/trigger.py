@@ -90,7 +90,8 @@ from urllib.parse import urlparse
 
 from kpistream.clock import Clock, SystemClock
 
-__all__ = ["Trigger", "ACTIONS", "normalize_tracking_uri", "artifact_location"]
+__all__ = ["Trigger", "ACTIONS", "normalize_tracking_uri", "artifact_location", "sqlite_path",
+           "ensure_experiment", "alias_version"]
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +135,19 @@ def artifact_location(uri: str) -> str | None:
     """Artifacts of a local SQLite store go beside its database, not into ./mlruns."""
     db = sqlite_path(uri)
     return (db.parent / "mlartifacts").as_uri() if db is not None else None
+
+
+def alias_version(client, name: str, alias: str) -> str | None:
+    """The version ``alias`` points to in registered model ``name``, or None if the model or
+    the alias does not exist."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(client.get_model_version_by_alias(name, alias).version)
+    except MlflowException as e:
+        if e.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
+            return None
+        raise
 
 
 def ensure_experiment(client, name: str, uri: str, tags: Mapping[str, str] | None = None) -> str:
@@ -250,16 +264,7 @@ class Trigger:
         return self._exp_id
 
     def _alias_version(self, alias: str, name: str | None = None) -> str | None:
-        from mlflow.exceptions import MlflowException
-
-        try:
-            return str(self.client.get_model_version_by_alias(name or self.model_name,
-                                                              alias).version)
-        except MlflowException as e:
-            if e.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE",
-                                "NOT_FOUND"):
-                return None
-            raise
+        return alias_version(self.client, name or self.model_name, alias)
 
     def alias_version(self, alias: str) -> str | None:
         """The version ``alias`` points to in the registered model, or None."""

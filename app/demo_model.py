@@ -52,14 +52,14 @@ import logging
 import math
 import os
 import time
-from pathlib import Path
 from typing import Any, Iterator
-from urllib.parse import urlparse
 
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
-from app.monitor import AliasFollowingModel, MonitoredModel
+from actors.trigger import (alias_version, ensure_experiment, normalize_tracking_uri,
+                            sqlite_path)
+from app.monitor import AliasFollowingModel
 from kpistream.demo_traffic import default_tracking_uri, demo_dataset, demo_split
 
 __all__ = ["MODEL_NAME", "EXPERIMENT", "ALIAS", "ensure_demo_model", "champion_version",
@@ -78,39 +78,17 @@ _HYPER = {"C": 1.0, "max_iter": 1000, "solver": "lbfgs"}
 # ------------------------------------------------------------------------- MLflow
 
 def _normalize_uri(tracking_uri: str | os.PathLike | None) -> str:
-    """A URI as given; a bare path (a .db file or a folder) becomes a SQLite URI."""
+    """A URI as given; a bare path (a .db file or a folder) becomes a SQLite URI; None is the
+    embedded default.  SQLite paths become absolute, whatever a Ray worker's directory."""
     if tracking_uri is None:
         return default_tracking_uri()
-    uri = os.fspath(tracking_uri)
-    db = _sqlite_path(uri)
-    if db is not None:   # absolute, whatever the working directory of a Ray worker
-        return "sqlite:///" + str(db)
-    if "://" in uri or uri.startswith("databricks"):
-        return uri
-    p = Path(uri).expanduser().resolve()
-    if p.suffix not in (".db", ".sqlite", ".sqlite3"):
-        p = p / "mlflow.db"
-    return "sqlite:///" + str(p)
-
-
-def _sqlite_path(uri: str) -> Path | None:
-    """The database file of a ``sqlite:///`` URI (None for other stores, in-memory)."""
-    if not uri.startswith("sqlite:"):
-        return None
-    path = urlparse(uri).path
-    if uri.startswith("sqlite:////"):
-        path = "/" + path.lstrip("/")
-    elif uri.startswith("sqlite:///"):
-        path = path[1:] if path.startswith("/") else path   # relative path
-    if not path or path == ":memory:":
-        return None
-    return Path(path).expanduser().resolve()
+    return normalize_tracking_uri(os.fspath(tracking_uri))
 
 
 @contextlib.contextmanager
 def _store_lock(uri: str) -> Iterator[None]:
     """An exclusive inter-process lock beside a local SQLite store; a no-op otherwise."""
-    db = _sqlite_path(uri)
+    db = sqlite_path(uri)
     if db is None:
         yield
         return
@@ -136,35 +114,11 @@ def _setup(uri: str):
 
 def champion_version(client, name: str = MODEL_NAME, alias: str = ALIAS) -> str | None:
     """The version ``alias`` points to, or None if the model or the alias does not exist."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return str(client.get_model_version_by_alias(name, alias).version)
-    except MlflowException as e:
-        if e.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
-            return None
-        raise
-
-
-def _artifact_location(uri: str) -> str | None:
-    """Artifacts of the embedded store go beside its database, not into ./mlruns."""
-    db = _sqlite_path(uri)
-    return (db.parent / "mlartifacts").as_uri() if db is not None else None
+    return alias_version(client, name, alias)
 
 
 def _experiment_id(client, uri: str) -> str:
-    from mlflow.exceptions import MlflowException
-
-    exp = client.get_experiment_by_name(EXPERIMENT)
-    if exp is not None:
-        return exp.experiment_id
-    try:
-        return client.create_experiment(EXPERIMENT, artifact_location=_artifact_location(uri),
-                                        tags={"kpistream.demo": "true"})
-    except MlflowException as e:   # created meanwhile by another process
-        if e.error_code != "RESOURCE_ALREADY_EXISTS":
-            raise
-        return client.get_experiment_by_name(EXPERIMENT).experiment_id
+    return ensure_experiment(client, EXPERIMENT, uri, {"kpistream.demo": "true"})
 
 
 def train_demo_model(seed: int = SPLIT_SEED):
