@@ -57,6 +57,26 @@ def deploy_sidecar(name: str, store_path, **args):
               name=name, route_prefix="/", blocking=False)
 
 
+def wait_healthy(base: str, n_shards: int = 2, timeout_s: float = 60.0) -> None:
+    """Until ``GET /v1/health`` reports every shard alive (the sidecar is up)."""
+    import json
+    import time
+    import urllib.request
+
+    deadline = time.time() + timeout_s
+    last: object = None
+    while True:
+        try:
+            with urllib.request.urlopen(base + "/v1/health", timeout=10) as r:
+                last = json.loads(r.read())
+            if last["shards_alive"] == n_shards:
+                return
+        except Exception as e:
+            last = e
+        assert time.time() < deadline, f"the sidecar did not come up: {last!r}"
+        time.sleep(0.5)
+
+
 def remove_sidecar(*app_names: str, n_shards: int = 2) -> None:
     """Delete the apps and the (detached) shard and publisher actors."""
     import ray

@@ -17,7 +17,7 @@ import yaml
 
 from kpistream.alerts import load_rules, to_prometheus_rules
 
-from conftest import deploy_sidecar, free_port, remove_sidecar
+from conftest import deploy_sidecar, free_port, remove_sidecar, wait_healthy
 from test_watch import _Receiver
 
 pytestmark = pytest.mark.integration
@@ -76,15 +76,7 @@ def test_prometheus_and_kpistream_fire_the_same_rule(serve_port, tmp_path):
 
     deploy_sidecar("kpistream-alerts", tmp_path / "store", alerts_config=str(alerts_file))
     base = f"http://127.0.0.1:{serve_port}"
-    deadline = time.time() + 60
-    while True:
-        try:
-            if _get(base + "/v1/health")["shards_alive"] == 2:
-                break
-        except Exception:
-            if time.time() > deadline:
-                raise
-            time.sleep(0.5)
+    wait_healthy(base, timeout_s=60)
     port = free_port()
     (tmp_path / "prometheus.yml").write_text(
         "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"

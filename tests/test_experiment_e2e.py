@@ -15,7 +15,7 @@ import pytest
 import yaml
 from ray import serve
 
-from conftest import deploy_sidecar, remove_sidecar
+from conftest import deploy_sidecar, remove_sidecar, wait_healthy
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parent.parent
@@ -114,44 +114,47 @@ def _drive(base: str, seconds: float, rng, x, y, names, stop_when=None) -> list[
     return replies
 
 
-def test_better_challenger_promoted_worse_rolled_back(serve_port, tmp_path):
+def _registry(tmp_path):
+    """A real MLflow store with the weak model as v1 @champion and the strong one as v2:
+    ``(uri, client, models, v1, v2)``."""
     from mlflow import MlflowClient
-
-    from app.demo_model import demo_dataset
-    from app.ingress import ExperimentAppArgs, build_experiment_app
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     models = _models()
-    assert models["strong"][1] > models["weak"][1] + 0.1 > models["bad"][1]
     v1 = _log_model(uri, *models["weak"])
     v2 = _log_model(uri, *models["strong"])
     c = MlflowClient(uri, uri)
     c.set_registered_model_alias(MODEL, "champion", v1)
+    return uri, c, models, v1, v2
 
+
+def _deploy(tmp_path, serve_port: int, name: str, canary: dict, uri: str) -> str:
+    """The sidecar with the canary controller on ``canary`` (no alert rules); its base URL."""
+    cfile = tmp_path / "canary.yaml"
+    cfile.write_text(yaml.safe_dump(canary))
+    deploy_sidecar(name, tmp_path / "store", canary_config=str(cfile), mlflow_tracking_uri=uri,
+                   alerts_config=None)
+    return f"http://127.0.0.1:{serve_port}"
+
+
+def test_better_challenger_promoted_worse_rolled_back(serve_port, tmp_path):
+    from app.demo_model import demo_dataset
+    from app.ingress import ExperimentAppArgs, build_experiment_app
+
+    uri, c, models, v1, v2 = _registry(tmp_path)
+    assert models["strong"][1] > models["weak"][1] + 0.1 > models["bad"][1]
     canary = {"alpha": 0.05, "min_samples": 150, "min_duration": "5s", "max_duration": "10m",
               "metrics": [{"name": "accuracy", "margin": 0.02},
                           {"name": "error_rate", "margin": 0.01}],
               "experiments": [{"name": "e2e", "model": MODEL, "challenger_variant": "shadow",
                                "interval": "1s"}],
               "actions": {"mode": "auto", "cooldown": "0s"}}
-    cfile = tmp_path / "canary.yaml"
-    cfile.write_text(yaml.safe_dump(canary))
-    deploy_sidecar("kpistream-e2e", tmp_path / "store", canary_config=str(cfile),
-                   mlflow_tracking_uri=uri, alerts_config=None)
-    base = f"http://127.0.0.1:{serve_port}"
+    base = _deploy(tmp_path, serve_port, "kpistream-e2e", canary, uri)
     args = ExperimentAppArgs(experiment="e2e", mode="shadow", control_poll_s=0.5,
                              shared_init_args={"tracking_uri": uri, "model_name": MODEL,
                                                "n_shards": 2, "alias_poll_s": 0.5})
     try:
-        deadline = time.time() + 90
-        while True:
-            try:
-                if _get(base + "/v1/health")["shards_alive"] == 2:
-                    break
-            except Exception:
-                pass
-            assert time.time() < deadline, "the sidecar did not come up"
-            time.sleep(0.5)
+        wait_healthy(base, timeout_s=90)
         serve.run(build_experiment_app(args), name="e2e-exp", route_prefix="/exp")
         x, y, names = demo_dataset(0)
         rng = np.random.default_rng(3)
@@ -217,43 +220,24 @@ def test_better_challenger_promoted_worse_rolled_back(serve_port, tmp_path):
 def test_canary_steps_through_weights_then_promotes(serve_port, tmp_path):
     """Canary mode on the real stack: the ingress splits by the controller's weight (polled),
     each step is analysed on its own data, passing the step before 100 % promotes."""
-    from mlflow import MlflowClient
-
     from app.demo_model import demo_dataset
     from app.ingress import ExperimentAppArgs, build_experiment_app
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    models = _models()
-    v1 = _log_model(uri, *models["weak"])
-    v2 = _log_model(uri, *models["strong"])
-    c = MlflowClient(uri, uri)
-    c.set_registered_model_alias(MODEL, "champion", v1)
+    uri, c, _, v1, v2 = _registry(tmp_path)
     canary = {"alpha": 0.05, "min_samples": 60, "min_duration": "3s", "max_duration": "10m",
               "metrics": [{"name": "accuracy", "margin": 0.05}],
               "experiments": [{"name": "e2e-canary", "model": MODEL, "mode": "canary",
                                "challenger_variant": "canary", "steps": [0.2, 0.5, 1.0],
                                "settle": "2s", "interval": "1s"}],
               "actions": {"mode": "auto", "cooldown": "0s"}}
-    cfile = tmp_path / "canary.yaml"
-    cfile.write_text(yaml.safe_dump(canary))
-    deploy_sidecar("kpistream-e2e-canary", tmp_path / "store", canary_config=str(cfile),
-                   mlflow_tracking_uri=uri, alerts_config=None)
-    base = f"http://127.0.0.1:{serve_port}"
+    base = _deploy(tmp_path, serve_port, "kpistream-e2e-canary", canary, uri)
     args = ExperimentAppArgs(experiment="e2e-canary", mode="canary", sticky_key=None,
                              weights=[0.2, 0.5, 1.0], control_poll_s=0.5,
                              challenger={"variant": "canary", "init_args": {"alias": "challenger"}},
                              shared_init_args={"tracking_uri": uri, "model_name": MODEL,
                                                "n_shards": 2, "alias_poll_s": 0.5})
     try:
-        deadline = time.time() + 90
-        while True:
-            try:
-                if _get(base + "/v1/health")["shards_alive"] == 2:
-                    break
-            except Exception:
-                pass
-            assert time.time() < deadline, "the sidecar did not come up"
-            time.sleep(0.5)
+        wait_healthy(base, timeout_s=90)
         serve.run(build_experiment_app(args), name="e2e-canary", route_prefix="/exp")
         x, y, names = demo_dataset(0)
         rng = np.random.default_rng(4)

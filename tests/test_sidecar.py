@@ -23,7 +23,7 @@ from kpistream.replay import iter_runs, replay_batches
 from kpistream.batch import FeedbackBatch, InferenceBatch
 from kpistream.schema import validate_rows
 
-from conftest import deploy_sidecar, free_port, remove_sidecar
+from conftest import deploy_sidecar, free_port, remove_sidecar, wait_healthy
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,15 +47,7 @@ def sidecar(serve_port, tmp_path_factory):
     store = tmp_path_factory.mktemp("store")
     deploy_sidecar("kpistream-test", store)
     base = f"http://127.0.0.1:{serve_port}"
-    deadline = time.time() + 60
-    while True:
-        try:
-            if _get(base + "/v1/health")["shards_alive"] == 2:
-                break
-        except Exception:
-            if time.time() > deadline:
-                raise
-            time.sleep(0.5)
+    wait_healthy(base, timeout_s=60)
     yield base, store
     remove_sidecar("kpistream-test")
 
