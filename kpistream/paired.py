@@ -83,7 +83,7 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 from numba import njit
 
-from .states import FAMILY_CLASSES, SumsState, Value
+from .states import FAMILY_CLASSES, SeriesFlags, SumsState, Value
 
 #: Latency floor (ms) before the log: a zero latency is a clock artefact, not a speed-up.
 MIN_LATENCY_MS = 1e-3
@@ -652,7 +652,7 @@ def comparison(items: Iterable[Any], challenger: str, primary: str = "primary",
 # ---------------------------------------------------------------------------
 # the engine's per-pane form
 
-class PairedTable:
+class PairedTable(SeriesFlags):
     """The paired family of every series of one pane (the engine's form).
 
     ``arms`` holds one arm row per series (the series' own arm; ``role``
@@ -662,8 +662,7 @@ class PairedTable:
     :meth:`clean`.
     """
 
-    __slots__ = ("arms", "role", "flags", "pairs")
-    _LIVE, _DIRTY = 1, 2
+    __slots__ = ("arms", "role", "pairs")
 
     def __init__(self, n_series: int) -> None:
         n = max(n_series, 4)
@@ -717,16 +716,6 @@ class PairedTable:
         else:
             st.s = np.concatenate((arm, self._ZERO_ARM, pair))
         return st
-
-    def sids(self, dirty_only: bool = False) -> list[int]:
-        return np.flatnonzero(self.flags & (self._DIRTY if dirty_only else self._LIVE)).tolist()
-
-    @property
-    def dirty(self) -> bool:
-        return bool((self.flags & self._DIRTY).any())
-
-    def clean(self) -> None:
-        self.flags &= self._LIVE
 
     @property
     def nbytes(self) -> int:

@@ -530,7 +530,25 @@ def deep_size(obj) -> int:
     return size(obj)
 
 
-class SumsTable:
+class SeriesFlags:
+    """Per-series flags of a pane's family table: live (has data) and dirty (changed since
+    the last collect).  The shared part of :class:`SumsTable` and the paired table."""
+
+    __slots__ = ("flags",)
+    _LIVE, _DIRTY = 1, 2
+
+    def sids(self, dirty_only: bool = False) -> list[int]:
+        return np.flatnonzero(self.flags & (self._DIRTY if dirty_only else self._LIVE)).tolist()
+
+    @property
+    def dirty(self) -> bool:
+        return bool((self.flags & self._DIRTY).any())
+
+    def clean(self) -> None:
+        self.flags &= self._LIVE
+
+
+class SumsTable(SeriesFlags):
     """The states of one sums family for every series of one pane, as one array.
 
     Row ``sid`` is the ``s`` vector of series ``sid``'s state: one array per
@@ -540,8 +558,7 @@ class SumsTable:
     :class:`SumsState` (the unit that travels and merges).
     """
 
-    __slots__ = ("cls", "arr", "flags")
-    _LIVE, _DIRTY = 1, 2
+    __slots__ = ("cls", "arr")
 
     def __init__(self, cls: type[SumsState], n_series: int) -> None:
         self.cls = cls
@@ -565,16 +582,6 @@ class SumsTable:
         st = self.cls.__new__(self.cls)
         st.s = self.arr[sid].copy()
         return st
-
-    def sids(self, dirty_only: bool = False) -> list[int]:
-        return np.flatnonzero(self.flags & (self._DIRTY if dirty_only else self._LIVE)).tolist()
-
-    @property
-    def dirty(self) -> bool:
-        return bool((self.flags & self._DIRTY).any())
-
-    def clean(self) -> None:
-        self.flags &= self._LIVE
 
     @property
     def nbytes(self) -> int:
