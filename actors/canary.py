@@ -71,6 +71,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from actors.ticker import Ticker
+from kpistream.alerts import _str
 from kpistream.canary import CanaryPolicy, policy_from_dict
 from kpistream.clock import Clock, SystemClock
 from kpistream.config import _check_keys, format_duration, parse_duration, read_yaml
@@ -124,12 +125,6 @@ class CanaryConfig:
         if self.retrain.model:
             names.append(self.retrain.model)
         return tuple(dict.fromkeys(names))
-
-
-def _str(v: Any, path: str) -> str:
-    if not isinstance(v, str) or not v:
-        raise ConfigError(path, f"expected a non-empty string, got {v!r}")
-    return v
 
 
 def _experiment(d: Any, path: str) -> ExperimentSpec:

@@ -101,7 +101,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from .alerts import (AlertEngine, AlertRule, Notification, QUALITY_KPIS, KPI_NAMES, RATE_KPIS,
-                     _str_map, rules_from_dict)
+                     _num, _str_map, rules_from_dict)
 from .clock import Clock
 from .config import EngineConfig, _check_keys, _int, parse_duration, read_yaml
 from .drift import Adwin, Cusum, Ewma, PageHinkley, PsiTest, TwoSidedCusum, feature_drift
@@ -118,14 +118,6 @@ HIGHER_IS_BETTER = frozenset(
      "recall_micro", "f1_micro", "precision_weighted", "recall_weighted", "f1_weighted"))
 _TYPES = ("cusum", "ewma", "page_hinkley", "adwin")
 _DAY = 86_400_000
-
-
-def _num(v: Any, path: str, lo: float | None = None, hi: float | None = None) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-        raise ConfigError(path, f"expected a finite number, got {v!r}")
-    if (lo is not None and v < lo) or (hi is not None and v > hi):
-        raise ConfigError(path, f"must be in [{lo}, {hi}], got {v!r}")
-    return float(v)
 
 
 def _name(v: Any, path: str) -> str:
