@@ -22,7 +22,7 @@ finds the largest one on disk), and a file never holds more than
 ``.parquet`` extension, so readers skip it) and then hard-linked to its final
 name, which fails rather than overwrites if that name exists.
 
-Columns are the batch columns (:mod:`kpistream.batch`), so a replay rebuilds
+Columns are the batch columns (:mod:`kpistream.wire.batch`), so a replay rebuilds
 exactly the live batches (:func:`inference_batch_from_table`,
 :func:`feedback_batch_from_table`): identifiers are the 64-bit hashes the
 engine joins and deduplicates on (``event_id_hash``, ``request_id_hash``,
@@ -66,7 +66,7 @@ from typing import Any
 
 import numpy as np
 
-from kpistream.batch import (FEEDBACK_KINDS, FeedbackBatch, InferenceBatch, concat_feedback,
+from kpistream.wire.batch import (FEEDBACK_KINDS, FeedbackBatch, InferenceBatch, concat_feedback,
                              concat_inference)
 from kpistream.clock import Clock, SystemClock
 
@@ -242,7 +242,7 @@ def inference_batch_from_table(t) -> InferenceBatch:
 
 def feedback_batch_from_table(t) -> FeedbackBatch:
     """The :class:`FeedbackBatch` an archived feedback table holds (replay, tests)."""
-    from kpistream.batch import KIND_CODE
+    from kpistream.wire.batch import KIND_CODE
 
     label, labels = _codes(t.column("label"))
     ro, ri = _csr_back(t.column("relevance_items"), np.uint64)

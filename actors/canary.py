@@ -6,7 +6,7 @@ A plain class (no Ray import); :mod:`actors.remote` makes it the named actor
 test can wire it to a plain publisher and trigger.
 
 Config: ``configs/canary.yaml`` -- the decision policy
-(:mod:`kpistream.canary`) plus::
+(:mod:`kpistream.decide.policy`) plus::
 
     experiments:
       - name: demo                   # the ingress's `experiment`
@@ -71,10 +71,10 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from actors.ticker import Ticker
-from kpistream.alerts import _str
-from kpistream.canary import CanaryPolicy, policy_from_dict
+from kpistream.alerts.rules import _str
+from kpistream.decide.policy import CanaryPolicy, policy_from_dict
 from kpistream.clock import Clock, SystemClock
-from kpistream.config import _check_keys, format_duration, parse_duration, read_yaml
+from kpistream.spec.metrics import _check_keys, format_duration, parse_duration, read_yaml
 from kpistream.errors import ConfigError
 
 log = logging.getLogger("kpistream.canary")

@@ -1,7 +1,7 @@
 """Alert notifications out of the pipeline: log lines, webhooks, and a pollable log.
 
 A plain module (no Ray).  :class:`Notifier` takes each
-:class:`kpistream.alerts.Notification` from the publisher's tick and returns
+:class:`kpistream.alerts.rules.Notification` from the publisher's tick and returns
 at once: webhooks are posted by one background thread per URL from a bounded
 queue, so a slow or dead receiver never blocks the pipeline (a full queue
 drops the oldest and counts it).
@@ -38,8 +38,8 @@ import uuid
 from collections import Counter, deque
 from typing import Any, Callable, Iterable
 
-from kpistream.alerts import Notification
-from kpistream.watch import WebhookSpec
+from kpistream.alerts.rules import Notification
+from kpistream.alerts.watcher import WebhookSpec
 
 log = logging.getLogger("kpistream.alerts")
 

@@ -5,14 +5,14 @@ gives it a ``pull`` function that collects from every shard in one round
 trip; tests give it plain shards.  Each :meth:`Publisher.tick`:
 
 1. pulls ``(partials, watermark, stats)`` from every shard;
-2. merges them per window (:class:`kpistream.aggregate.WindowAggregator`,
+2. merges them per window (:class:`kpistream.windows.aggregate.WindowAggregator`,
    one source per shard, the watermark is the slowest shard's);
 3. writes the panes to the time-series store (provisional ones too, so the
    query API shows the running value of open windows), rolls them up into
    coarser resolutions and applies retention;
 4. refreshes the snapshot that ``/metrics`` serves: the latest window of
    every KPI and series, and the pipeline's own counters;
-5. feeds the watcher (:class:`kpistream.watch.Watcher`): alert rules see the
+5. feeds the watcher (:class:`kpistream.alerts.watcher.Watcher`): alert rules see the
    rows of every window touched (provisional and final), drift detectors the
    final ones, input-drift tests each closed window's sampled features; the
    transitions go to the notifier (log, webhooks, the pollable log that
@@ -28,14 +28,14 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from kpistream.aggregate import WindowAggregator
-from kpistream.alerts import PROM_METRICS
-from kpistream.batch import BASE_LABELS
+from kpistream.windows.aggregate import WindowAggregator
+from kpistream.alerts.rules import PROM_METRICS
+from kpistream.wire.batch import BASE_LABELS
 from kpistream.clock import Clock, SystemClock
-from kpistream.config import EngineConfig, config_from_dict
+from kpistream.spec.metrics import EngineConfig, config_from_dict
 from kpistream.engine import Partial
-from kpistream.store import SeriesStore
-from kpistream.watch import AlertsConfig, Watcher, load_alerts
+from kpistream.store.series import SeriesStore
+from kpistream.alerts.watcher import AlertsConfig, Watcher, load_alerts
 
 from actors.notify import Notifier
 from actors.ticker import Ticker
@@ -61,7 +61,7 @@ _HELP = {
     "label_coverage": "Share of requests with a label",
 }
 #: KPI name -> (Prometheus metric name, help, scale to base units); the names and
-#: scales are the engine's one table (kpistream.alerts.PROM_METRICS), which the
+#: scales are the engine's one table (kpistream.alerts.rules.PROM_METRICS), which the
 #: exported alerting rules use too.
 PROM_KPIS: dict[str, tuple[str, str, float]] = {
     k: (name, _HELP.get(k) or f"{k.replace('_', ' ')} (averaged over classes)", scale)
@@ -181,7 +181,7 @@ class Publisher:
     def _watch(self, final_rows: list[dict], current: list[dict],
                features: Sequence[tuple] = ()) -> None:
         """Alert rules, detectors and input drift on this tick's rows; never stops the tick."""
-        from kpistream.batch import series_labels
+        from kpistream.wire.batch import series_labels
 
         t0 = time.perf_counter()
         try:
@@ -211,13 +211,13 @@ class Publisher:
         (at ``primary_version`` if given) and of the challenger's series
         (every segment and endpoint) with a pane start at or after ``since_ms``
         (a run's first partial pane is left out) -- the *paired summary* that
-        :meth:`kpistream.canary.CanaryPolicy.decide` reads, plus
+        :meth:`kpistream.decide.policy.CanaryPolicy.decide` reads, plus
         ``"window": {"start", "end", "panes", "final_until"}``.  Panes
         final for the paired family (watermark past their end plus the label
         delay) are merged once and cached; only open panes are re-read.
         """
-        from kpistream.batch import series_labels
-        from kpistream.paired import PairedState
+        from kpistream.wire.batch import series_labels
+        from kpistream.engine.paired import PairedState
 
         key = (model, challenger, version, primary, primary_version, int(since_ms))
         with self._lock:

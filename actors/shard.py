@@ -23,11 +23,11 @@ import time
 from collections import Counter
 from typing import Any, Mapping, Sequence
 
-from kpistream.batch import FeedbackBatch, InferenceBatch
+from kpistream.wire.batch import FeedbackBatch, InferenceBatch
 from kpistream.clock import Clock, SystemClock
-from kpistream.config import EngineConfig, config_from_dict
+from kpistream.spec.metrics import EngineConfig, config_from_dict
 from kpistream.engine import Engine, Partial
-from kpistream.schema import validate_rows
+from kpistream.wire.schema import validate_rows
 
 
 class Shard:

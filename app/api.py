@@ -33,10 +33,10 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from ray import serve
 
-from kpistream.batch import FeedbackBatch, InferenceBatch, shard_of
-from kpistream.config import config_from_dict
+from kpistream.wire.batch import FeedbackBatch, InferenceBatch, shard_of
+from kpistream.spec.metrics import config_from_dict
 from kpistream.errors import Rejection
-from kpistream.schema import parse_payload, validate_rows
+from kpistream.wire.schema import parse_payload, validate_rows
 from kpistream.replay import iter_runs
 
 def jsonable(x: Any) -> Any:

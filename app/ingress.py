@@ -81,7 +81,7 @@ from ray import serve
 from starlette.responses import Response
 
 from app.monitor import ModelUnavailable, _in_serve_replica
-from kpistream.schema import MAX_STR
+from kpistream.wire.schema import MAX_STR
 
 log = logging.getLogger("kpistream.ingress")
 
@@ -171,7 +171,7 @@ class ArmArgs(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    import_path: str = Field("app.demo_model:DemoClassifier",
+    import_path: str = Field("app.demo.model:DemoClassifier",
                              description="module:attribute of a Serve deployment (or a class) "
                                          "whose constructor takes variant=")
     variant: str | None = Field(None, min_length=1, max_length=MAX_STR,
@@ -599,7 +599,7 @@ def _bind_arm(arm: ArmArgs, shared: dict, variant: str):
     kwargs = {**shared, **arm.init_args, "variant": variant}
     if kwargs.get("tracking_uri"):
         # resolved on the driver: replicas may run in another working directory
-        from app.demo_model import _normalize_uri
+        from app.demo.model import _normalize_uri
 
         kwargs["tracking_uri"] = _normalize_uri(kwargs["tracking_uri"])
     opts = {"name": f"{dep.name}-{variant}", **arm.deployment_options}

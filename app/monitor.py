@@ -47,10 +47,10 @@ full buffer (``buffer_rows``) drops the event and counts it.
 
 A background task in the replica's event loop (started on the first request)
 flushes the buffer when it holds ``flush_rows`` rows or every ``flush_ms``:
-rows become normalized records (:mod:`kpistream.batch`; predictions are
-normalized exactly as :mod:`kpistream.schema` does, by a small fast
+rows become normalized records (:mod:`kpistream.wire.batch`; predictions are
+normalized exactly as :mod:`kpistream.wire.schema` does, by a small fast
 normalizer that hands anything unusual to ``schema.validate_rows``), one
-:class:`~kpistream.batch.InferenceBatch`, split by shard
+:class:`~kpistream.wire.batch.InferenceBatch`, split by shard
 (``hash(request_id) % N``), and each part goes to its shard actor with
 ``ingest_inference.remote(part)``.  At most ``max_in_flight`` sends are
 outstanding; past that the flush task (never a request) awaits the oldest.
@@ -84,8 +84,8 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response
 
-from kpistream.batch import BASE_LABELS, InferenceBatch, shard_of, split_by_shard
-from kpistream.schema import (MAX_FEATURES, MAX_RANKING, MAX_SCORES, MAX_SEGMENTS, MAX_STR,
+from kpistream.wire.batch import BASE_LABELS, InferenceBatch, shard_of, split_by_shard
+from kpistream.wire.schema import (MAX_FEATURES, MAX_RANKING, MAX_SCORES, MAX_SEGMENTS, MAX_STR,
                               validate_rows)
 
 log = logging.getLogger("kpistream.monitor")
@@ -247,7 +247,7 @@ class ShardSink:
 
 
 # ---------------------------------------------------------------------------
-# the fast normalizer (the same results as kpistream.schema, for the common shapes)
+# the fast normalizer (the same results as kpistream.wire.schema, for the common shapes)
 
 _SEG_KEY_MATCH = re.compile(r"[A-Za-z_][A-Za-z0-9_]*").fullmatch
 _BASE = frozenset(BASE_LABELS)

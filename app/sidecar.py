@@ -13,7 +13,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field
 
-from kpistream.config import config_from_dict, read_yaml
+from kpistream.spec.metrics import config_from_dict, read_yaml
 
 
 class SidecarArgs(BaseModel):
@@ -42,7 +42,7 @@ def load_metrics_config(path: str) -> dict:
 
 def load_alerts_config(path: str | None, metrics: dict) -> dict | None:
     """The raw alerts config, checked against the metrics config (fails at deploy time)."""
-    from kpistream.watch import alerts_from_dict, check_windows
+    from kpistream.alerts.watcher import alerts_from_dict, check_windows
 
     if not path:
         return None

@@ -1,7 +1,7 @@
 """The per-event baseline the engine benchmark compares against.
 
 A deliberately ordinary implementation of the engine's work: it consumes wire
-records (dicts, as :meth:`kpistream.demo.DemoStream.records` yields them) one at
+records (dicts, as :meth:`kpistream.synthetic.DemoStream.records` yields them) one at
 a time, keeps plain dicts for deduplication and the inference / feedback join,
 and updates well-kept per-event libraries: River (``metrics.ConfusionMatrix``
 shared by ``Accuracy`` / ``Precision`` / ``Recall`` / ``F1``, ``MAE``, ``RMSE``,
@@ -467,7 +467,7 @@ def main(argv: list[str] | None = None) -> None:
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from kpistream.demo import generate_stream
+    from kpistream.synthetic import generate_stream
 
     ap = argparse.ArgumentParser(description="per-event baseline on the demo stream")
     ap.add_argument("--requests", type=int, default=200_000)

@@ -74,7 +74,7 @@ from pathlib import Path
 import numpy as np
 from scipy import special, stats
 
-from kpistream.canary import ACTIONS, load_policy
+from kpistream.decide.policy import ACTIONS, load_policy
 
 ROOT = Path(__file__).resolve().parent.parent
 WAIT, PROMOTE, ROLLBACK, HALT, INCONCLUSIVE = (ACTIONS.index(a) for a in

@@ -37,7 +37,7 @@ import time
 
 import numpy as np
 
-from kpistream.drift import Adwin, Cusum, Ewma, PageHinkley
+from kpistream.alerts.detectors import Adwin, Cusum, Ewma, PageHinkley
 
 P0, P1 = 0.10, 0.15
 

@@ -1,6 +1,6 @@
 """Engine throughput against a per-event baseline (River + ddsketch + dict join), same run.
 
-One realistic stream (kpistream.demo: inference and feedback, four models and
+One realistic stream (kpistream.synthetic: inference and feedback, four models and
 three regions, every metric family, duplicates, late, early-feedback and
 bad-clock events) goes through
 
@@ -35,10 +35,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from baseline import run_baseline  # noqa: E402
 
-from kpistream.aggregate import WindowAggregator  # noqa: E402
+from kpistream.windows.aggregate import WindowAggregator  # noqa: E402
 from kpistream.clock import ManualClock  # noqa: E402
-from kpistream.config import load_config  # noqa: E402
-from kpistream.demo import generate_stream  # noqa: E402
+from kpistream.spec.metrics import load_config  # noqa: E402
+from kpistream.synthetic import generate_stream  # noqa: E402
 from kpistream.engine import Engine  # noqa: E402
 
 CONFIG = {

@@ -34,8 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import ray  # noqa: E402
 
 from actors.remote import ensure_actors  # noqa: E402
-from kpistream.batch import InferenceBatch, split_by_shard  # noqa: E402
-from kpistream.demo import generate_stream  # noqa: E402
+from kpistream.wire.batch import InferenceBatch, split_by_shard  # noqa: E402
+from kpistream.synthetic import generate_stream  # noqa: E402
 
 CONFIG = {"time": {"lateness": "5s", "label_delay": "60s", "max_future": "5m"},
           "windows": [{"name": "10s", "type": "tumbling", "size": "10s"},

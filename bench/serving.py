@@ -275,7 +275,7 @@ def bookkeeping_cost(n: int = 200_000) -> float:
 def flush_cost(n: int = 512, reps: int = 20) -> float:
     """Rows -> records -> InferenceBatch -> split by shard, per event (us), off the request path."""
     from app.monitor import MonitoredModel
-    from kpistream.batch import split_by_shard
+    from kpistream.wire.batch import split_by_shard
 
     class M(MonitoredModel):
         async def predict(self, payload):

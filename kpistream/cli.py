@@ -6,12 +6,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from .errors import KpistreamError
+from kpistream.errors import KpistreamError
 
 
 def _cmd_replay(a: argparse.Namespace) -> int:
-    from .config import load_config
-    from .replay import progress_to_stderr, replay_file, write_rows
+    from kpistream.spec.metrics import load_config
+    from kpistream.replay import progress_to_stderr, replay_file, write_rows
 
     cfg = load_config(a.config)
     df, summary = replay_file(a.events, cfg, batch_rows=a.batch_rows,
@@ -29,7 +29,7 @@ def _cmd_replay(a: argparse.Namespace) -> int:
 
 
 def _cmd_generate(a: argparse.Namespace) -> int:
-    from .demo import generate_stream
+    from kpistream.synthetic import generate_stream
 
     s = generate_stream(a.requests, seed=a.seed)
     n = s.to_ndjson(a.out)
@@ -41,9 +41,9 @@ def _cmd_demo(a: argparse.Namespace) -> int:
     """Generate a demo stream, replay it, print the last windows of the main KPIs."""
     import pandas as pd
 
-    from .config import load_config
-    from .demo import generate_stream
-    from .replay import progress_to_stderr, replay_file, write_rows
+    from kpistream.spec.metrics import load_config
+    from kpistream.synthetic import generate_stream
+    from kpistream.replay import progress_to_stderr, replay_file, write_rows
 
     out_dir = Path(a.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -70,7 +70,7 @@ def _cmd_demo(a: argparse.Namespace) -> int:
 
 
 def _cmd_schema(a: argparse.Namespace) -> int:
-    from .schema import schema_text
+    from kpistream.wire.schema import schema_text
 
     sys.stdout.write(schema_text())
     return 0

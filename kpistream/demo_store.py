@@ -1,7 +1,7 @@
 """A demo time-series store, built from the demo stream without Ray.
 
-:func:`build_demo_store` runs :func:`kpistream.demo.generate_stream` through the
-engine and writes every collect into a :class:`~kpistream.store.SeriesStore`
+:func:`build_demo_store` runs :func:`kpistream.synthetic.generate_stream` through the
+engine and writes every collect into a :class:`~kpistream.store.series.SeriesStore`
 the way the live publisher does (10 s panes with :meth:`SeriesStore.write`,
 then :meth:`SeriesStore.rollup` to ``1m`` and ``1h``).  It is what
 ``notebooks/kpis.ipynb`` reads when no sidecar has written a store yet::
@@ -21,10 +21,10 @@ import argparse
 import json
 from pathlib import Path
 
-from .config import EngineConfig, config_from_dict
-from .demo import generate_stream
-from .engine import FAR_FUTURE, Engine
-from .store import SeriesStore, _db_file
+from kpistream.spec.metrics import EngineConfig, config_from_dict
+from kpistream.synthetic import generate_stream
+from kpistream.engine import FAR_FUTURE, Engine
+from kpistream.store.series import SeriesStore, _db_file
 
 __all__ = ["DEMO_CONFIG", "build_demo_store"]
 

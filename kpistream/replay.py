@@ -24,13 +24,13 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 import pandas as pd
 
-from .aggregate import WindowAggregator, rows_frame
-from .batch import FeedbackBatch, InferenceBatch
-from .clock import Clock, SystemClock
-from .config import EngineConfig
-from .engine import Engine
-from .errors import InputError
-from .schema import parse_payload, validate_rows
+from kpistream.windows.aggregate import WindowAggregator, rows_frame
+from kpistream.wire.batch import FeedbackBatch, InferenceBatch
+from kpistream.clock import Clock, SystemClock
+from kpistream.spec.metrics import EngineConfig
+from kpistream.engine import Engine
+from kpistream.errors import InputError
+from kpistream.wire.schema import parse_payload, validate_rows
 
 
 @dataclass
@@ -178,7 +178,7 @@ def replay_batches(batches: Iterable[tuple[str, Any]], config: EngineConfig,
     """Columnar ``("inference"|"feedback", batch)`` pairs → final tidy rows (dicts).
 
     ``stream_seed_ms`` starts stream time for the far-future guard (see
-    :class:`~kpistream.engine.Engine`); :func:`replay_file` passes the median
+    :class:`~kpistream.engine.engine.Engine`); :func:`replay_file` passes the median
     event time of the input's first chunk.
     """
     engine = Engine(config, clock, stream_seed_ms=stream_seed_ms)

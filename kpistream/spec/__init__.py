@@ -1,0 +1,1 @@
+"""Configuration specs read from YAML; errors name the key path (:mod:`.metrics`)."""
