@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test test-fast bench clean
 
 setup: $(STAMP)
 
@@ -20,6 +20,11 @@ demo: setup
 
 test: setup
 	$(BIN)/pytest -q
+
+# The Ray-free unit tests (about a minute on 2 cores): the loop while changing code.
+FAST := not (integration or ray or mlflow or prometheus or browser or slow)
+test-fast: setup
+	KPISTREAM_FAST=1 $(BIN)/pytest -q -n 2 -p no:cacheprovider -m "$(FAST)"
 
 bench: setup
 	$(BIN)/python bench/engine.py

@@ -108,8 +108,3 @@ def ensure_canary(canary_config: Mapping[str, Any], tracking_uri: str,
                                                         archive_dir)
     ray.get(h.traffic.remote(""))
     return h
-
-
-def find_actors(n_shards: int) -> tuple[list, Any]:
-    shards = [ray.get_actor(shard_name(i), namespace=NAMESPACE) for i in range(n_shards)]
-    return shards, ray.get_actor(PUBLISHER, namespace=NAMESPACE)

@@ -1,10 +1,49 @@
-"""Shared fixtures: one Ray instance per test session, small (2 CPUs), started lazily."""
+"""Shared fixtures (one Ray instance per test session, small, started lazily) and markers.
+
+Markers say what a test needs: ``ray`` (Ray or Serve), ``mlflow`` (a real MLflow store),
+``prometheus`` (promtool or a Prometheus server), ``browser``, ``slow`` (seconds of CPU).
+Tests that use the Ray fixtures are marked ``ray`` here; each of those markers also adds
+``integration``. ``KPISTREAM_FAST=1`` (``make test-fast``) makes importing Ray or MLflow
+fail inside the test process, so a test that needs them without its marker is caught.
+"""
 
 from __future__ import annotations
 
+import http.server as _http_server
+import importlib.abc
+import json
+import threading
+import os
 import socket
+import sys
 
 import pytest
+
+NEEDS = ("ray", "mlflow", "prometheus", "browser")
+_RAY_FIXTURES = {"ray_session", "serve_port"}
+
+
+class _Blocked(importlib.abc.MetaPathFinder):
+    """In fast mode: importing Ray or MLflow is an error naming the marker to add."""
+
+    def find_spec(self, name, path=None, target=None):
+        top = name.split(".")[0]
+        if top in ("ray", "mlflow"):
+            raise ImportError(f"{name} imported in `make test-fast`: mark the test "
+                              f"@pytest.mark.{top} (it needs a real {top})")
+        return None
+
+
+if os.environ.get("KPISTREAM_FAST") == "1":
+    sys.meta_path.insert(0, _Blocked())
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if _RAY_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.ray)
+        if any(item.get_closest_marker(m) for m in NEEDS):
+            item.add_marker(pytest.mark.integration)
 
 
 def free_port() -> int:
@@ -91,3 +130,36 @@ def remove_sidecar(*app_names: str, n_shards: int = 2) -> None:
             ray.kill(ray.get_actor(actor, namespace=NAMESPACE))
         except ValueError:
             pass
+
+
+class WebhookReceiver:
+    """A real HTTP server that records posted JSON; fails the first ``fail_first`` posts."""
+
+    def __init__(self, fail_first: int = 0) -> None:
+        self.bodies: list[dict] = []
+        self.attempts = 0
+        rec = self
+
+        class H(_http_server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                data = self.rfile.read(int(self.headers["content-length"]))
+                rec.attempts += 1
+                if rec.attempts <= fail_first:
+                    self.send_response(503)
+                    self.end_headers()
+                    return
+                body = json.loads(data)
+                assert self.headers["x-kpistream-notification-id"] == body["id"]
+                rec.bodies.append(body)
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *a):
+                pass
+
+        self.server = _http_server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()

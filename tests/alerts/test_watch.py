@@ -12,6 +12,7 @@ import threading
 
 import numpy as np
 import pytest
+from conftest import WebhookReceiver
 
 from actors.notify import Notifier, WebhookSender
 from actors.publisher import Publisher
@@ -222,37 +223,7 @@ def test_segment_disparity_rule_fires_resolves_and_needs_data_in_each_segment():
 
 
 # ------------------------------------------------------------------ publisher + webhook
-class _Receiver:
-    """A real HTTP server that records posted JSON; fails the first ``fail_first`` posts."""
-
-    def __init__(self, fail_first: int = 0) -> None:
-        self.bodies: list[dict] = []
-        self.attempts = 0
-        rec = self
-
-        class H(http.server.BaseHTTPRequestHandler):
-            def do_POST(self):
-                data = self.rfile.read(int(self.headers["content-length"]))
-                rec.attempts += 1
-                if rec.attempts <= fail_first:
-                    self.send_response(503)
-                    self.end_headers()
-                    return
-                body = json.loads(data)
-                assert self.headers["x-kpistream-notification-id"] == body["id"]
-                rec.bodies.append(body)
-                self.send_response(200)
-                self.end_headers()
-
-            def log_message(self, *a):
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
+_Receiver = WebhookReceiver
 
 
 def _events(i0: int, n: int, correct: float, t_ms: int, rng) -> list[dict]:

@@ -17,8 +17,8 @@ import yaml
 
 from kpistream.alerts.rules import load_rules, to_prometheus_rules
 
+from conftest import WebhookReceiver as _Receiver
 from conftest import deploy_sidecar, free_port, remove_sidecar, wait_healthy
-from test_watch import _Receiver
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
