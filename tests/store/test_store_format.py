@@ -80,31 +80,44 @@ def read_back(store: SeriesStore) -> dict:
 
 
 def _tables(file: Path) -> dict[str, list[tuple]]:
-    with sqlite3.connect(file) as c:
+    c = sqlite3.connect(file)
+    try:
         return {t: c.execute(f"SELECT * FROM {t} ORDER BY 1, 2").fetchall() for t in TABLES}
+    finally:
+        c.close()
 
 
-@pytest.fixture()
-def golden(tmp_path) -> Path:
-    """A copy of the golden file (a writer may touch it)."""
-    dst = tmp_path / "old" / "kpistream.sqlite"
+def _copy(tmp_path: Path, name: str) -> Path:
+    """A copy of the golden file in its own directory (the checked-in file is never opened
+    by SQLite: a WAL file would leave -wal / -shm files beside it)."""
+    dst = tmp_path / name / "kpistream.sqlite"
     dst.parent.mkdir()
     shutil.copyfile(GOLDEN_DB, dst)
     return dst.parent
 
 
-def test_a_store_written_before_loads_identically(golden):
+@pytest.fixture()
+def golden(tmp_path) -> Path:
+    return _copy(tmp_path, "old")
+
+
+@pytest.fixture()
+def golden_tables(tmp_path) -> dict[str, list[tuple]]:
+    return _tables(_copy(tmp_path, "pristine") / "kpistream.sqlite")
+
+
+def test_a_store_written_before_loads_identically(golden, golden_tables):
     want = json.loads(GOLDEN_JSON.read_text())
     with open_store(golden, readonly=True) as store:
         assert read_back(store) == want
     with SeriesStore(golden) as store:                     # and a writer opens it as it is
         assert read_back(store) == want
-    assert _tables(golden / "kpistream.sqlite") == _tables(GOLDEN_DB)
+    assert _tables(golden / "kpistream.sqlite") == golden_tables
 
 
-def test_the_same_input_writes_the_same_tables(golden, tmp_path):
+def test_the_same_input_writes_the_same_tables(golden_tables, tmp_path):
     fresh = build_golden(tmp_path / "new")
-    assert _tables(fresh) == _tables(GOLDEN_DB)              # states byte for byte too
+    assert _tables(fresh) == golden_tables              # states byte for byte too
     with open_store(fresh, readonly=True) as store:
         assert read_back(store) == json.loads(GOLDEN_JSON.read_text())
 
