@@ -68,7 +68,6 @@ class SeriesStore:
                  readonly: bool = False, timeout: float = 30.0) -> None:
         db = StoreDB(path, config, resolutions, readonly=readonly, timeout=timeout)
         self._db = db
-        self._conn = db.conn
         self.file = db.file
         self.readonly = readonly
         self.config = db.config

@@ -311,7 +311,7 @@ def test_retention_per_resolution(run, tmp_path):
         assert store.info()["series"] == 0 and store.query().empty
         with store.snapshot():
             pass
-        store._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        store._db.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         assert store.nbytes() < full / 2                # freed pages went back to the disk
         store.write(steps[0][0])                  # and come back with new ids
         assert store.info()["series"] > 0 and not store.query().empty
