@@ -24,7 +24,8 @@ from pathlib import Path
 from kpistream.spec.metrics import EngineConfig, config_from_dict
 from kpistream.synthetic import generate_stream
 from kpistream.engine import FAR_FUTURE, Engine
-from kpistream.store.series import SeriesStore, _db_file
+from kpistream.store.db import db_file, store_files
+from kpistream.store.series import SeriesStore
 
 __all__ = ["DEMO_CONFIG", "build_demo_store"]
 
@@ -53,35 +54,33 @@ def build_demo_store(path: str | Path, n_requests: int = 20_000, *, seed: int = 
     looks.  An existing store at ``path`` is an error unless ``overwrite``.
     """
     cfg = config or DEMO_CONFIG
-    file = _db_file(path)
+    file = db_file(path)
     if file.exists():
         if not overwrite:
             raise FileExistsError(f"{file}: a store exists here (pass overwrite=True)")
-        for suffix in ("", "-wal", "-shm"):
-            Path(str(file) + suffix).unlink(missing_ok=True)
+        for f in store_files(file):
+            f.unlink(missing_ok=True)
     stream = generate_stream(n_requests, seed=seed, rate_per_s=rate_per_s)
     engine = Engine(cfg)
     with SeriesStore(path, cfg) as store:
-        def publish(n: int) -> None:
+        def publish(provisional: bool) -> None:
             wm = engine.emit_watermark
             store.write(engine.collect(), wm)
-            # final roll-ups every time, the running minute and hour now and then
-            store.rollup(wm, provisional=n % 8 == 0)
+            store.rollup(wm, provisional=provisional)
 
         n = 0
         for i, (kind, batch) in enumerate(stream.batches(batch_size), 1):
             (engine.ingest_inference if kind == "inference" else engine.ingest_feedback)(batch)
             if i % collect_every == 0:
-                publish(n)
+                # final roll-ups every time, the running minute and hour now and then
+                publish(provisional=n % 8 == 0)
                 n += 1
         if final:
             engine.flush()
             store.write(engine.collect(), FAR_FUTURE)
             store.rollup(FAR_FUTURE)
         else:
-            wm = engine.emit_watermark
-            store.write(engine.collect(), wm)
-            store.rollup(wm, provisional=True)
+            publish(provisional=True)
         return store.file
 
 

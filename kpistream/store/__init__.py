@@ -1,4 +1,6 @@
-"""The time-series store of window states, with roll-ups and retention (:mod:`.series`)."""
+"""The time-series store of window states: :class:`SeriesStore` (:mod:`.series`) over
+the file (:mod:`.db`), writes (:mod:`.write`), roll-ups and retention (:mod:`.rollup`),
+reads (:mod:`.query`), series ids (:mod:`.catalog`) and stored encodings (:mod:`.codec`)."""
 from kpistream.store.series import SeriesStore, load_series, open_store
 
 __all__ = ["SeriesStore", "load_series", "open_store"]

@@ -19,7 +19,8 @@ from kpistream.synthetic import generate_stream
 from kpistream.engine import FAR_FUTURE, Engine, Partial
 from kpistream.errors import ConfigError
 from kpistream.store.series import (
-    Resolution, SeriesStore, _check_resolutions, default_resolutions, load_series, open_store)
+    Resolution, SeriesStore, default_resolutions, load_series, open_store)
+from kpistream.store.resolutions import check_resolutions
 
 T0 = 1_767_225_600_000  # 2026-01-01T00:00:00Z, the demo stream's start
 CFG = config_from_dict({"time": {"lateness": "5s", "label_delay": "60s"},
@@ -179,7 +180,7 @@ def test_rewrite_of_a_settled_pane_rolls_up_again(run, tmp_path):
         for parts, wm in steps[:half]:
             store.write(parts, wm)
             store.rollup(wm)
-        assert store._settled["1h"][T0][0] >= T0 + 60_000   # its merge is cached
+        assert store._rollup.settled["1h"][T0][0] >= T0 + 60_000   # its merge is cached
         assert store.query(resolution="1h")["provisional"].any()
         before = _requests(store, "1h", T0, T0 + 1)
         old = store.states(T0, T0 + CFG.pane_ms, family="traffic")
@@ -310,7 +311,7 @@ def test_retention_per_resolution(run, tmp_path):
         assert store.info()["series"] == 0 and store.query().empty
         with store.snapshot():
             pass
-        store._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        store._db.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         assert store.nbytes() < full / 2                # freed pages went back to the disk
         store.write(steps[0][0])                  # and come back with new ids
         assert store.info()["series"] > 0 and not store.query().empty
@@ -320,9 +321,9 @@ def test_resolutions_are_checked(tmp_path):
     with pytest.raises(ConfigError, match=r"resolutions\[1\]\.step_ms"):
         SeriesStore(tmp_path, CFG, [Resolution("10s", 10_000), Resolution("25s", 25_000)])
     with pytest.raises(ConfigError, match=r"resolutions\[0\]\.step_ms"):
-        _check_resolutions([Resolution("1m", 60_000)], CFG)
+        check_resolutions([Resolution("1m", 60_000)], CFG)
     with pytest.raises(ConfigError, match=r"resolutions\[0\]\.retention_ms"):
-        _check_resolutions([Resolution("10s", 10_000, 60_000), Resolution("1m", 60_000)], CFG)
+        check_resolutions([Resolution("10s", 10_000, 60_000), Resolution("1m", 60_000)], CFG)
     assert [(r.name, r.step_ms) for r in default_resolutions(CFG)] == [
         ("10s", 10_000), ("1m", 60_000), ("1h", 3_600_000)]
     assert Resolution.of("1m", "7d") == Resolution("1m", 60_000, 7 * 86_400_000)
