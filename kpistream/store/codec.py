@@ -8,6 +8,7 @@ States are pickles: open only store files you trust.
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import pickle
 from typing import Any, Sequence
@@ -31,9 +32,23 @@ def encode_state(state: MetricState) -> bytes:
     return pickle.dumps(state, PICKLE_PROTOCOL)
 
 
+#: modules the state classes lived in before the 0.2 layout: stores written then still load
+MOVED_MODULES = {"kpistream.states": "kpistream.engine.states",
+                 "kpistream.sketch": "kpistream.engine.sketch",
+                 "kpistream.paired": "kpistream.engine.paired",
+                 "kpistream.features": "kpistream.engine.features",
+                 "kpistream.batch": "kpistream.wire.batch",
+                 "kpistream.config": "kpistream.spec.metrics"}
+
+
+class _Unpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        return super().find_class(MOVED_MODULES.get(module, module), name)
+
+
 def decode_state(blob: bytes) -> MetricState:
     """A fresh state object from a ``states.state`` blob."""
-    return pickle.loads(blob)
+    return _Unpickler(io.BytesIO(blob)).load()
 
 
 # ------------------------------------------------------------------- series

@@ -17,6 +17,7 @@ from kpistream.errors import ConfigError
 from kpistream.spec.metrics import config_from_dict
 from kpistream.store.catalog import SeriesCatalog
 from kpistream.store.codec import (
+    MOVED_MODULES,
     config_from_json, config_to_json, decode_state, encode_state, key_from_json, key_to_json,
     labels_to_json, resolutions_from_json, resolutions_to_json)
 from kpistream.store.db import DB_NAME, I64_MAX, I64_MIN, StoreDB, clamp, db_file, store_files
@@ -54,6 +55,23 @@ def test_states_are_stored_as_protocol_5_pickles(partials):
         assert back is not p.state and type(back) is type(p.state)
         assert json.dumps(back.value()) == json.dumps(p.state.value())
         assert encode_state(back) == blob
+
+
+def test_states_pickled_before_the_layout_move_still_load(partials):
+    """Stores written before 0.2 name the state classes by their old modules."""
+    moved = 0
+    for p in partials:
+        blob = pickle.dumps(p.state, 0)       # protocol 0 names classes as text lines
+        old = blob
+        for was, now in MOVED_MODULES.items():
+            old = old.replace(f"c{now}\n".encode(), f"c{was}\n".encode())
+        moved += old != blob
+        back = decode_state(old)
+        assert type(back) is type(p.state)
+        assert json.dumps(back.value()) == json.dumps(p.state.value())
+    assert moved == len(partials)
+    with pytest.raises(ModuleNotFoundError):
+        pickle.loads(old)                     # what a plain unpickler would do
 
 
 def test_keys_labels_config_and_resolutions_as_json():
