@@ -7,7 +7,7 @@ from typing import Annotated, Any, Mapping
 from pydantic import Field
 
 from kpistream.errors import ConfigError
-from kpistream.spec.common import (MISSING, Spec, check, format_duration, integer, items,
+from kpistream.spec.common import (MISSING, SiblingError, Spec, check, format_duration, integer, items,
                                    non_empty, parse_duration, sub, text)
 
 __all__ = ["METRIC_NAMES", "ROLES", "MODES", "DEFAULT_MIN_DURATION_MS", "DEFAULT_MAX_DURATION_MS",
@@ -87,7 +87,7 @@ def _max_duration(v: Any, data: Mapping[str, Any]) -> Any:
         mn = DEFAULT_MIN_DURATION_MS if mn is MISSING else mn
         mx = DEFAULT_MAX_DURATION_MS if v is MISSING else v
         if mn > mx:
-            raise ConfigError("^min_duration",
+            raise SiblingError("min_duration",
                               f"must not exceed max_duration ({format_duration(mx)})")
     return v
 

@@ -6,15 +6,15 @@ import re
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterable, Mapping, TypeVar
 
-from pydantic import (BaseModel, BeforeValidator, ConfigDict, PlainValidator, ValidationError,
+from pydantic import (BaseModel, ConfigDict, PlainValidator, ValidationError,
                       model_validator)
 from pydantic_core import PydanticCustomError
 
 from kpistream.errors import ConfigError
 
-__all__ = ["ConfigError", "MISSING", "NAME", "Spec", "check", "check_keys", "finite",
+__all__ = ["ConfigError", "MISSING", "NAME", "Spec", "check", "check_ctx", "check_keys", "finite",
            "format_duration", "given", "integer", "items", "join_path", "label_map", "name", "non_empty", "parse",
-           "parse_duration", "read_yaml", "spec_error", "sub", "text", "window_name"]
+           "parse_duration", "read_yaml", "SiblingError", "spec_error", "sub", "text", "window_name"]
 
 #: A label / rule / detector name.
 NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -63,6 +63,10 @@ def format_duration(ms: int) -> str:
 # ------------------------------------------------------------------ value checks
 # Each takes the value and the key path to name in its ConfigError.
 
+def _key(path: str, k: Any) -> str:
+    return f"{path}.{k}" if path else str(k)
+
+
 def check_keys(d: Any, allowed: Iterable[str], path: str) -> Mapping[str, Any]:
     """``d`` as a mapping (None: empty) whose keys are all in ``allowed``."""
     if d is None:
@@ -72,8 +76,7 @@ def check_keys(d: Any, allowed: Iterable[str], path: str) -> Mapping[str, Any]:
     allowed = set(allowed)
     for k in d:
         if k not in allowed:
-            raise ConfigError(f"{path}.{k}" if path else str(k),
-                              f"unknown key (allowed: {', '.join(sorted(allowed))})")
+            raise ConfigError(_key(path, k), f"unknown key (allowed: {', '.join(sorted(allowed))})")
     return d
 
 
@@ -127,11 +130,11 @@ def label_map(v: Any, path: str, names: bool = True) -> tuple[tuple[str, str], .
     out = []
     for k, x in v.items():
         if not isinstance(k, str) or (names and not NAME.match(k)):
-            raise ConfigError(f"{path}.{k}", "not a valid label name ([A-Za-z_][A-Za-z0-9_]*)")
+            raise ConfigError(_key(path, k), "not a valid label name ([A-Za-z_][A-Za-z0-9_]*)")
         if names and k in ("window", "metric", "alertname", "severity"):
-            raise ConfigError(f"{path}.{k}", f"{k!r} is reserved")
+            raise ConfigError(_key(path, k), f"{k!r} is reserved")
         if isinstance(x, bool) or not isinstance(x, (str, int)):
-            raise ConfigError(f"{path}.{k}", f"expected a string, got {x!r}")
+            raise ConfigError(_key(path, k), f"expected a string, got {x!r}")
         out.append((k, str(x)))
     return tuple(out)
 
@@ -159,18 +162,26 @@ MISSING: Any = _Missing()
 _KIND = "kpistream_config"
 
 
+_INDEX = re.compile(r"^\[\d+\]")
+
+
 def join_path(base: str, sub: str) -> str:
-    """``windows[0]`` + ``size`` -> ``windows[0].size``; ``rules`` + ``[1]`` -> ``rules[1]``;
-    ``max_duration`` + ``^min_duration`` -> ``min_duration`` (``^``: a sibling key)."""
-    if sub.startswith("^"):
-        cut = max(base.rfind("."), base.rfind("["))
-        base = base[:cut] if cut > 0 else ""
-        sub = sub[1:]
-    if not sub:
-        return base
+    """``windows[0]`` + ``size`` -> ``windows[0].size``; ``rules`` + ``[1]`` -> ``rules[1]``."""
     if not base:
         return sub
-    return base + sub if sub.startswith("[") else f"{base}.{sub}"
+    if not sub:
+        return base
+    return base + sub if _INDEX.match(sub) else f"{base}.{sub}"
+
+
+def _parent(path: str) -> str:
+    cut = max(path.rfind("."), path.rfind("["))
+    return path[:cut] if cut > 0 else ""
+
+
+class SiblingError(ConfigError):
+    """A ConfigError about a sibling of the field being validated (its path is relative to
+    the field's parent): a check that needs a later field's value, reported where it was."""
 
 
 def _loc_path(loc: Iterable[Any]) -> str:
@@ -180,15 +191,20 @@ def _loc_path(loc: Iterable[Any]) -> str:
     return out
 
 
-def spec_error(e: ConfigError) -> PydanticCustomError:
-    """A ConfigError raised inside a validator (its path relative to the value validated)
-    as the pydantic error that :func:`parse` turns back into a ConfigError."""
-    return PydanticCustomError(_KIND, "{path}: {reason}", {"path": e.path, "reason": e.reason})
+def spec_error(e: ConfigError, at: str = "") -> PydanticCustomError:
+    """A ConfigError raised inside a validator (its path relative to the value validated,
+    below ``at``) as the pydantic error that :func:`parse` turns back into a ConfigError."""
+    return PydanticCustomError(_KIND, "{path}: {reason}",
+                               {"path": join_path(at, e.path), "reason": e.reason,
+                                "sibling": isinstance(e, SiblingError)})
 
 
-def _relay(fn: Callable[[Any, Mapping[str, Any]], Any], v: Any, info: Any) -> Any:
+def _relay(fn: Callable[..., Any], v: Any, info: Any, with_context: bool = False) -> Any:
+    data = info.data if info is not None and info.data is not None else {}
     try:
-        return fn(v, info.data if info is not None and info.data is not None else {})
+        if with_context:
+            return fn(v, data, info.context if info is not None else None)
+        return fn(v, data)
     except ConfigError as e:
         raise spec_error(e) from None
 
@@ -200,9 +216,10 @@ def check(fn: Callable[[Any, Mapping[str, Any]], Any]) -> PlainValidator:
     return PlainValidator(lambda v, info: _relay(fn, v, info))
 
 
-def check_before(fn: Callable[[Any, Mapping[str, Any]], Any]) -> BeforeValidator:
-    """Like :func:`check`, before the field's own type is validated."""
-    return BeforeValidator(lambda v, info: _relay(fn, v, info))
+def check_ctx(fn: Callable[[Any, Mapping[str, Any], Any], Any]) -> PlainValidator:
+    """Like :func:`check`, for ``fn(value, data, context)`` (the context given to
+    :func:`parse`)."""
+    return PlainValidator(lambda v, info: _relay(fn, v, info, True))
 
 
 def _first_error(e: ValidationError) -> ConfigError:
@@ -212,7 +229,8 @@ def _first_error(e: ValidationError) -> ConfigError:
     base = _loc_path(err["loc"])
     if err["type"] == _KIND:
         ctx = err["ctx"]
-        return ConfigError(join_path(base, ctx["path"]), ctx["reason"])
+        return ConfigError(join_path(_parent(base) if ctx["sibling"] else base, ctx["path"]),
+                           ctx["reason"])
     return ConfigError(base, err["msg"])
 
 
@@ -255,12 +273,14 @@ class Spec(BaseModel):
 
     #: Keys accepted at this level but validated elsewhere (another spec's sections).
     other_keys: ClassVar[frozenset[str]] = frozenset()
+    #: Keys that must be given, checked in this order right after the unknown keys.
+    required: ClassVar[tuple[str, ...]] = ()
 
     @model_validator(mode="before")
     @classmethod
     def _known_keys(cls, raw: Any) -> Any:
         if raw is None:
-            return {}
+            raw = {}
         if not isinstance(raw, Mapping):
             raise spec_error(ConfigError("", f"expected a mapping, got {type(raw).__name__}"))
         allowed = {f.alias or n for n, f in cls.model_fields.items()} | set(cls.other_keys)
@@ -268,6 +288,9 @@ class Spec(BaseModel):
             check_keys(raw, allowed, "")
         except ConfigError as e:
             raise spec_error(e) from None
+        for k in cls.required:
+            if k not in raw:
+                raise spec_error(ConfigError(k, "missing"))
         return {k: v for k, v in raw.items() if k not in cls.other_keys}
 
     def given(self) -> dict[str, Any]:
