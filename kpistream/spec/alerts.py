@@ -12,9 +12,9 @@ from typing import Annotated, Any, Mapping
 from pydantic import Field, model_validator
 
 from kpistream.errors import ConfigError
-from kpistream.spec.common import (MISSING, SiblingError, NAME, Spec, check, check_ctx, finite,
-                                   integer, items, label_map, name, parse_duration, spec_error,
-                                   sub, text, window_name)
+from kpistream.spec.common import (MISSING, NAME, SiblingError, Spec, check, check_ctx, default,
+                                   finite, integer, items, label_map, object_name, parse_duration,
+                                   positive_duration, spec_error, sub, text, window_name)
 
 __all__ = ["Kpis", "OPS", "DETECTOR_TYPES", "RulesFile", "RuleModel", "DetectorModel",
            "InputDriftModel", "WebhookModel", "AlertsFile"]
@@ -256,31 +256,6 @@ def _annotations(v: Any, data: Mapping[str, Any]) -> Any:
     return out
 
 
-def _positive_duration(default: str):
-    def fn(v: Any, data: Mapping[str, Any]) -> int:
-        ms = parse_duration(default if v is MISSING else v, "")
-        if ms <= 0:
-            raise ConfigError("", "must be positive")
-        return ms
-    return check(fn)
-
-
-def _duration(default: Any):
-    return check(lambda v, d: parse_duration(default if v is MISSING else v, ""))
-
-
-def _labels(names: bool = True):
-    return check(lambda v, d: label_map(None if v is MISSING else v, "", names=names))
-
-
-def _int(default: int, lo: int):
-    return check(lambda v, d: integer(default if v is MISSING else v, "", lo=lo))
-
-
-def _num(default: float, lo: float | None = None, hi: float | None = None):
-    return check(lambda v, d: finite(default if v is MISSING else v, "", lo, hi))
-
-
 class RuleModel(Spec):
     """One entry of ``rules``; the keys are checked in this order."""
 
@@ -289,16 +264,15 @@ class RuleModel(Spec):
     metric: Annotated[Any, check_ctx(_metric)] = MISSING
     window: Annotated[Any, check(_window)] = MISSING
     clear: Annotated[Any, check_ctx(_clear)] = MISSING
-    for_: Annotated[Any, _duration(0)] = Field(MISSING, alias="for")
-    min_count: Annotated[Any, _int(30, 0)] = MISSING
+    for_: Annotated[Any, default(0, parse_duration)] = Field(MISSING, alias="for")
+    min_count: Annotated[Any, default(30, integer, lo=0)] = MISSING
     min_label_coverage: Annotated[Any, check_ctx(_coverage)] = MISSING
-    severity: Annotated[Any, check(lambda v, d: text("warning" if v is MISSING else v, ""))] = \
-        MISSING
+    severity: Annotated[Any, default("warning", text)] = MISSING
     group_by: Annotated[Any, check_ctx(_group_by)] = MISSING
     annotations: Annotated[Any, check(_annotations)] = MISSING
-    stale_after: Annotated[Any, _positive_duration("5m")] = MISSING
-    match: Annotated[Any, _labels()] = MISSING
-    labels: Annotated[Any, _labels()] = MISSING
+    stale_after: Annotated[Any, default("5m", positive_duration)] = MISSING
+    match: Annotated[Any, default(None, label_map)] = MISSING
+    labels: Annotated[Any, default(None, label_map)] = MISSING
 
 
 def _rules(v: Any, data: Mapping[str, Any], ctx: Any) -> Any:
@@ -391,23 +365,23 @@ class DetectorModel(Spec):
 
     required = ("name", "type", "metric", "window")
 
-    name: Annotated[Any, check(lambda v, d: name(v, ""))] = MISSING
+    name: Annotated[Any, check(lambda v, d: object_name(v, ""))] = MISSING
     type: Annotated[Any, check(_det_type)] = MISSING
     metric: Annotated[Any, check_ctx(_det_metric)] = MISSING
     direction: Annotated[Any, check_ctx(_direction)] = MISSING
     shift: Annotated[Any, check(_shift)] = MISSING
-    false_alarm_every: Annotated[Any, _positive_duration("30d")] = MISSING
+    false_alarm_every: Annotated[Any, default("30d", positive_duration)] = MISSING
     target: Annotated[Any, _optional_num()] = MISSING
     sigma: Annotated[Any, _optional_num(0.0, positive=True)] = MISSING
     lam: Annotated[Any, check(_lam)] = MISSING
-    delta: Annotated[Any, _num(0.002, 0.0)] = MISSING
+    delta: Annotated[Any, default(0.002, finite, 0.0)] = MISSING
     window: Annotated[Any, check(lambda v, d: window_name(v, ""))] = MISSING
-    match: Annotated[Any, _labels()] = MISSING
-    warmup: Annotated[Any, _int(30, 2)] = MISSING
-    guard: Annotated[Any, _num(2.0, 0.0, 10.0)] = MISSING
-    min_count: Annotated[Any, _int(30, 1)] = MISSING
-    threshold: Annotated[Any, _num(50.0, 0.0)] = MISSING
-    hold: Annotated[Any, _duration("2m")] = MISSING
+    match: Annotated[Any, default(None, label_map)] = MISSING
+    warmup: Annotated[Any, default(30, integer, lo=2)] = MISSING
+    guard: Annotated[Any, default(2.0, finite, 0.0, 10.0)] = MISSING
+    min_count: Annotated[Any, default(30, integer, lo=1)] = MISSING
+    threshold: Annotated[Any, default(50.0, finite, 0.0)] = MISSING
+    hold: Annotated[Any, default("2m", parse_duration)] = MISSING
 
     def spec_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of ``DetectorSpec``."""
@@ -444,8 +418,8 @@ def _features(v: Any, data: Mapping[str, Any]) -> Any:
 
 
 class PsiSection(Spec):
-    bins: Annotated[Any, _int(10, 2)] = MISSING
-    floor: Annotated[Any, _num(0.1, 0.0)] = MISSING
+    bins: Annotated[Any, default(10, integer, lo=2)] = MISSING
+    floor: Annotated[Any, default(0.1, finite, 0.0)] = MISSING
 
 
 class InputDriftModel(Spec):
@@ -459,14 +433,14 @@ class InputDriftModel(Spec):
         MISSING
     alpha: Annotated[Any, check(_drift_alpha)] = MISSING
     features: Annotated[Any, check(_features)] = MISSING
-    reference: Annotated[Any, _positive_duration("2m")] = MISSING
-    name: Annotated[Any, check(lambda v, d: name(v, ""))] = MISSING
+    reference: Annotated[Any, default("2m", positive_duration)] = MISSING
+    name: Annotated[Any, check(lambda v, d: object_name(v, ""))] = MISSING
     window: Annotated[Any, check(lambda v, d: window_name(v, ""))] = MISSING
-    match: Annotated[Any, _labels()] = MISSING
-    max_reference: Annotated[Any, _int(4096, 10)] = MISSING
-    min_effect: Annotated[Any, _num(0.1, 0.0, 1.0)] = MISSING
-    min_samples: Annotated[Any, _int(50, 2)] = MISSING
-    hold: Annotated[Any, _duration("1m")] = MISSING
+    match: Annotated[Any, default(None, label_map)] = MISSING
+    max_reference: Annotated[Any, default(4096, integer, lo=10)] = MISSING
+    min_effect: Annotated[Any, default(0.1, finite, 0.0, 1.0)] = MISSING
+    min_samples: Annotated[Any, default(50, integer, lo=2)] = MISSING
+    hold: Annotated[Any, default("1m", parse_duration)] = MISSING
 
     def spec_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of ``InputDriftSpec``."""
@@ -498,8 +472,9 @@ def _states(v: Any, data: Mapping[str, Any]) -> tuple[str, ...]:
     return tuple(v)
 
 
-def _seconds(default: str):
-    return check(lambda v, d: parse_duration(default if v is MISSING else v, "") / 1000)
+def _seconds(value: str):
+    """A duration in seconds (``value`` when not given)."""
+    return check(lambda v, d: parse_duration(value if v is MISSING else v, "") / 1000)
 
 
 class WebhookModel(Spec):
@@ -508,9 +483,9 @@ class WebhookModel(Spec):
 
     url: Annotated[Any, check(_url)] = MISSING
     states: Annotated[Any, check(_states)] = MISSING
-    headers: Annotated[Any, _labels(names=False)] = MISSING
+    headers: Annotated[Any, default(None, label_map, names=False)] = MISSING
     timeout: Annotated[Any, _seconds("5s")] = MISSING
-    retries: Annotated[Any, _int(6, 0)] = MISSING
+    retries: Annotated[Any, default(6, integer, lo=0)] = MISSING
     backoff: Annotated[Any, _seconds("1s")] = MISSING
     max_backoff: Annotated[Any, _seconds("1m")] = MISSING
 

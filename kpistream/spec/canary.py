@@ -7,8 +7,9 @@ from typing import Annotated, Any, Mapping
 from pydantic import Field
 
 from kpistream.errors import ConfigError
-from kpistream.spec.common import (MISSING, SiblingError, Spec, check, format_duration, integer, items,
-                                   non_empty, parse_duration, sub, text)
+from kpistream.spec.common import (MISSING, SiblingError, Spec, check, default, format_duration,
+                                   integer, items, non_empty, optional, parse_duration,
+                                   positive_duration, sub, text)
 
 __all__ = ["METRIC_NAMES", "ROLES", "MODES", "DEFAULT_MIN_DURATION_MS", "DEFAULT_MAX_DURATION_MS",
            "MetricModel", "PolicyFile", "ExperimentModel", "RetrainSection", "ActionsSection",
@@ -33,11 +34,6 @@ def bounded(v: Any, path: str, lo: float, hi: float, *, lo_open: bool = False,
     return float(v)
 
 
-def _given(fn, *args, **kw):
-    """A field checked by ``fn(value, path, *args)`` when its key is given."""
-    return check(lambda v, data: v if v is MISSING else fn(v, "", *args, **kw))
-
-
 def _one_of(choices: tuple[str, ...], default: Any = MISSING):
     def fn(v: Any, data: Mapping[str, Any]) -> Any:
         if v is MISSING:
@@ -60,8 +56,7 @@ class MetricModel(Spec):
 
     name: Annotated[Any, _one_of(METRIC_NAMES, None)] = MISSING
     margin: Annotated[Any, check(_margin)] = MISSING
-    harm: Annotated[Any, check(lambda v, d: bounded(0.0 if v is MISSING else v, "", 0.0,
-                                                    math.inf))] = MISSING
+    harm: Annotated[Any, default(0.0, bounded, 0.0, math.inf)] = MISSING
     role: Annotated[Any, _one_of(ROLES, "quality")] = MISSING
 
 
@@ -106,11 +101,11 @@ def _metrics(v: Any, data: Mapping[str, Any]) -> Any:
 
 
 class SrmSection(Spec):
-    alpha: Annotated[Any, _given(bounded, 0.0, 0.5, lo_open=True)] = MISSING
+    alpha: Annotated[Any, optional(bounded, 0.0, 0.5, lo_open=True)] = MISSING
     expected_share: Annotated[Any, check(
         lambda v, d: v if v is MISSING or v is None
         else bounded(v, "", 0.0, 1.0, lo_open=True, hi_open=True))] = MISSING
-    concentration: Annotated[Any, _given(bounded, 0.0, math.inf, lo_open=True)] = MISSING
+    concentration: Annotated[Any, optional(bounded, 0.0, math.inf, lo_open=True)] = MISSING
 
 
 class PolicyFile(Spec):
@@ -120,14 +115,14 @@ class PolicyFile(Spec):
     other_keys = frozenset(("experiments", "retrain", "actions"))
 
     version: Annotated[Any, check(_version)] = MISSING
-    alpha: Annotated[Any, _given(bounded, 0.0, 0.5, lo_open=True)] = MISSING
+    alpha: Annotated[Any, optional(bounded, 0.0, 0.5, lo_open=True)] = MISSING
     mode: Annotated[Any, check(_mode)] = MISSING
-    min_samples: Annotated[Any, _given(integer, lo=0)] = MISSING
-    min_duration: Annotated[Any, _given(parse_duration)] = MISSING
+    min_samples: Annotated[Any, optional(integer, lo=0)] = MISSING
+    min_duration: Annotated[Any, optional(parse_duration)] = MISSING
     max_duration: Annotated[Any, check(_max_duration)] = MISSING
     target_samples: Annotated[Any, check(
         lambda v, d: v if v is MISSING or v is None else integer(v, "", lo=1))] = MISSING
-    min_n: Annotated[Any, _given(integer, lo=2)] = MISSING
+    min_n: Annotated[Any, optional(integer, lo=2)] = MISSING
     srm: SrmSection = Field(default_factory=dict)
     metrics: Annotated[Any, check(_metrics)] = MISSING
 
@@ -186,13 +181,6 @@ def _challenger(v: Any, data: Mapping[str, Any]) -> Any:
     return v
 
 
-def _interval(v: Any, data: Mapping[str, Any]) -> Any:
-    ms = parse_duration("5s" if v is MISSING else v, "")
-    if ms <= 0:
-        raise ConfigError("", "must be positive")
-    return ms
-
-
 class ExperimentModel(Spec):
     """One entry of ``experiments``.  ``name``, ``model``, ``registered_model`` and
     ``settle`` are checked last (as they always were), after the presence of name and model."""
@@ -201,10 +189,9 @@ class ExperimentModel(Spec):
     model: Annotated[Any, check(_required)] = MISSING
     mode: Annotated[Any, check(lambda v, d: _exp_mode("shadow" if v is MISSING else v))] = MISSING
     steps: Annotated[Any, check(_steps)] = MISSING
-    primary_variant: Annotated[Any, check(
-        lambda v, d: text("primary" if v is MISSING else v, ""))] = MISSING
+    primary_variant: Annotated[Any, default("primary", text)] = MISSING
     challenger_variant: Annotated[Any, check(_challenger)] = MISSING
-    interval: Annotated[Any, check(_interval)] = MISSING
+    interval: Annotated[Any, default("5s", positive_duration)] = MISSING
     registered_model: Any = MISSING
     settle: Any = MISSING
 
@@ -286,10 +273,8 @@ def _actions_mode(v: Any, data: Mapping[str, Any]) -> Any:
 
 class ActionsSection(Spec):
     mode: Annotated[Any, check(_actions_mode)] = MISSING
-    cooldown: Annotated[Any, check(lambda v, d: parse_duration(
-        "10m" if v is MISSING else v, ""))] = MISSING
-    retrain_cooldown: Annotated[Any, check(lambda v, d: parse_duration(
-        "1h" if v is MISSING else v, ""))] = MISSING
+    cooldown: Annotated[Any, default("10m", parse_duration)] = MISSING
+    retrain_cooldown: Annotated[Any, default("1h", parse_duration)] = MISSING
 
 
 class CanaryFile(PolicyFile):

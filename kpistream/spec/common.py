@@ -12,9 +12,11 @@ from pydantic_core import PydanticCustomError
 
 from kpistream.errors import ConfigError
 
-__all__ = ["ConfigError", "MISSING", "NAME", "Spec", "check", "check_ctx", "check_keys", "finite",
-           "format_duration", "given", "integer", "items", "join_path", "label_map", "name", "non_empty", "parse",
-           "parse_duration", "read_yaml", "SiblingError", "spec_error", "sub", "text", "window_name"]
+__all__ = ["ConfigError", "MISSING", "NAME", "SiblingError", "Spec", "check", "check_ctx",
+           "check_keys", "default", "finite", "format_duration", "integer", "items", "join_path",
+           "label_map", "non_empty", "object_name", "optional", "parse", "parse_duration",
+           "positive_duration", "read_yaml", "spec_error", "sub", "text", "validated",
+           "window_name"]
 
 #: A label / rule / detector name.
 NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -80,6 +82,13 @@ def check_keys(d: Any, allowed: Iterable[str], path: str) -> Mapping[str, Any]:
     return d
 
 
+def positive_duration(v: Any, path: str) -> int:
+    ms = parse_duration(v, path)
+    if ms <= 0:
+        raise ConfigError(path, "must be positive")
+    return ms
+
+
 def integer(v: Any, path: str, lo: int = 1, hi: int | None = None) -> int:
     if isinstance(v, bool) or not isinstance(v, int):
         raise ConfigError(path, f"expected an integer, got {v!r}")
@@ -104,7 +113,7 @@ def text(v: Any, path: str) -> str:
     return v
 
 
-def name(v: Any, path: str) -> str:
+def object_name(v: Any, path: str) -> str:
     """A detector / input-drift name ([A-Za-z_][A-Za-z0-9_]*)."""
     if not isinstance(v, str) or not v.replace("_", "a").isalnum() or v[0].isdigit():
         raise ConfigError(path, f"expected a name ([A-Za-z_][A-Za-z0-9_]*), got {v!r}")
@@ -216,6 +225,18 @@ def check(fn: Callable[[Any, Mapping[str, Any]], Any]) -> PlainValidator:
     return PlainValidator(lambda v, info: _relay(fn, v, info))
 
 
+def optional(fn: Callable[..., Any], *args: Any, **kw: Any) -> PlainValidator:
+    """A field checked by ``fn(value, path, *args, **kw)`` when its key is given (else it
+    stays :data:`MISSING`)."""
+    return check(lambda v, data: v if v is MISSING else fn(v, "", *args, **kw))
+
+
+def default(value: Any, fn: Callable[..., Any], *args: Any, **kw: Any) -> PlainValidator:
+    """A field checked by ``fn(value, path, *args, **kw)``; when its key is not given, the
+    default ``value`` is (so a default goes through the same check)."""
+    return check(lambda v, data: fn(value if v is MISSING else v, "", *args, **kw))
+
+
 def check_ctx(fn: Callable[[Any, Mapping[str, Any], Any], Any]) -> PlainValidator:
     """Like :func:`check`, for ``fn(value, data, context)`` (the context given to
     :func:`parse`)."""
@@ -299,7 +320,7 @@ class Spec(BaseModel):
                 if getattr(self, k) is not MISSING}
 
 
-def given(data: Mapping[str, Any], *keys: str) -> bool:
+def validated(data: Mapping[str, Any], *keys: str) -> bool:
     """Whether every one of ``keys`` was validated (and given): a validator that depends on
     another field skips its checks when that field failed (its error comes first)."""
     return all(data.get(k, MISSING) is not MISSING for k in keys)

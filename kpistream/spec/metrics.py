@@ -42,8 +42,9 @@ from typing import Annotated, Any, Mapping
 from pydantic import Field
 
 from kpistream.errors import ConfigError
-from kpistream.spec.common import (MISSING, Spec, check, format_duration, given, integer, items,
-                                   non_empty, parse, parse_duration, read_yaml)
+from kpistream.spec.common import (MISSING, Spec, check, format_duration, integer, items,
+                                   non_empty, optional, parse, parse_duration, read_yaml,
+                                   validated)
 
 __all__ = ["FAMILIES", "WindowSpec", "EngineConfig", "load_config", "config_from_dict",
            "read_yaml", "parse_duration", "format_duration"]
@@ -116,12 +117,7 @@ class EngineConfig:
 
 
 # ------------------------------------------------------------------ the file's spec
-def _optional(fn, *args, **kw):
-    """A field checked by ``fn(value, path, *args)`` when its key is given."""
-    return check(lambda v, data: v if v is MISSING else fn(v, "", *args, **kw))
-
-
-Duration = Annotated[Any, _optional(parse_duration)]
+Duration = Annotated[Any, optional(parse_duration)]
 
 
 def _window_type(v: Any, data: Mapping[str, Any]) -> str:
@@ -132,7 +128,7 @@ def _window_type(v: Any, data: Mapping[str, Any]) -> str:
 
 
 def _window_size(v: Any, data: Mapping[str, Any]) -> Any:
-    if not given(data, "type"):
+    if not validated(data, "type"):
         return MISSING
     if v is MISSING:
         raise ConfigError("", "missing")
@@ -145,7 +141,7 @@ def _window_size(v: Any, data: Mapping[str, Any]) -> Any:
 
 
 def _window_step(v: Any, data: Mapping[str, Any]) -> Any:
-    if not given(data, "type", "size"):
+    if not validated(data, "type", "size"):
         return MISSING
     kind, size = data["type"], data["size"]
     if kind == "count":
@@ -165,7 +161,7 @@ def _window_step(v: Any, data: Mapping[str, Any]) -> Any:
 
 
 def _window_name(v: Any, data: Mapping[str, Any]) -> Any:
-    if not given(data, "type", "size", "step"):
+    if not validated(data, "type", "size", "step"):
         return MISSING
     kind, size = data["type"], data["size"]
     name = (None if v is MISSING else v) or (str(size) if kind == "count"
@@ -265,22 +261,22 @@ class TimeSection(Spec):
 
 class SeriesSection(Spec):
     segments: Annotated[Any, check(_segments)] = MISSING
-    max_series: Annotated[Any, _optional(integer)] = MISSING
+    max_series: Annotated[Any, optional(integer)] = MISSING
 
 
 class JoinSection(Spec):
-    max_pending: Annotated[Any, _optional(integer, lo=16)] = MISSING
-    max_feedback: Annotated[Any, _optional(integer, lo=16)] = MISSING
-    max_paired: Annotated[Any, _optional(integer, lo=16)] = MISSING
+    max_pending: Annotated[Any, optional(integer, lo=16)] = MISSING
+    max_feedback: Annotated[Any, optional(integer, lo=16)] = MISSING
+    max_paired: Annotated[Any, optional(integer, lo=16)] = MISSING
 
 
 class ClassificationSection(Spec):
     positive_label: Annotated[Any, check(_positive_label)] = MISSING
-    max_classes: Annotated[Any, _optional(integer, 2, 4096)] = MISSING
+    max_classes: Annotated[Any, optional(integer, 2, 4096)] = MISSING
 
 
 class RankingSection(Spec):
-    k: Annotated[Any, _optional(integer, 1, 1000)] = MISSING
+    k: Annotated[Any, optional(integer, 1, 1000)] = MISSING
 
 
 class LatencySection(Spec):
@@ -292,8 +288,8 @@ class PairedSection(Spec):
 
 
 class FeaturesSection(Spec):
-    sample_size: Annotated[Any, _optional(integer, 1, 65536)] = MISSING
-    max_features: Annotated[Any, _optional(integer, 1, 256)] = MISSING
+    sample_size: Annotated[Any, optional(integer, 1, 65536)] = MISSING
+    max_features: Annotated[Any, optional(integer, 1, 256)] = MISSING
 
 
 class MetricsSection(Spec):
