@@ -429,7 +429,7 @@ class InputDriftModel(Spec):
     required = ("name", "window")
 
     group_by: Annotated[Any, check(_drift_group_by)] = MISSING
-    psi: Annotated[Any, check(lambda v, d: sub(PsiSection, (None if v is MISSING else v) or {}))] = \
+    psi: Annotated[Any, check(lambda v, d: sub(PsiSection, None if v is MISSING else v or {}))] = \
         MISSING
     alpha: Annotated[Any, check(_drift_alpha)] = MISSING
     features: Annotated[Any, check(_features)] = MISSING
