@@ -139,7 +139,7 @@ def load_canary_config(source: str | Path | Mapping[str, Any] | None) -> CanaryC
     spec = parse(CanaryFile, raw)
     a = spec.actions
     return CanaryConfig(policy_from_spec(spec),
-                        tuple(ExperimentSpec(**e) for e in spec.experiments),
+                        tuple(ExperimentSpec(**e.spec_kwargs()) for e in spec.experiments),
                         RetrainSpec(**spec.retrain),
                         ActionsSpec(a.mode, a.cooldown, a.retrain_cooldown))
 

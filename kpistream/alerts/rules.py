@@ -229,7 +229,7 @@ def rules_from_spec(models: Iterable[RuleModel]) -> tuple[AlertRule, ...]:
     return tuple(_rule(m) for m in models)
 
 
-def kpis() -> Kpis:
+def _kpis() -> Kpis:
     """The KPI names the rule checks know (the spec's validation context)."""
     return Kpis(KPI_NAMES, QUALITY_KPIS, RATE_KPIS)
 
@@ -237,7 +237,7 @@ def kpis() -> Kpis:
 def rules_from_dict(raw: Any) -> tuple[AlertRule, ...]:
     """The rules of an alerts file (a parsed mapping); errors name the key path."""
     # the other sections of an alerts file are kpistream.alerts.watcher's (validated there)
-    return rules_from_spec(parse(RulesFile, raw, context={"kpis": kpis()}).rules)
+    return rules_from_spec(parse(RulesFile, raw, context={"kpis": _kpis()}).rules)
 
 
 def load_rules(source: str | Path | Mapping[str, Any]) -> tuple[AlertRule, ...]:

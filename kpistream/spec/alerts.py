@@ -22,7 +22,6 @@ __all__ = ["Kpis", "OPS", "DETECTOR_TYPES", "RulesFile", "RuleModel", "DetectorM
 #: Threshold comparisons, in the order error messages list them.
 OPS: tuple[str, ...] = ("<", "<=", ">", ">=", "==", "!=")
 DETECTOR_TYPES: tuple[str, ...] = ("cusum", "ewma", "page_hinkley", "adwin")
-_DAY = 86_400_000
 
 
 @dataclass(frozen=True)

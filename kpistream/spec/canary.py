@@ -4,12 +4,12 @@ controller's (:class:`CanaryFile`: experiments, retraining, actions), checked in
 import math
 from typing import Annotated, Any, Mapping
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from kpistream.errors import ConfigError
 from kpistream.spec.common import (MISSING, SiblingError, Spec, check, default, format_duration,
                                    integer, items, non_empty, optional, parse_duration,
-                                   positive_duration, sub, text)
+                                   positive_duration, spec_error, sub, text)
 
 __all__ = ["METRIC_NAMES", "ROLES", "MODES", "DEFAULT_MIN_DURATION_MS", "DEFAULT_MAX_DURATION_MS",
            "MetricModel", "PolicyFile", "ExperimentModel", "RetrainSection", "ActionsSection",
@@ -34,10 +34,10 @@ def bounded(v: Any, path: str, lo: float, hi: float, *, lo_open: bool = False,
     return float(v)
 
 
-def _one_of(choices: tuple[str, ...], default: Any = MISSING):
+def _one_of(choices: tuple[str, ...], fallback: Any = MISSING):
     def fn(v: Any, data: Mapping[str, Any]) -> Any:
         if v is MISSING:
-            v = default
+            v = fallback
         if v not in choices:
             raise ConfigError("", f"must be one of {', '.join(choices)}, got {v!r}")
         return v
@@ -182,8 +182,8 @@ def _challenger(v: Any, data: Mapping[str, Any]) -> Any:
 
 
 class ExperimentModel(Spec):
-    """One entry of ``experiments``.  ``name``, ``model``, ``registered_model`` and
-    ``settle`` are checked last (as they always were), after the presence of name and model."""
+    """One entry of ``experiments``.  The values of ``name``, ``model``, ``registered_model``
+    and ``settle`` are checked last (as they always were), after the others."""
 
     name: Annotated[Any, check(_required)] = MISSING
     model: Annotated[Any, check(_required)] = MISSING
@@ -195,16 +195,25 @@ class ExperimentModel(Spec):
     registered_model: Any = MISSING
     settle: Any = MISSING
 
-    def fields(self) -> dict[str, Any]:
-        """The experiment's values, checked, by ``ExperimentSpec`` field name."""
-        name, model = text(self.name, "name"), text(self.model, "model")
-        reg = text(self.model if self.registered_model is MISSING else self.registered_model,
-                   "registered_model")
-        settle = parse_duration("5s" if self.settle is MISSING else self.settle, "settle")
-        return dict(name=name, model=model, registered_model=reg,
+    @model_validator(mode="after")
+    def _last(self) -> "ExperimentModel":
+        try:
+            checked = {"name": text(self.name, "name"), "model": text(self.model, "model"),
+                       "registered_model": text(self.model if self.registered_model is MISSING
+                                                else self.registered_model, "registered_model"),
+                       "settle": parse_duration("5s" if self.settle is MISSING else self.settle,
+                                                "settle")}
+        except ConfigError as e:
+            raise spec_error(e) from None
+        self.__dict__.update(checked)
+        return self
+
+    def spec_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of ``ExperimentSpec``."""
+        return dict(name=self.name, model=self.model, registered_model=self.registered_model,
                     primary_variant=self.primary_variant,
                     challenger_variant=self.challenger_variant, mode=self.mode,
-                    steps=self.steps, settle_ms=settle, interval_ms=self.interval)
+                    steps=self.steps, settle_ms=self.settle, interval_ms=self.interval)
 
 
 def _exp_mode(v: Any) -> str:
@@ -218,18 +227,12 @@ def _experiments(v: Any, data: Mapping[str, Any]) -> Any:
         return ()
     if not isinstance(v, list):
         raise ConfigError("", "expected a list")
-    out = []
-    for i, e in enumerate(v):
-        m = sub(ExperimentModel, e, f"[{i}]")
-        try:
-            out.append(m.fields())
-        except ConfigError as err:
-            raise ConfigError(f"[{i}].{err.path}", err.reason) from None
-    names = [s["name"] for s in out]
+    out = items(ExperimentModel, v)
+    names = [e.name for e in out]
     for i, n in enumerate(names):
         if names.index(n) != i:
             raise ConfigError(f"[{i}].name", f"duplicate experiment {n!r}")
-    return tuple(out)
+    return out
 
 
 def _on_alerts(v: Any, data: Mapping[str, Any]) -> Any:
@@ -257,7 +260,7 @@ def _retrain(v: Any, data: Mapping[str, Any]) -> Any:
     if "experiments" not in data:
         return MISSING
     exps = data["experiments"]
-    model = (None if r.model is MISSING else r.model) or (exps[0]["registered_model"]
+    model = (None if r.model is MISSING else r.model) or (exps[0].registered_model
                                                           if exps else None)
     if (r.on_alerts or r.every_labelled) and not model:
         raise ConfigError("model", "missing (no experiment names a registered model)")
