@@ -6,8 +6,7 @@ import re
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterable, Mapping, TypeVar
 
-from pydantic import (BaseModel, ConfigDict, PlainValidator, ValidationError,
-                      model_validator)
+from pydantic import BaseModel, ConfigDict, PlainValidator, ValidationError, model_validator
 from pydantic_core import PydanticCustomError
 
 from kpistream.errors import ConfigError
@@ -113,6 +112,13 @@ def text(v: Any, path: str) -> str:
     return v
 
 
+def non_empty(v: Any, path: str, what: str) -> list:
+    """A non-empty list (else ``what`` is the reason)."""
+    if not isinstance(v, list) or not v:
+        raise ConfigError(path, what)
+    return v
+
+
 def object_name(v: Any, path: str) -> str:
     """A detector / input-drift name ([A-Za-z_][A-Za-z0-9_]*)."""
     if not isinstance(v, str) or not v.replace("_", "a").isalnum() or v[0].isdigit():
@@ -169,8 +175,6 @@ class _Missing:
 MISSING: Any = _Missing()
 
 _KIND = "kpistream_config"
-
-
 _INDEX = re.compile(r"^\[\d+\]")
 
 
@@ -223,6 +227,12 @@ def check(fn: Callable[[Any, Mapping[str, Any]], Any]) -> PlainValidator:
     this one (a field that failed is absent from it), a key that was not given arrives as
     :data:`MISSING`, and a ConfigError's path is relative to the field (``""``: the field)."""
     return PlainValidator(lambda v, info: _relay(fn, v, info))
+
+
+def validated(data: Mapping[str, Any], *keys: str) -> bool:
+    """Whether every one of ``keys`` was validated (and given): a validator that depends on
+    another field skips its checks when that field failed (its error comes first)."""
+    return all(data.get(k, MISSING) is not MISSING for k in keys)
 
 
 def optional(fn: Callable[..., Any], *args: Any, **kw: Any) -> PlainValidator:
@@ -318,15 +328,3 @@ class Spec(BaseModel):
         """The fields whose keys were given (not :data:`MISSING`), by field name."""
         return {k: getattr(self, k) for k in type(self).model_fields
                 if getattr(self, k) is not MISSING}
-
-
-def validated(data: Mapping[str, Any], *keys: str) -> bool:
-    """Whether every one of ``keys`` was validated (and given): a validator that depends on
-    another field skips its checks when that field failed (its error comes first)."""
-    return all(data.get(k, MISSING) is not MISSING for k in keys)
-
-
-def non_empty(v: Any, path: str, what: str) -> list:
-    if not isinstance(v, list) or not v:
-        raise ConfigError(path, what)
-    return v
