@@ -71,10 +71,10 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from actors.ticker import Ticker
-from kpistream.alerts.rules import _str
-from kpistream.decide.policy import CanaryPolicy, policy_from_dict
+from kpistream.decide.policy import CanaryPolicy, policy_from_spec
 from kpistream.clock import Clock, SystemClock
-from kpistream.spec.metrics import _check_keys, format_duration, parse_duration, read_yaml
+from kpistream.spec.canary import CanaryFile
+from kpistream.spec.common import format_duration, parse, read_yaml
 from kpistream.errors import ConfigError
 
 log = logging.getLogger("kpistream.canary")
@@ -127,43 +127,6 @@ class CanaryConfig:
         return tuple(dict.fromkeys(names))
 
 
-def _experiment(d: Any, path: str) -> ExperimentSpec:
-    d = _check_keys(d, {"name", "model", "registered_model", "primary_variant",
-                        "challenger_variant", "mode", "steps", "settle", "interval"}, path)
-    for k in ("name", "model"):
-        if k not in d:
-            raise ConfigError(f"{path}.{k}", "missing")
-    mode = d.get("mode", "shadow")
-    if mode not in MODES:
-        raise ConfigError(f"{path}.mode", f"expected shadow or canary, got {mode!r}")
-    steps = d.get("steps", [1.0] if mode == "shadow" else [0.05, 0.25, 0.5, 1.0])
-    if not isinstance(steps, list) or not steps:
-        raise ConfigError(f"{path}.steps", "expected a non-empty list of weights")
-    out = []
-    for i, w in enumerate(steps):
-        if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 < w <= 1:
-            raise ConfigError(f"{path}.steps[{i}]", f"expected a weight in (0, 1], got {w!r}")
-        if out and w <= out[-1]:
-            raise ConfigError(f"{path}.steps[{i}]", "weights must increase")
-        out.append(float(w))
-    if mode == "canary" and out[0] >= 1.0:
-        raise ConfigError(f"{path}.steps", "a canary needs a first weight below 1 (at 1 no "
-                                           "request is left to the primary)")
-    primary = _str(d.get("primary_variant", "primary"), f"{path}.primary_variant")
-    challenger = _str(d.get("challenger_variant", "shadow" if mode == "shadow" else "canary"),
-                      f"{path}.challenger_variant")
-    if primary == challenger:
-        raise ConfigError(f"{path}.challenger_variant", "must differ from primary_variant")
-    interval = parse_duration(d.get("interval", "5s"), f"{path}.interval")
-    if interval <= 0:
-        raise ConfigError(f"{path}.interval", "must be positive")
-    return ExperimentSpec(
-        name=_str(d["name"], f"{path}.name"), model=_str(d["model"], f"{path}.model"),
-        registered_model=_str(d.get("registered_model", d["model"]), f"{path}.registered_model"),
-        primary_variant=primary, challenger_variant=challenger, mode=mode, steps=tuple(out),
-        settle_ms=parse_duration(d.get("settle", "5s"), f"{path}.settle"), interval_ms=interval)
-
-
 def load_canary_config(source: str | Path | Mapping[str, Any] | None) -> CanaryConfig:
     """``configs/canary.yaml`` (path or mapping): the policy, the experiments, retraining."""
     raw: Mapping[str, Any] = {}
@@ -173,35 +136,12 @@ def load_canary_config(source: str | Path | Mapping[str, Any] | None) -> CanaryC
         raw = source
     if not isinstance(raw, Mapping):
         raise ConfigError("<root>", "expected a mapping")
-    policy = policy_from_dict({k: v for k, v in raw.items()
-                               if k not in ("experiments", "retrain", "actions")})
-    exps = raw.get("experiments") or []
-    if not isinstance(exps, list):
-        raise ConfigError("experiments", "expected a list")
-    specs = tuple(_experiment(e, f"experiments[{i}]") for i, e in enumerate(exps))
-    names = [s.name for s in specs]
-    for i, n in enumerate(names):
-        if names.index(n) != i:
-            raise ConfigError(f"experiments[{i}].name", f"duplicate experiment {n!r}")
-    r = _check_keys(raw.get("retrain"), {"on_alerts", "every_labelled", "model"}, "retrain")
-    on = r.get("on_alerts") or []
-    if not isinstance(on, list) or not all(isinstance(x, str) for x in on):
-        raise ConfigError("retrain.on_alerts", "expected a list of alert rule names")
-    every = r.get("every_labelled")
-    if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
-        raise ConfigError("retrain.every_labelled", f"expected a positive integer, got {every!r}")
-    model = r.get("model") or (specs[0].registered_model if specs else None)
-    if (on or every) and not model:
-        raise ConfigError("retrain.model", "missing (no experiment names a registered model)")
-    a = _check_keys(raw.get("actions"), {"mode", "cooldown", "retrain_cooldown"}, "actions")
-    mode = a.get("mode", "auto")
-    if mode not in ("auto", "dry_run", "approval"):
-        raise ConfigError("actions.mode", f"expected auto, dry_run or approval, got {mode!r}")
-    return CanaryConfig(policy, specs, RetrainSpec(tuple(on), every, model),
-                        ActionsSpec(mode, parse_duration(a.get("cooldown", "10m"),
-                                                         "actions.cooldown"),
-                                    parse_duration(a.get("retrain_cooldown", "1h"),
-                                                   "actions.retrain_cooldown")))
+    spec = parse(CanaryFile, raw)
+    a = spec.actions
+    return CanaryConfig(policy_from_spec(spec),
+                        tuple(ExperimentSpec(**e.spec_kwargs()) for e in spec.experiments),
+                        RetrainSpec(**spec.retrain),
+                        ActionsSpec(a.mode, a.cooldown, a.retrain_cooldown))
 
 
 @dataclass

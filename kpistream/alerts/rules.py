@@ -72,15 +72,15 @@ Semantics (per rule and alert *instance*; an instance is one value of the
 from __future__ import annotations
 
 import math
-import re
 import string
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
 from kpistream.clock import Clock
-from kpistream.spec.metrics import _check_keys, _int, format_duration, parse_duration, read_yaml
 from kpistream.errors import ConfigError
+from kpistream.spec.alerts import Kpis, RuleModel, RulesFile
+from kpistream.spec.common import MISSING, NAME, format_duration, parse, parse_duration, read_yaml
 
 __all__ = [
     "KPI_NAMES", "QUALITY_KPIS", "PROM_METRICS", "Condition", "AlertRule", "Notification",
@@ -142,7 +142,7 @@ _OPS: dict[str, Callable[[float, float], bool]] = {
     ">=": lambda a, b: a >= b, "==": lambda a, b: a == b, "!=": lambda a, b: a != b}
 _NEGATE = {"<": ">=", "<=": ">", ">": "<=", ">=": "<", "==": "!=", "!=": "=="}
 _BASE_ORDER = {k: i for i, k in enumerate(("model", "model_version", "variant", "endpoint"))}
-_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_NAME = NAME
 #: Columns of a tidy row that are not series labels.
 ROW_FIELDS = frozenset(("window", "window_start", "window_end", "metric", "value", "count",
                         "labelled", "provisional", "label_coverage"))
@@ -208,194 +208,36 @@ class AlertRule:
         return self.condition.kind == "detector"
 
 
-def _str(v: Any, path: str) -> str:
-    if not isinstance(v, str) or not v:
-        raise ConfigError(path, f"expected a non-empty string, got {v!r}")
-    return v
-
-
-def _num(v: Any, path: str, lo: float | None = None, hi: float | None = None) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-        raise ConfigError(path, f"expected a finite number, got {v!r}")
-    if (lo is not None and v < lo) or (hi is not None and v > hi):
-        raise ConfigError(path, f"must be in [{lo}, {hi}], got {v!r}")
-    return float(v)
-
-
-def _str_map(v: Any, path: str, names: bool = True) -> tuple[tuple[str, str], ...]:
-    if v is None:
-        return ()
-    if not isinstance(v, Mapping):
-        raise ConfigError(path, f"expected a mapping of strings, got {type(v).__name__}")
-    out = []
-    for k, x in v.items():
-        if not isinstance(k, str) or (names and not _NAME.match(k)):
-            raise ConfigError(f"{path}.{k}", "not a valid label name ([A-Za-z_][A-Za-z0-9_]*)")
-        if names and k in ("window", "metric", "alertname", "severity"):
-            raise ConfigError(f"{path}.{k}", f"{k!r} is reserved")
-        if isinstance(x, bool) or not isinstance(x, (str, int)):
-            raise ConfigError(f"{path}.{k}", f"expected a string, got {x!r}")
-        out.append((k, str(x)))
-    return tuple(out)
-
-
-def _condition(d: Any, path: str, default_baseline: int | None = None,
-               default_across: str | None = None) -> Condition:
-    if not isinstance(d, Mapping):
-        raise ConfigError(path, "expected a mapping: {op, value}, {relative_drop, baseline}, "
-                                "{relative_rise, baseline}, {disparity, across} or {detector}")
-    if "disparity" in d:
-        _check_keys(d, {"disparity", "across", "alpha"}, path)
-        bound = _num(d["disparity"], f"{path}.disparity", 0.0)
-        across = d.get("across", default_across)
-        if across is None:
-            raise ConfigError(f"{path}.across", "missing (the segment label to compare across)")
-        across = _str(across, f"{path}.across")
-        if not _NAME.match(across) or across in ("window", "metric"):
-            raise ConfigError(f"{path}.across", f"not a series label name: {across!r}")
-        alpha = None
-        if "alpha" in d:
-            alpha = _num(d["alpha"], f"{path}.alpha", 0.0, 1.0)
-            if not 0 < alpha < 1:
-                raise ConfigError(f"{path}.alpha", "must be in (0, 1)")
-        return Condition("disparity", value=bound, across=across, alpha=alpha)
-    if "detector" in d:
-        _check_keys(d, {"detector"}, path)
-        return Condition("detector", detector=_str(d["detector"], f"{path}.detector"))
-    for kind in ("relative_drop", "relative_rise"):
-        if kind in d:
-            _check_keys(d, {kind, "baseline"}, path)
-            hi = 1.0 if kind == "relative_drop" else None
-            ratio = _num(d[kind], f"{path}.{kind}", 0.0, hi)
-            if ratio <= 0:
-                raise ConfigError(f"{path}.{kind}", "must be positive")
-            if "baseline" in d:
-                base = parse_duration(d["baseline"], f"{path}.baseline")
-            elif default_baseline is not None:
-                base = default_baseline
-            else:
-                raise ConfigError(f"{path}.baseline", "missing (a duration like '1h')")
-            if base <= 0:
-                raise ConfigError(f"{path}.baseline", "must be positive")
-            return Condition(kind, ratio=ratio, baseline_ms=base)
-    _check_keys(d, {"op", "value"}, path)
-    op = d.get("op")
-    if op not in _OPS:
-        raise ConfigError(f"{path}.op", f"expected one of {', '.join(_OPS)}, got {op!r}")
-    if "value" not in d:
-        raise ConfigError(f"{path}.value", "missing")
-    return Condition("threshold", op=op, value=_num(d["value"], f"{path}.value"))
-
-
 def _negated(c: Condition) -> Condition:
     if c.kind == "threshold":
         return Condition("threshold", op=_NEGATE[c.op], value=c.value)
     return c  # relative/disparity/detector: "not (condition)" is evaluated by the engine
 
 
-_RULE_KEYS = {"name", "metric", "window", "match", "condition", "for", "clear", "min_count",
-              "min_label_coverage", "severity", "labels", "annotations", "group_by",
-              "stale_after"}
-
-
-def _rule(d: Any, path: str) -> AlertRule:
-    d = _check_keys(d, _RULE_KEYS, path)
-    if "name" not in d:
-        raise ConfigError(f"{path}.name", "missing")
-    name = _str(d["name"], f"{path}.name")
-    if not _NAME.match(name):
-        raise ConfigError(f"{path}.name", f"must match [A-Za-z_][A-Za-z0-9_]*, got {name!r}")
-    if "condition" not in d:
-        raise ConfigError(f"{path}.condition", "missing")
-    cond = _condition(d["condition"], f"{path}.condition")
-    metric = window = None
-    if cond.kind != "detector" or "metric" in d:
-        if "metric" not in d:
-            raise ConfigError(f"{path}.metric", "missing")
-        metric = d["metric"]
-        if metric not in KPI_NAMES:
-            raise ConfigError(f"{path}.metric", f"unknown KPI {metric!r} (known: {', '.join(KPI_NAMES)})")
-    if cond.kind != "detector" or "window" in d:
-        if "window" not in d:
-            raise ConfigError(f"{path}.window", "missing (a window name such as '10s' or '1m')")
-        window = d["window"] if not isinstance(d["window"], int) or isinstance(d["window"], bool) \
-            else str(d["window"])
-        window = _str(window, f"{path}.window")
-    if "clear" in d:
-        if cond.kind == "detector":
-            raise ConfigError(f"{path}.clear", "detector rules clear when the detector stops firing")
-        clear = _condition(d["clear"], f"{path}.clear", cond.baseline_ms, cond.across)
-        same = (clear.kind == cond.kind if "disparity" in (clear.kind, cond.kind)
-                else (clear.kind == "threshold") == (cond.kind == "threshold"))
-        if clear.kind == "detector" or not same:
-            raise ConfigError(f"{path}.clear", f"must be of the same form as the condition "
-                                               f"({cond.kind})")
-        if clear.kind == "disparity":
-            if clear.across != cond.across:
-                raise ConfigError(f"{path}.clear.across", "must equal the condition's")
-            if clear.value > cond.value:
-                raise ConfigError(f"{path}.clear.disparity",
-                                  "must not exceed the condition's bound (hysteresis)")
-        elif clear.kind != "threshold" and clear.baseline_ms != cond.baseline_ms:
-            raise ConfigError(f"{path}.clear.baseline", "must equal the condition's baseline")
-    else:
-        clear = _negated(cond)
-    for_ms = parse_duration(d["for"], f"{path}.for") if "for" in d else 0
-    min_count = _int(d["min_count"], f"{path}.min_count", lo=0) if "min_count" in d else 30
-    cov = None
-    if "min_label_coverage" in d:
-        if metric not in QUALITY_KPIS:
-            raise ConfigError(f"{path}.min_label_coverage",
-                              f"only for quality metrics ({', '.join(sorted(QUALITY_KPIS))})")
-        cov = _num(d["min_label_coverage"], f"{path}.min_label_coverage", 0.0, 1.0)
-    severity = _str(d.get("severity", "warning"), f"{path}.severity")
-    if cond.kind == "disparity" and cond.alpha is not None and metric not in RATE_KPIS:
-        raise ConfigError(f"{path}.condition.alpha", f"significance needs a rate KPI "
-                                                     f"({', '.join(sorted(RATE_KPIS))})")
-    group_by = None
-    if "group_by" in d:
-        g = d["group_by"]
-        if not isinstance(g, list) or not all(isinstance(x, str) and _NAME.match(x) for x in g):
-            raise ConfigError(f"{path}.group_by", "expected a list of label names")
-        if any(x in ("window", "metric") for x in g) or len(set(g)) != len(g):
-            raise ConfigError(f"{path}.group_by", "labels must be distinct series labels")
-        group_by = tuple(g)
-        if cond.kind == "disparity" and cond.across in group_by:
-            raise ConfigError(f"{path}.group_by", f"must not hold the disparity label "
-                                                  f"{cond.across!r}")
-    annotations = _str_map(d.get("annotations"), f"{path}.annotations", names=False)
-    for k, text in annotations:
-        try:
-            list(string.Formatter().parse(text))
-        except ValueError as e:
-            raise ConfigError(f"{path}.annotations.{k}", f"bad template: {e}") from None
-    stale = parse_duration(d.get("stale_after", "5m"), f"{path}.stale_after")
-    if stale <= 0:
-        raise ConfigError(f"{path}.stale_after", "must be positive")
+def _rule(m: RuleModel) -> AlertRule:
+    cond = Condition(**m.condition)
     return AlertRule(
-        name=name, metric=metric, window=window, condition=cond, clear=clear,
-        stale_after_ms=stale,
-        match=_str_map(d.get("match"), f"{path}.match"), for_ms=for_ms, min_count=min_count,
-        min_label_coverage=cov, severity=severity, labels=_str_map(d.get("labels"), f"{path}.labels"),
-        annotations=annotations, group_by=group_by)
+        name=m.name, metric=m.metric, window=m.window, condition=cond,
+        clear=_negated(cond) if m.clear is MISSING else Condition(**m.clear),
+        stale_after_ms=m.stale_after, match=m.match, for_ms=m.for_, min_count=m.min_count,
+        min_label_coverage=m.min_label_coverage, severity=m.severity, labels=m.labels,
+        annotations=m.annotations, group_by=m.group_by)
+
+
+def rules_from_spec(models: Iterable[RuleModel]) -> tuple[AlertRule, ...]:
+    """The :class:`AlertRule` of each validated rule (:mod:`kpistream.spec.alerts`)."""
+    return tuple(_rule(m) for m in models)
+
+
+def _kpis() -> Kpis:
+    """The KPI names the rule checks know (the spec's validation context)."""
+    return Kpis(KPI_NAMES, QUALITY_KPIS, RATE_KPIS)
 
 
 def rules_from_dict(raw: Any) -> tuple[AlertRule, ...]:
+    """The rules of an alerts file (a parsed mapping); errors name the key path."""
     # the other sections of an alerts file are kpistream.alerts.watcher's (validated there)
-    d = _check_keys(raw, {"version", "rules", "detectors", "input_drift", "notifications"}, "")
-    if d.get("version", 1) != 1:
-        raise ConfigError("version", f"unsupported alerts version {d.get('version')!r} (expected 1)")
-    rs = d.get("rules", [])
-    if not isinstance(rs, list):
-        raise ConfigError("rules", "expected a list of rules")
-    rules = tuple(_rule(r, f"rules[{i}]") for i, r in enumerate(rs))
-    seen: dict[str, int] = {}
-    for i, r in enumerate(rules):
-        if r.name in seen:
-            raise ConfigError(f"rules[{i}].name", f"duplicate rule name {r.name!r} "
-                                                  f"(also rules[{seen[r.name]}])")
-        seen[r.name] = i
-    return rules
+    return rules_from_spec(parse(RulesFile, raw, context={"kpis": _kpis()}).rules)
 
 
 def load_rules(source: str | Path | Mapping[str, Any]) -> tuple[AlertRule, ...]:

@@ -93,7 +93,6 @@ feature.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -101,9 +100,11 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from kpistream.alerts.rules import (AlertEngine, AlertRule, Notification, QUALITY_KPIS, KPI_NAMES, RATE_KPIS,
-                     _num, _str_map, rules_from_dict)
+                     rules_from_spec)
 from kpistream.clock import Clock
-from kpistream.spec.metrics import EngineConfig, _check_keys, _int, parse_duration, read_yaml
+from kpistream.spec.alerts import AlertsFile, Kpis
+from kpistream.spec.common import parse, read_yaml
+from kpistream.spec.metrics import EngineConfig
 from kpistream.alerts.detectors import Adwin, Cusum, Ewma, PageHinkley, PsiTest, TwoSidedCusum, feature_drift
 from kpistream.errors import ConfigError
 
@@ -116,22 +117,7 @@ HIGHER_IS_BETTER = frozenset(
      "mrr", "thumbs_up_rate", "ctr", "conversion_rate", "dwell_mean", "reward_mean",
      "label_coverage", "precision_macro", "recall_macro", "f1_macro", "precision_micro",
      "recall_micro", "f1_micro", "precision_weighted", "recall_weighted", "f1_weighted"))
-_TYPES = ("cusum", "ewma", "page_hinkley", "adwin")
 _DAY = 86_400_000
-
-
-def _name(v: Any, path: str) -> str:
-    if not isinstance(v, str) or not v.replace("_", "a").isalnum() or v[0].isdigit():
-        raise ConfigError(path, f"expected a name ([A-Za-z_][A-Za-z0-9_]*), got {v!r}")
-    return v
-
-
-def _window_name(v: Any, path: str) -> str:
-    if isinstance(v, int) and not isinstance(v, bool):
-        v = str(v)
-    if not isinstance(v, str) or not v:
-        raise ConfigError(path, "missing (a window name such as '10s')")
-    return v
 
 
 # ------------------------------------------------------------------ specs
@@ -193,152 +179,15 @@ class AlertsConfig:
     log: bool = True
 
 
-_DET_KEYS = {"name", "type", "metric", "window", "match", "direction", "shift",
-             "false_alarm_every", "target", "sigma", "warmup", "guard", "min_count", "lam",
-             "delta", "threshold", "hold"}
-
-
-def _detector(d: Any, path: str) -> DetectorSpec:
-    d = _check_keys(d, _DET_KEYS, path)
-    for k in ("name", "type", "metric", "window"):
-        if k not in d:
-            raise ConfigError(f"{path}.{k}", "missing")
-    name = _name(d["name"], f"{path}.name")
-    typ = d["type"]
-    if typ not in _TYPES:
-        raise ConfigError(f"{path}.type", f"expected one of {', '.join(_TYPES)}, got {typ!r}")
-    metric = d["metric"]
-    if metric not in KPI_NAMES:
-        raise ConfigError(f"{path}.metric", f"unknown KPI {metric!r}")
-    direction = d.get("direction", "down" if metric in HIGHER_IS_BETTER else "up")
-    if direction not in ("up", "down", "both"):
-        raise ConfigError(f"{path}.direction", f"expected up, down or both, got {direction!r}")
-    shift = None
-    if typ in ("cusum", "ewma"):
-        if typ == "cusum" or "shift" in d:
-            if "shift" not in d:
-                raise ConfigError(f"{path}.shift", "missing (the size of change to detect, "
-                                                   "in the KPI's units)")
-            shift = _num(d["shift"], f"{path}.shift", 0.0)
-            if shift <= 0:
-                raise ConfigError(f"{path}.shift", "must be > 0")
-    every = parse_duration(d.get("false_alarm_every", "30d"), f"{path}.false_alarm_every")
-    if every <= 0:
-        raise ConfigError(f"{path}.false_alarm_every", "must be positive")
-    target = sigma = None
-    if d.get("target") is not None:
-        target = _num(d["target"], f"{path}.target")
-    if d.get("sigma") is not None:
-        sigma = _num(d["sigma"], f"{path}.sigma", 0.0)
-        if sigma <= 0:
-            raise ConfigError(f"{path}.sigma", "must be > 0")
-    lam = _num(d.get("lam", 0.2), f"{path}.lam", 0.0, 1.0)
-    if lam <= 0:
-        raise ConfigError(f"{path}.lam", "must be in (0, 1]")
-    delta = _num(d.get("delta", 0.002), f"{path}.delta", 0.0)
-    return DetectorSpec(
-        name=name, type=typ, metric=metric, window=_window_name(d["window"], f"{path}.window"),
-        match=_str_map(d.get("match"), f"{path}.match"), direction=direction, shift=shift,
-        false_alarm_every_ms=every, target=target, sigma=sigma,
-        warmup=_int(d.get("warmup", 30), f"{path}.warmup", lo=2),
-        guard=_num(d.get("guard", 2.0), f"{path}.guard", 0.0, 10.0),
-        min_count=_int(d.get("min_count", 30), f"{path}.min_count", lo=1), lam=lam,
-        delta=delta if delta > 0 else 0.002,
-        threshold=_num(d.get("threshold", 50.0), f"{path}.threshold", 0.0),
-        hold_ms=parse_duration(d.get("hold", "2m"), f"{path}.hold"))
-
-
-_DRIFT_KEYS = {"name", "window", "match", "group_by", "reference", "max_reference", "alpha",
-               "min_effect", "psi", "min_samples", "hold", "features"}
-
-
-def _input_drift(d: Any, path: str) -> InputDriftSpec:
-    d = _check_keys(d, _DRIFT_KEYS, path)
-    for k in ("name", "window"):
-        if k not in d:
-            raise ConfigError(f"{path}.{k}", "missing")
-    g = d.get("group_by", ["model", "model_version", "variant"])
-    if not isinstance(g, list) or not all(isinstance(x, str) for x in g):
-        raise ConfigError(f"{path}.group_by", "expected a list of label names")
-    psi = _check_keys(d.get("psi") or {}, {"bins", "floor"}, f"{path}.psi")
-    alpha = _num(d.get("alpha", 0.01), f"{path}.alpha", 0.0, 1.0)
-    if not 0 < alpha < 1:
-        raise ConfigError(f"{path}.alpha", "must be in (0, 1)")
-    feats = d.get("features")
-    if feats is not None and (not isinstance(feats, list)
-                              or not all(isinstance(f, str) for f in feats)):
-        raise ConfigError(f"{path}.features", "expected a list of feature names")
-    ref = parse_duration(d.get("reference", "2m"), f"{path}.reference")
-    if ref <= 0:
-        raise ConfigError(f"{path}.reference", "must be positive")
-    return InputDriftSpec(
-        name=_name(d["name"], f"{path}.name"), window=_window_name(d["window"], f"{path}.window"),
-        match=_str_map(d.get("match"), f"{path}.match"), group_by=tuple(g), reference_ms=ref,
-        max_reference=_int(d.get("max_reference", 4096), f"{path}.max_reference", lo=10),
-        alpha=alpha, min_effect=_num(d.get("min_effect", 0.1), f"{path}.min_effect", 0.0, 1.0),
-        psi_bins=_int(psi.get("bins", 10), f"{path}.psi.bins", lo=2),
-        psi_floor=_num(psi.get("floor", 0.1), f"{path}.psi.floor", 0.0),
-        min_samples=_int(d.get("min_samples", 50), f"{path}.min_samples", lo=2),
-        hold_ms=parse_duration(d.get("hold", "1m"), f"{path}.hold"),
-        features=tuple(feats) if feats is not None else None)
-
-
-def _webhook(d: Any, path: str) -> WebhookSpec:
-    d = _check_keys(d, {"url", "states", "timeout", "retries", "backoff", "max_backoff",
-                        "headers"}, path)
-    if not isinstance(d.get("url"), str) or not d["url"]:
-        raise ConfigError(f"{path}.url", "missing (an http:// or https:// URL)")
-    url = os.path.expandvars(d["url"])
-    if not url.startswith(("http://", "https://")):
-        raise ConfigError(f"{path}.url", f"expected an http(s) URL, got {url!r}")
-    states = d.get("states", ["firing", "resolved"])
-    ok = ("pending", "firing", "resolved", "inactive")
-    if not isinstance(states, list) or not states or any(s not in ok for s in states):
-        raise ConfigError(f"{path}.states", f"expected a list of {', '.join(ok)}")
-    headers = _str_map(d.get("headers"), f"{path}.headers", names=False)
-    return WebhookSpec(
-        url=url, states=tuple(states),
-        timeout_s=parse_duration(d.get("timeout", "5s"), f"{path}.timeout") / 1000,
-        retries=_int(d.get("retries", 6), f"{path}.retries", lo=0),
-        backoff_s=parse_duration(d.get("backoff", "1s"), f"{path}.backoff") / 1000,
-        max_backoff_s=parse_duration(d.get("max_backoff", "1m"), f"{path}.max_backoff") / 1000,
-        headers=tuple((k, os.path.expandvars(v)) for k, v in headers))
-
-
 def alerts_from_dict(raw: Any) -> AlertsConfig:
     """Every section of an alerts file (a parsed mapping) -> :class:`AlertsConfig`."""
-    d = _check_keys(raw, {"version", "rules", "detectors", "input_drift", "notifications"}, "")
-    rules = rules_from_dict({k: d[k] for k in ("version", "rules") if k in d})
-    dets = d.get("detectors") or []
-    if not isinstance(dets, list):
-        raise ConfigError("detectors", "expected a list")
-    detectors = tuple(_detector(x, f"detectors[{i}]") for i, x in enumerate(dets))
-    ids = d.get("input_drift") or []
-    if not isinstance(ids, list):
-        raise ConfigError("input_drift", "expected a list")
-    drift = tuple(_input_drift(x, f"input_drift[{i}]") for i, x in enumerate(ids))
-    names: dict[str, str] = {}
-    for kind, specs in (("detectors", detectors), ("input_drift", drift)):
-        for i, s in enumerate(specs):
-            if s.name in names:
-                raise ConfigError(f"{kind}[{i}].name", f"duplicate name {s.name!r} "
-                                                      f"(also in {names[s.name]})")
-            names[s.name] = kind
-    for i, r in enumerate(rules):
-        if r.is_detector and r.condition.detector not in names:
-            raise ConfigError(f"rules[{i}].condition.detector",
-                              f"no detector or input_drift named {r.condition.detector!r} "
-                              f"(known: {', '.join(sorted(names)) or 'none'})")
-    n = _check_keys(d.get("notifications") or {}, {"log", "webhooks"}, "notifications")
-    hooks = n.get("webhooks") or []
-    if not isinstance(hooks, list):
-        raise ConfigError("notifications.webhooks", "expected a list")
-    log = n.get("log", True)
-    if not isinstance(log, bool):
-        raise ConfigError("notifications.log", f"expected true or false, got {log!r}")
-    return AlertsConfig(rules, detectors, drift,
-                        tuple(_webhook(h, f"notifications.webhooks[{i}]")
-                              for i, h in enumerate(hooks)), log)
+    kpis = Kpis(KPI_NAMES, QUALITY_KPIS, RATE_KPIS, HIGHER_IS_BETTER)
+    f = parse(AlertsFile, raw, context={"kpis": kpis})
+    return AlertsConfig(rules_from_spec(f.rules),
+                        tuple(DetectorSpec(**m.spec_kwargs()) for m in f.detectors),
+                        tuple(InputDriftSpec(**m.spec_kwargs()) for m in f.input_drift),
+                        tuple(WebhookSpec(**m.spec_kwargs()) for m in f.notifications.webhooks),
+                        f.notifications.log)
 
 
 def load_alerts(source: str | Path | Mapping[str, Any] | None) -> AlertsConfig:

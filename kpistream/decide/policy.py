@@ -118,8 +118,10 @@ from typing import Any, Mapping
 import numpy as np
 
 from kpistream.decide import sequential as seq
-from kpistream.spec.metrics import _check_keys, _int, format_duration, parse_duration, read_yaml
 from kpistream.errors import ConfigError
+from kpistream.spec.canary import (DEFAULT_MAX_DURATION_MS, DEFAULT_MIN_DURATION_MS, METRIC_NAMES,
+                                   MODES, ROLES, PolicyFile)
+from kpistream.spec.common import format_duration, parse, read_yaml
 
 __all__ = [
     "METRIC_NAMES",
@@ -131,15 +133,13 @@ __all__ = [
     "Decision",
     "load_policy",
     "policy_from_dict",
+    "policy_from_spec",
 ]
 
 # +1: higher is better; -1: lower is better
 _SIGN = {"accuracy": 1, "reward": 1, "error_rate": -1, "latency": -1, "abs_error": -1}
-METRIC_NAMES: tuple[str, ...] = tuple(_SIGN)
 _NEEDS_LABELS = {"accuracy", "abs_error"}
 _STATS_KEY = {"latency": "log_latency", "abs_error": "abs_error", "reward": "reward"}
-ROLES: tuple[str, ...] = ("quality", "guardrail")
-MODES: tuple[str, ...] = ("shadow", "canary")
 ACTIONS: tuple[str, ...] = ("wait", "promote", "rollback", "halt", "inconclusive")
 VERDICTS: tuple[str, ...] = ("undecided", "non_inferior", "better", "harmful", "not_applicable")
 _A = {a: i for i, a in enumerate(ACTIONS)}
@@ -174,8 +174,6 @@ _DEFAULT_METRICS = (
     MetricRule("error_rate", 0.005, 0.0, "guardrail"),
     MetricRule("latency", 0.05, 0.10, "guardrail"),
 )
-_DEFAULT_MIN_DURATION_MS = 30 * 60_000
-_DEFAULT_MAX_DURATION_MS = 24 * 3_600_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,8 +183,8 @@ class CanaryPolicy:
     alpha: float = 0.05
     metrics: tuple[MetricRule, ...] = _DEFAULT_METRICS
     min_samples: int = 1000
-    min_duration_ms: int = _DEFAULT_MIN_DURATION_MS
-    max_duration_ms: int = _DEFAULT_MAX_DURATION_MS
+    min_duration_ms: int = DEFAULT_MIN_DURATION_MS
+    max_duration_ms: int = DEFAULT_MAX_DURATION_MS
     srm_alpha: float = 0.001
     srm_expected_share: float | None = None
     srm_concentration: float = 100.0
@@ -565,83 +563,18 @@ def _check_mode(mode: Any) -> str:
 # config
 # --------------------------------------------------------------------------
 
-def _num(v: Any, path: str, lo: float, hi: float, *, lo_open: bool = False,
-         hi_open: bool = False) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-        raise ConfigError(path, f"expected a number, got {v!r}")
-    if v < lo or v > hi or (lo_open and v == lo) or (hi_open and v == hi):
-        raise ConfigError(path, f"must be in {'(' if lo_open else '['}{lo:g}, {hi:g}"
-                                f"{')' if hi_open else ']'}, got {v!r}")
-    return float(v)
-
-
-def _rule(d: Any, path: str) -> MetricRule:
-    d = _check_keys(d, {"name", "margin", "harm", "role"}, path)
-    name = d.get("name")
-    if name not in _SIGN:
-        raise ConfigError(f"{path}.name", f"must be one of {', '.join(METRIC_NAMES)}, got {name!r}")
-    if "margin" not in d:
-        raise ConfigError(f"{path}.margin", "missing (the non-inferiority margin, oriented units)")
-    margin = _num(d["margin"], f"{path}.margin", 0.0, math.inf)
-    harm = _num(d.get("harm", 0.0), f"{path}.harm", 0.0, math.inf)
-    role = d.get("role", "quality")
-    if role not in ROLES:
-        raise ConfigError(f"{path}.role", f"must be one of {', '.join(ROLES)}, got {role!r}")
-    return MetricRule(name, margin, harm, role)
+def policy_from_spec(spec: PolicyFile) -> CanaryPolicy:
+    """The :class:`CanaryPolicy` of a validated policy spec (the keys given, the rest defaults)."""
+    kw = spec.policy_kwargs()
+    if "metrics" in kw:
+        kw["metrics"] = tuple(MetricRule(m.name, m.margin, m.harm, m.role) for m in kw["metrics"])
+    return CanaryPolicy(**kw)
 
 
 def policy_from_dict(raw: Mapping[str, Any]) -> CanaryPolicy:
     """A :class:`CanaryPolicy` from a mapping (the YAML's content); errors name the key path."""
     # experiments, retrain and actions are the controller's (actors/canary.py validates them)
-    d = _check_keys(raw, {"version", "alpha", "mode", "min_samples", "min_duration",
-                          "max_duration", "target_samples", "min_n", "srm", "metrics",
-                          "experiments", "retrain", "actions"}, "")
-    if d.get("version", 1) != 1:
-        raise ConfigError("version", f"unsupported version {d.get('version')!r} (expected 1)")
-    kw: dict[str, Any] = {}
-    if "alpha" in d:
-        kw["alpha"] = _num(d["alpha"], "alpha", 0.0, 0.5, lo_open=True)
-    if "mode" in d:
-        if d["mode"] not in MODES:
-            raise ConfigError("mode", f"must be one of {', '.join(MODES)}, got {d['mode']!r}")
-        kw["mode"] = d["mode"]
-    if "min_samples" in d:
-        kw["min_samples"] = _int(d["min_samples"], "min_samples", lo=0)
-    if "min_duration" in d:
-        kw["min_duration_ms"] = parse_duration(d["min_duration"], "min_duration")
-    if "max_duration" in d:
-        kw["max_duration_ms"] = parse_duration(d["max_duration"], "max_duration")
-        if kw["max_duration_ms"] <= 0:
-            raise ConfigError("max_duration", "must be positive")
-    mn = kw.get("min_duration_ms", _DEFAULT_MIN_DURATION_MS)
-    mx = kw.get("max_duration_ms", _DEFAULT_MAX_DURATION_MS)
-    if mn > mx:
-        raise ConfigError("min_duration", f"must not exceed max_duration ({format_duration(mx)})")
-    if d.get("target_samples") is not None:
-        kw["target_samples"] = _int(d["target_samples"], "target_samples", lo=1)
-    if "min_n" in d:
-        kw["min_n"] = _int(d["min_n"], "min_n", lo=2)
-    srm = _check_keys(d.get("srm"), {"alpha", "expected_share", "concentration"}, "srm")
-    if "alpha" in srm:
-        kw["srm_alpha"] = _num(srm["alpha"], "srm.alpha", 0.0, 0.5, lo_open=True)
-    if srm.get("expected_share") is not None:
-        kw["srm_expected_share"] = _num(srm["expected_share"], "srm.expected_share", 0.0, 1.0,
-                                        lo_open=True, hi_open=True)
-    if "concentration" in srm:
-        kw["srm_concentration"] = _num(srm["concentration"], "srm.concentration", 0.0, math.inf,
-                                       lo_open=True)
-    if "metrics" in d:
-        ms = d["metrics"]
-        if not isinstance(ms, list) or not ms:
-            raise ConfigError("metrics", "expected a non-empty list of metrics")
-        rules = tuple(_rule(m, f"metrics[{i}]") for i, m in enumerate(ms))
-        seen: set[str] = set()
-        for i, r in enumerate(rules):
-            if r.name in seen:
-                raise ConfigError(f"metrics[{i}].name", f"duplicate metric {r.name!r}")
-            seen.add(r.name)
-        kw["metrics"] = rules
-    return CanaryPolicy(**kw)
+    return policy_from_spec(parse(PolicyFile, raw))
 
 
 def load_policy(source: str | Path | Mapping[str, Any] | None = None) -> CanaryPolicy:

@@ -34,45 +34,24 @@ The file (all keys optional; shown with the defaults)::
       features: {sample_size: 256, max_features: 64}  # bottom-k input sample per series, pane
 """
 
-from __future__ import annotations
-
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Annotated, Any, Mapping
+
+from pydantic import Field
 
 from kpistream.errors import ConfigError
+from kpistream.spec.common import (MISSING, Spec, check, format_duration, integer, items,
+                                   non_empty, optional, parse, parse_duration, read_yaml,
+                                   validated)
+
+__all__ = ["FAMILIES", "WindowSpec", "EngineConfig", "load_config", "config_from_dict",
+           "read_yaml", "parse_duration", "format_duration"]
 
 FAMILIES: tuple[str, ...] = (
     "traffic", "latency", "classification", "regression", "ranking", "feedback", "cost",
     "paired", "features")
-
-_UNITS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
-_DUR = re.compile(r"^\s*(\d+)\s*(ms|s|m|h|d)\s*$")
-
-
-def parse_duration(value: Any, path: str) -> int:
-    """Milliseconds from ``"10s"``-style strings or integer milliseconds."""
-    if isinstance(value, bool):
-        raise ConfigError(path, f"expected a duration like '10s', got {value!r}")
-    if isinstance(value, int):
-        ms = value
-    elif isinstance(value, str) and (m := _DUR.match(value)):
-        ms = int(m.group(1)) * _UNITS[m.group(2)]
-    else:
-        raise ConfigError(path, f"expected a duration like '500ms', '10s', '5m', '1h' or "
-                                f"integer milliseconds, got {value!r}")
-    if ms < 0:
-        raise ConfigError(path, "must not be negative")
-    return ms
-
-
-def format_duration(ms: int) -> str:
-    for unit in ("d", "h", "m", "s"):
-        if ms and ms % _UNITS[unit] == 0:
-            return f"{ms // _UNITS[unit]}{unit}"
-    return f"{ms}ms"
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,57 +116,218 @@ class EngineConfig:
         raise KeyError(name)
 
 
-def _check_keys(d: Any, allowed: set[str], path: str) -> Mapping[str, Any]:
-    if d is None:
-        return {}
-    if not isinstance(d, Mapping):
-        raise ConfigError(path or "<root>", f"expected a mapping, got {type(d).__name__}")
-    for k in d:
-        if k not in allowed:
-            raise ConfigError(f"{path}.{k}" if path else str(k),
-                              f"unknown key (allowed: {', '.join(sorted(allowed))})")
-    return d
+# ------------------------------------------------------------------ the file's spec
+Duration = Annotated[Any, optional(parse_duration)]
 
 
-def _int(v: Any, path: str, lo: int = 1, hi: int | None = None) -> int:
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise ConfigError(path, f"expected an integer, got {v!r}")
-    if v < lo or (hi is not None and v > hi):
-        raise ConfigError(path, f"must be in [{lo}, {hi if hi is not None else 'inf'}], got {v}")
+def _window_type(v: Any, data: Mapping[str, Any]) -> str:
+    kind = None if v is MISSING else v
+    if kind not in ("tumbling", "sliding", "count"):
+        raise ConfigError("", f"must be tumbling, sliding or count, got {kind!r}")
+    return kind
+
+
+def _window_size(v: Any, data: Mapping[str, Any]) -> Any:
+    if not validated(data, "type"):
+        return MISSING
+    if v is MISSING:
+        raise ConfigError("", "missing")
+    if data["type"] == "count":
+        return integer(v, "")
+    size = parse_duration(v, "")
+    if size <= 0:
+        raise ConfigError("", "must be positive")
+    return size
+
+
+def _window_step(v: Any, data: Mapping[str, Any]) -> Any:
+    if not validated(data, "type", "size"):
+        return MISSING
+    kind, size = data["type"], data["size"]
+    if kind == "count":
+        if v is not MISSING and v != size:
+            raise ConfigError("", "count windows are tumbling: omit step")
+        return size
+    if kind == "sliding":
+        if v is MISSING:
+            raise ConfigError("", "missing (sliding windows need a step)")
+        step = parse_duration(v, "")
+        if step <= 0 or step > size or size % step:
+            raise ConfigError("", f"must be positive and divide size ({size} ms), got {step} ms")
+        return step
+    if v is not MISSING:
+        raise ConfigError("", "tumbling windows take no step")
+    return size
+
+
+def _window_name(v: Any, data: Mapping[str, Any]) -> Any:
+    if not validated(data, "type", "size", "step"):
+        return MISSING
+    kind, size = data["type"], data["size"]
+    name = (None if v is MISSING else v) or (str(size) if kind == "count"
+                                               else format_duration(size))
+    if not isinstance(name, str):
+        raise ConfigError("", "must be a string")
+    return name
+
+
+class WindowModel(Spec):
+    """One entry of ``windows``; its checks run in this order (type, size, step, name)."""
+
+    type: Annotated[Any, check(_window_type)] = MISSING
+    size: Annotated[Any, check(_window_size)] = MISSING
+    step: Annotated[Any, check(_window_step)] = MISSING
+    name: Annotated[Any, check(_window_name)] = MISSING
+
+    def spec(self) -> WindowSpec:
+        return WindowSpec(self.name, self.type, self.size, self.step)
+
+
+def _version(what: str):
+    def fn(v: Any, data: Mapping[str, Any]) -> int:
+        if v is MISSING:
+            return 1
+        if v != 1:
+            raise ConfigError("", f"unsupported {what} {v!r} (expected 1)")
+        return 1
+    return check(fn)
+
+
+def _windows(v: Any, data: Mapping[str, Any]) -> Any:
+    if v is MISSING:
+        return v
+    non_empty(v, "", "expected a non-empty list of windows")
+    windows = tuple(w.spec() for w in items(WindowModel, v))
+    names = [w.name for w in windows]
+    dup = {n for n in names if names.count(n) > 1}
+    if dup:
+        raise ConfigError("", f"duplicate window name(s): {', '.join(sorted(dup))}")
+    return windows
+
+
+def _segments(v: Any, data: Mapping[str, Any]) -> Any:
+    if v is MISSING:
+        return v
+    if not isinstance(v, list) or not all(isinstance(x, str) and x for x in v):
+        raise ConfigError("", "expected a list of segment key names")
+    from kpistream.wire.batch import BASE_LABELS
+
+    bad = [x for x in v if x in BASE_LABELS or x in ("metric", "window")]
+    if bad:
+        raise ConfigError("", f"{bad[0]!r} clashes with a built-in label")
+    return tuple(v)
+
+
+def _families(v: Any, data: Mapping[str, Any]) -> Any:
+    if v is MISSING:
+        return v
+    non_empty(v, "", "expected a non-empty list")
+    for i, f in enumerate(v):
+        if f not in FAMILIES:
+            raise ConfigError(f"[{i}]", f"unknown family {f!r} (known: {', '.join(FAMILIES)})")
+    return tuple(dict.fromkeys(v))
+
+
+def _positive_label(v: Any, data: Mapping[str, Any]) -> Any:
+    if v is MISSING or v is None:
+        return v
+    from kpistream.wire.batch import canonical_label
+
+    try:
+        return canonical_label(v)
+    except TypeError:
+        raise ConfigError("", f"expected a label (string, integer or boolean), got {v!r}") from None
+
+
+def _relative_accuracy(v: Any, data: Mapping[str, Any]) -> Any:
+    if v is MISSING:
+        return v
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0001 <= v <= 0.2:
+        raise ConfigError("", f"expected a number in [0.0001, 0.2], got {v!r}")
+    return float(v)
+
+
+def _variant(v: Any, data: Mapping[str, Any]) -> Any:
+    if v is not MISSING and (not isinstance(v, str) or not v):
+        raise ConfigError("", f"expected a variant name (a non-empty string), got {v!r}")
     return v
 
 
-def _window(d: Any, path: str) -> WindowSpec:
-    d = _check_keys(d, {"name", "type", "size", "step"}, path)
-    kind = d.get("type")
-    if kind not in ("tumbling", "sliding", "count"):
-        raise ConfigError(f"{path}.type", f"must be tumbling, sliding or count, got {kind!r}")
-    if "size" not in d:
-        raise ConfigError(f"{path}.size", "missing")
-    if kind == "count":
-        size = _int(d["size"], f"{path}.size")
-        if "step" in d and d["step"] != size:
-            raise ConfigError(f"{path}.step", "count windows are tumbling: omit step")
-        step = size
-    else:
-        size = parse_duration(d["size"], f"{path}.size")
-        if size <= 0:
-            raise ConfigError(f"{path}.size", "must be positive")
-        if kind == "sliding":
-            if "step" not in d:
-                raise ConfigError(f"{path}.step", "missing (sliding windows need a step)")
-            step = parse_duration(d["step"], f"{path}.step")
-            if step <= 0 or step > size or size % step:
-                raise ConfigError(f"{path}.step", f"must be positive and divide size ({size} ms), "
-                                                  f"got {step} ms")
-        else:
-            if "step" in d:
-                raise ConfigError(f"{path}.step", "tumbling windows take no step")
-            step = size
-    name = d.get("name") or (str(size) if kind == "count" else format_duration(size))
-    if not isinstance(name, str):
-        raise ConfigError(f"{path}.name", "must be a string")
-    return WindowSpec(name, kind, size, step)
+class TimeSection(Spec):
+    lateness: Duration = MISSING
+    label_delay: Duration = MISSING
+    max_future: Duration = MISSING
+
+
+class SeriesSection(Spec):
+    segments: Annotated[Any, check(_segments)] = MISSING
+    max_series: Annotated[Any, optional(integer)] = MISSING
+
+
+class JoinSection(Spec):
+    max_pending: Annotated[Any, optional(integer, lo=16)] = MISSING
+    max_feedback: Annotated[Any, optional(integer, lo=16)] = MISSING
+    max_paired: Annotated[Any, optional(integer, lo=16)] = MISSING
+
+
+class ClassificationSection(Spec):
+    positive_label: Annotated[Any, check(_positive_label)] = MISSING
+    max_classes: Annotated[Any, optional(integer, 2, 4096)] = MISSING
+
+
+class RankingSection(Spec):
+    k: Annotated[Any, optional(integer, 1, 1000)] = MISSING
+
+
+class LatencySection(Spec):
+    relative_accuracy: Annotated[Any, check(_relative_accuracy)] = MISSING
+
+
+class PairedSection(Spec):
+    primary_variant: Annotated[Any, check(_variant)] = MISSING
+
+
+class FeaturesSection(Spec):
+    sample_size: Annotated[Any, optional(integer, 1, 65536)] = MISSING
+    max_features: Annotated[Any, optional(integer, 1, 256)] = MISSING
+
+
+class MetricsSection(Spec):
+    families: Annotated[Any, check(_families)] = MISSING
+    classification: ClassificationSection = Field(default_factory=dict)
+    ranking: RankingSection = Field(default_factory=dict)
+    latency: LatencySection = Field(default_factory=dict)
+    paired: PairedSection = Field(default_factory=dict)
+    features: FeaturesSection = Field(default_factory=dict)
+
+
+class MetricsFile(Spec):
+    """``configs/metrics.yaml``; checked in this order, each section's keys first."""
+
+    version: Annotated[Any, _version("config version")] = MISSING
+    time: TimeSection = Field(default_factory=dict)
+    windows: Annotated[Any, check(_windows)] = MISSING
+    series: SeriesSection = Field(default_factory=dict)
+    join: JoinSection = Field(default_factory=dict)
+    metrics: MetricsSection = Field(default_factory=dict)
+
+    def config(self) -> EngineConfig:
+        """The :class:`EngineConfig`: the keys given, the rest its defaults."""
+        t, s, m = self.time.given(), self.series.given(), self.metrics
+        kw: dict[str, Any] = {f"{k}_ms": v for k, v in t.items()}
+        if self.windows is not MISSING:
+            kw["windows"] = self.windows
+        kw.update(s)
+        kw.update(self.join.given())
+        if m.families is not MISSING:
+            kw["families"] = m.families
+        kw.update(m.classification.given())
+        kw.update(m.ranking.given())
+        kw.update(m.latency.given())
+        kw.update(m.paired.given())
+        kw.update({("feature_sample_size" if k == "sample_size" else k): v
+                   for k, v in m.features.given().items()})
+        return EngineConfig(**kw)
 
 
 def load_config(source: str | Path | Mapping[str, Any] | None = None) -> EngineConfig:
@@ -199,100 +339,6 @@ def load_config(source: str | Path | Mapping[str, Any] | None = None) -> EngineC
     return config_from_dict(source)
 
 
-def read_yaml(path: str | Path) -> Any:
-    """A YAML file's content ({} when empty); a missing or broken file is a ConfigError."""
-    import yaml
-
-    p = Path(path)
-    try:
-        return yaml.safe_load(p.read_text()) or {}
-    except FileNotFoundError:
-        raise ConfigError(str(p), "file not found") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(str(p), f"not valid YAML: {e}") from None
-
-
 def config_from_dict(raw: Mapping[str, Any]) -> EngineConfig:
-    d = _check_keys(raw, {"version", "time", "windows", "series", "join", "metrics"}, "")
-    if d.get("version", 1) != 1:
-        raise ConfigError("version", f"unsupported config version {d.get('version')!r} (expected 1)")
-    kw: dict[str, Any] = {}
-    t = _check_keys(d.get("time"), {"lateness", "label_delay", "max_future"}, "time")
-    for key, attr in (("lateness", "lateness_ms"), ("label_delay", "label_delay_ms"),
-                      ("max_future", "max_future_ms")):
-        if key in t:
-            kw[attr] = parse_duration(t[key], f"time.{key}")
-    if "windows" in d:
-        ws = d["windows"]
-        if not isinstance(ws, list) or not ws:
-            raise ConfigError("windows", "expected a non-empty list of windows")
-        windows = tuple(_window(w, f"windows[{i}]") for i, w in enumerate(ws))
-        names = [w.name for w in windows]
-        dup = {n for n in names if names.count(n) > 1}
-        if dup:
-            raise ConfigError("windows", f"duplicate window name(s): {', '.join(sorted(dup))}")
-        kw["windows"] = windows
-    s = _check_keys(d.get("series"), {"segments", "max_series"}, "series")
-    if "segments" in s:
-        segs = s["segments"]
-        if not isinstance(segs, list) or not all(isinstance(x, str) and x for x in segs):
-            raise ConfigError("series.segments", "expected a list of segment key names")
-        from kpistream.wire.batch import BASE_LABELS
-
-        bad = [x for x in segs if x in BASE_LABELS or x in ("metric", "window")]
-        if bad:
-            raise ConfigError("series.segments", f"{bad[0]!r} clashes with a built-in label")
-        kw["segments"] = tuple(segs)
-    if "max_series" in s:
-        kw["max_series"] = _int(s["max_series"], "series.max_series")
-    j = _check_keys(d.get("join"), {"max_pending", "max_feedback", "max_paired"}, "join")
-    for key in ("max_pending", "max_feedback", "max_paired"):
-        if key in j:
-            kw[key] = _int(j[key], f"join.{key}", lo=16)
-    m = _check_keys(d.get("metrics"), {"families", "classification", "ranking", "latency",
-                                       "paired", "features"}, "metrics")
-    if "families" in m:
-        fam = m["families"]
-        if not isinstance(fam, list) or not fam:
-            raise ConfigError("metrics.families", "expected a non-empty list")
-        for i, f in enumerate(fam):
-            if f not in FAMILIES:
-                raise ConfigError(f"metrics.families[{i}]",
-                                  f"unknown family {f!r} (known: {', '.join(FAMILIES)})")
-        kw["families"] = tuple(dict.fromkeys(fam))
-    c = _check_keys(m.get("classification"), {"positive_label", "max_classes"},
-                    "metrics.classification")
-    if "positive_label" in c:
-        from kpistream.wire.batch import canonical_label
-
-        pl = c["positive_label"]
-        try:
-            kw["positive_label"] = None if pl is None else canonical_label(pl)
-        except TypeError:
-            raise ConfigError("metrics.classification.positive_label",
-                              f"expected a label (string, integer or boolean), got {pl!r}") from None
-    if "max_classes" in c:
-        kw["max_classes"] = _int(c["max_classes"], "metrics.classification.max_classes", 2, 4096)
-    r = _check_keys(m.get("ranking"), {"k"}, "metrics.ranking")
-    if "k" in r:
-        kw["k"] = _int(r["k"], "metrics.ranking.k", 1, 1000)
-    lat = _check_keys(m.get("latency"), {"relative_accuracy"}, "metrics.latency")
-    if "relative_accuracy" in lat:
-        a = lat["relative_accuracy"]
-        if isinstance(a, bool) or not isinstance(a, (int, float)) or not 0.0001 <= a <= 0.2:
-            raise ConfigError("metrics.latency.relative_accuracy",
-                              f"expected a number in [0.0001, 0.2], got {a!r}")
-        kw["relative_accuracy"] = float(a)
-    pr = _check_keys(m.get("paired"), {"primary_variant"}, "metrics.paired")
-    if "primary_variant" in pr:
-        pv = pr["primary_variant"]
-        if not isinstance(pv, str) or not pv:
-            raise ConfigError("metrics.paired.primary_variant",
-                              f"expected a variant name (a non-empty string), got {pv!r}")
-        kw["primary_variant"] = pv
-    fe = _check_keys(m.get("features"), {"sample_size", "max_features"}, "metrics.features")
-    if "sample_size" in fe:
-        kw["feature_sample_size"] = _int(fe["sample_size"], "metrics.features.sample_size", 1, 65536)
-    if "max_features" in fe:
-        kw["max_features"] = _int(fe["max_features"], "metrics.features.max_features", 1, 256)
-    return EngineConfig(**kw)
+    """An :class:`EngineConfig` from a mapping (the YAML's content); errors name the key path."""
+    return parse(MetricsFile, raw).config()
