@@ -45,6 +45,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from actors.registry import Registry, normalize_tracking_uri
+
 __all__ = ["train_from_archive", "launch_retrain", "load_training_data", "NotEnoughData",
            "default_trainer"]
 
@@ -167,14 +169,7 @@ def train_from_archive(archive_dir: str, tracking_uri: str, model_name: str, *,
     (e.g. ``skops_trusted_types`` for a custom trainer's estimator: MLflow
     saves sklearn models with skops and refuses types it does not trust).
     """
-    import mlflow
-    import sklearn
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-    from mlflow.models import infer_signature
     from sklearn.model_selection import train_test_split
-
-    from actors.trigger import ensure_experiment, normalize_tracking_uri
 
     t0 = time.perf_counter()
     data = load_training_data(archive_dir, since_ms=since_ms, until_ms=until_ms,
@@ -196,55 +191,38 @@ def train_from_archive(archive_dir: str, tracking_uri: str, model_name: str, *,
     estimator = ("StandardScaler+LogisticRegression" if trainer is None else
                  getattr(trainer, "__name__", type(model).__name__))
 
-    uri = normalize_tracking_uri(tracking_uri)
-    mlflow.set_tracking_uri(uri)    # models:/ URIs resolve through the global stores
-    mlflow.set_registry_uri(uri)
-    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-    exp_id = ensure_experiment(client, experiment, uri, {"kpistream.kind": "retrain"})
-    example = x_te[:3].copy()
-    out = model.predict_proba(example) if hasattr(model, "predict_proba") else \
-        model.predict(example)
+    reg = Registry(normalize_tracking_uri(tracking_uri))
+    exp_id = reg.ensure_experiment(experiment, {"kpistream.kind": "retrain"})
     tags = {"kpistream.retrain": "true", "kpistream.model": model_name,
             "kpistream.retrain_reason": str(reason)[:5000],
             "mlflow.note.content": f"retrained {model_name} on {len(y)} archived rows: {reason}"}
     if parent_run_id:
         tags["kpistream.parent_run"] = parent_run_id
-    with mlflow.start_run(experiment_id=exp_id, run_name=f"retrain-{model_name}",
-                          tags=tags) as run:
-        mlflow.log_params({"estimator": estimator, "archive_dir": str(archive_dir),
-                           "since_ms": since_ms, "until_ms": until_ms, "min_rows": min_rows,
-                           "test_size": test_size, "seed": seed, "label_kind": label_kind,
-                           "n_features": len(names), "data_from_ms": data["data_from_ms"],
-                           "data_to_ms": data["data_to_ms"], "reason": str(reason)[:500],
-                           **({"hyper." + k: v for k, v in _HYPER.items()}
-                              if trainer is None else {})})
-        mlflow.log_metrics(metrics)
-        mlflow.log_dict({"feature_names": names}, "feature_names.json")
-        info = mlflow.sklearn.log_model(
-            model, name="model", signature=infer_signature(example, out), input_example=example,
-            metadata={"feature_names": names, "trained_on_rows": int(len(y)),
-                      "source": "kpistream archive"},
-            pip_requirements=[f"scikit-learn=={sklearn.__version__}",
-                              f"mlflow=={mlflow.__version__}"], **(log_model_kwargs or {}))
-    run_id = run.info.run_id
-    try:
-        client.create_registered_model(model_name)
-    except MlflowException as e:
-        if e.error_code != "RESOURCE_ALREADY_EXISTS":
-            raise
+    run_id, model_uri = reg.log_sklearn_model(
+        exp_id, model, run_name=f"retrain-{model_name}", tags=tags,
+        params={"estimator": estimator, "archive_dir": str(archive_dir),
+                "since_ms": since_ms, "until_ms": until_ms, "min_rows": min_rows,
+                "test_size": test_size, "seed": seed, "label_kind": label_kind,
+                "n_features": len(names), "data_from_ms": data["data_from_ms"],
+                "data_to_ms": data["data_to_ms"], "reason": str(reason)[:500],
+                **({"hyper." + k: v for k, v in _HYPER.items()} if trainer is None else {})},
+        metrics=metrics, feature_names=names, example=x_te[:3].copy(),
+        metadata={"feature_names": names, "trained_on_rows": int(len(y)),
+                  "source": "kpistream archive"},
+        log_model_kwargs=log_model_kwargs)
+    reg.ensure_registered_model(model_name)
     vtags = {"kpistream.trained_on_rows": str(len(y)),
              "kpistream.retrain_reason": str(reason)[:5000], "kpistream.retrain_run": run_id,
              "kpistream.data_from_ms": str(data["data_from_ms"]),
              "kpistream.data_to_ms": str(data["data_to_ms"])}
     if parent_run_id:
         vtags["kpistream.parent_run"] = parent_run_id
-    mv = client.create_model_version(
-        model_name, info.model_uri, run_id=run_id, tags=vtags,
+    version = reg.create_version(
+        model_name, model_uri, run_id=run_id, tags=vtags,
         description=f"retrained on {len(y)} archived rows ({reason}); held-out accuracy "
                     f"{metrics['test_accuracy']:.3f}")
-    version = str(mv.version)
-    client.set_registered_model_alias(model_name, alias, version)
-    client.set_tag(run_id, "kpistream.registered_version", version)
+    reg.set_alias(model_name, alias, version)
+    reg.set_run_tags(run_id, {"kpistream.registered_version": version})
     log.info("kpistream retrain: %s version %s from %d rows in %.1f s (accuracy %.3f)",
              model_name, version, len(y), time.perf_counter() - t0, metrics["test_accuracy"])
     return {"version": version, "run_id": run_id, "rows": int(len(y)), "metrics": metrics,
