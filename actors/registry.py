@@ -9,6 +9,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
+import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence, TypeVar
@@ -113,6 +115,20 @@ def _mapped(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def _jsonable(x: Any) -> Any:
+    return json.loads(json.dumps(_clean_nan(x), default=str))
+
+
+def _clean_nan(x: Any) -> Any:
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, Mapping):
+        return {str(k): _clean_nan(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_clean_nan(v) for v in x]
+    return x
+
+
 # ------------------------------------------------------------------------- store
 
 @dataclass(frozen=True)
@@ -208,7 +224,9 @@ class Registry:
 
     @_mapped
     def log_dict(self, run_id: str, obj: Mapping[str, Any], artifact_file: str) -> None:
-        self._mlflow.log_dict(run_id, obj, artifact_file)
+        """A JSON artifact of a run, as plain JSON (NaN / infinities -> null, anything else
+        unknown -> str)."""
+        self._mlflow.log_dict(run_id, _jsonable(obj), artifact_file)
 
     @_mapped
     def load_dict(self, run: RunRecord, artifact_file: str) -> dict:

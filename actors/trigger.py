@@ -1,80 +1,5 @@
-"""The trigger: canary decisions and alerts become MLflow actions, idempotently, with an audit.
-
-A plain class (no module-level Ray import); :mod:`actors.remote` (or a test)
-makes it an actor.  MLflow is both the place the actions land and the
-trigger's memory, so a restarted trigger neither repeats nor forgets one.
-
-**Decisions** (:meth:`Trigger.apply`): every decision except ``wait`` becomes
-a run in the ``kpistream-decisions`` experiment:
-
-- params: the policy, flattened (``policy.<key>``);
-- metrics: ``<metric>.estimate``, ``.lower``, ``.upper``, ``.margin``,
-  ``.harm``, ``.n`` per compared metric, and numeric ``srm.<key>``;
-- tags: ``kpistream.decision`` (the action), ``kpistream.decision_id``,
-  ``kpistream.model``, ``kpistream.experiment``, ``kpistream.primary_version``,
-  ``kpistream.challenger_version``, ``kpistream.verdict.<metric>``,
-  ``kpistream.mode``, ``kpistream.status`` (the outcome), ``kpistream.dry_run``,
-  ``kpistream.alias_before`` / ``kpistream.alias_after`` (the champion's
-  version), and the reason as the run's description (``mlflow.note.content``);
-- artifacts: ``decision.json`` (the decision as received) and
-  ``outcome.json`` (the record :meth:`apply` returned).
-
-The challenger's model version gets ``kpistream.decision``,
-``kpistream.decision_id``, ``kpistream.decision_run`` (the run id) and
-``kpistream.decision_reason``, so the registry page says why.
-
-**Actions** (``mode="auto"``):
-
-- ``promote``: alias ``champion`` moves to the challenger's version.  The
-  version it leaves gets alias ``previous-champion`` (moved there from any
-  older one) and tags ``kpistream.replaced_by`` / ``kpistream.demoted_by_run``,
-  so a manual rollback is ``set_registered_model_alias(name, "champion",
-  get_model_version_by_alias(name, "previous-champion").version)``.  Alias
-  ``challenger`` is removed when it points to the promoted version (the
-  challenger is the champion now; a canary left comparing a version with
-  itself would be meaningless), kept when it already points elsewhere.
-- ``rollback`` / ``halt``: ``champion`` untouched; the challenger version is
-  tagged ``kpistream.rolled_back=true`` and ``kpistream.rollback_reason``,
-  and alias ``challenger`` is removed if it still points to it.
-- ``inconclusive``: recorded (run + version tag), nothing moves.
-- ``wait``: ignored (no run; the canary says "keep looking" every tick).
-
-Outcomes (``status`` of the returned record): ``applied``, ``dry_run``,
-``awaiting_approval``, ``cooldown``, ``stale``, ``rejected``, and for a
-decision id seen before ``duplicate`` (with the first outcome as
-``first_status``); ``ignored`` for ``wait``.
-
-**Idempotency.**  The decision id is looked up by tag
-(``kpistream.decision_key``, a hash of the model name and the id) before
-anything happens.  A finished decision (applied, dry_run, stale, rejected)
-is never acted on again.  The champion's version before the move is tagged on the run
-(``kpistream.moving_from``) before the alias moves, and each step checks the registry before it writes, so a
-trigger that dies between steps and sees the same decision again finishes
-it without moving anything twice.  A decision whose ``primary_version`` is
-no longer the champion (someone or something moved it) is ``stale``.
-``cooldown`` and ``awaiting_approval`` are not final: the same id applied
-after the cooldown proceeds (in the same run); an awaiting one proceeds only
-through :meth:`approve`.
-
-**Options.**  ``cooldown_s``: after a champion move, a promote within
-``cooldown_s`` is recorded as ``cooldown`` and nothing moves (the last move
-time survives restarts: it is a tag on the run).  Rollback and halt are
-never held back by the cooldown: removing a harmful challenger should not
-wait.  ``mode="dry_run"``: the run is recorded (tag ``kpistream.dry_run=true``,
-with the alias it would have set) and nothing in the registry changes.
-``mode="approval"``: promote / rollback / halt wait (:meth:`pending`) until
-:meth:`approve` (then applied, with the stale and cooldown checks made at
-that time) or :meth:`reject`; inconclusive is recorded at once.
-
-**Retraining** (:meth:`maybe_retrain`): with its own cooldown
-(``retrain_cooldown_s``) and at most one job at a time, records why (a run
-tagged ``kpistream.decision=retrain`` with the evidence as ``evidence.json``)
-and launches :func:`actors.retrain.launch_retrain` (or the ``launch``
-callable given), which registers a new version under alias ``challenger``.
-In dry-run mode nothing is launched (status ``dry_run``).  A trigger acts on
-its own registered model (``model_name``); a decision's ``model`` is kept
-in the record and the artifact only.
-"""
+"""The trigger: canary decisions and retraining requests become MLflow actions (alias moves,
+version tags, retraining jobs), idempotently, each recorded as a run."""
 
 from __future__ import annotations
 
@@ -87,6 +12,7 @@ from collections import deque
 from typing import Any, Callable, Mapping
 
 from actors.registry import TAG_MAX, Registry, RunRecord, normalize_tracking_uri
+from actors.retrain import RetrainJobs, launch_retrain
 from kpistream.clock import Clock, SystemClock
 from kpistream.errors import RegistryError
 
@@ -133,25 +59,86 @@ def _num(x: Any) -> float | None:
     return v if math.isfinite(v) else None
 
 
-def _jsonable(x: Any) -> Any:
-    """Plain JSON (NaN / infinities -> null, anything else unknown -> str)."""
-    return json.loads(json.dumps(_clean_nan(x), default=str))
-
-
-def _clean_nan(x: Any) -> Any:
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, Mapping):
-        return {str(k): _clean_nan(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_clean_nan(v) for v in x]
-    return x
-
-
 # -------------------------------------------------------------------------- trigger
 
 class Trigger:
-    """Decisions and retraining requests -> MLflow (module docstring)."""
+    """Decisions and retraining requests -> MLflow.
+
+    A plain class (no module-level Ray import); :mod:`actors.remote` (or a test)
+    makes it an actor.  MLflow is both the place the actions land and the
+    trigger's memory, so a restarted trigger neither repeats nor forgets one.
+
+    **Decisions** (:meth:`Trigger.apply`): every decision except ``wait`` becomes
+    a run in the ``kpistream-decisions`` experiment:
+
+    - params: the policy, flattened (``policy.<key>``);
+    - metrics: ``<metric>.estimate``, ``.lower``, ``.upper``, ``.margin``,
+      ``.harm``, ``.n`` per compared metric, and numeric ``srm.<key>``;
+    - tags: ``kpistream.decision`` (the action), ``kpistream.decision_id``,
+      ``kpistream.model``, ``kpistream.experiment``, ``kpistream.primary_version``,
+      ``kpistream.challenger_version``, ``kpistream.verdict.<metric>``,
+      ``kpistream.mode``, ``kpistream.status`` (the outcome), ``kpistream.dry_run``,
+      ``kpistream.alias_before`` / ``kpistream.alias_after`` (the champion's
+      version), and the reason as the run's description (``mlflow.note.content``);
+    - artifacts: ``decision.json`` (the decision as received) and
+      ``outcome.json`` (the record :meth:`apply` returned).
+
+    The challenger's model version gets ``kpistream.decision``,
+    ``kpistream.decision_id``, ``kpistream.decision_run`` (the run id) and
+    ``kpistream.decision_reason``, so the registry page says why.
+
+    **Actions** (``mode="auto"``):
+
+    - ``promote``: alias ``champion`` moves to the challenger's version.  The
+      version it leaves gets alias ``previous-champion`` (moved there from any
+      older one) and tags ``kpistream.replaced_by`` / ``kpistream.demoted_by_run``,
+      so a manual rollback is ``set_registered_model_alias(name, "champion",
+      get_model_version_by_alias(name, "previous-champion").version)``.  Alias
+      ``challenger`` is removed when it points to the promoted version (the
+      challenger is the champion now; a canary left comparing a version with
+      itself would be meaningless), kept when it already points elsewhere.
+    - ``rollback`` / ``halt``: ``champion`` untouched; the challenger version is
+      tagged ``kpistream.rolled_back=true`` and ``kpistream.rollback_reason``,
+      and alias ``challenger`` is removed if it still points to it.
+    - ``inconclusive``: recorded (run + version tag), nothing moves.
+    - ``wait``: ignored (no run; the canary says "keep looking" every tick).
+
+    Outcomes (``status`` of the returned record): ``applied``, ``dry_run``,
+    ``awaiting_approval``, ``cooldown``, ``stale``, ``rejected``, and for a
+    decision id seen before ``duplicate`` (with the first outcome as
+    ``first_status``); ``ignored`` for ``wait``.
+
+    **Idempotency.**  The decision id is looked up by tag
+    (``kpistream.decision_key``, a hash of the model name and the id) before
+    anything happens.  A finished decision (applied, dry_run, stale, rejected)
+    is never acted on again.  The champion's version before the move is tagged on the run
+    (``kpistream.moving_from``) before the alias moves, and each step checks the registry before it writes, so a
+    trigger that dies between steps and sees the same decision again finishes
+    it without moving anything twice.  A decision whose ``primary_version`` is
+    no longer the champion (someone or something moved it) is ``stale``.
+    ``cooldown`` and ``awaiting_approval`` are not final: the same id applied
+    after the cooldown proceeds (in the same run); an awaiting one proceeds only
+    through :meth:`approve`.
+
+    **Options.**  ``cooldown_s``: after a champion move, a promote within
+    ``cooldown_s`` is recorded as ``cooldown`` and nothing moves (the last move
+    time survives restarts: it is a tag on the run).  Rollback and halt are
+    never held back by the cooldown: removing a harmful challenger should not
+    wait.  ``mode="dry_run"``: the run is recorded (tag ``kpistream.dry_run=true``,
+    with the alias it would have set) and nothing in the registry changes.
+    ``mode="approval"``: promote / rollback / halt wait (:meth:`pending`) until
+    :meth:`approve` (then applied, with the stale and cooldown checks made at
+    that time) or :meth:`reject`; inconclusive is recorded at once.
+
+    **Retraining** (:meth:`maybe_retrain`): with its own cooldown
+    (``retrain_cooldown_s``) and at most one job at a time, records why (a run
+    tagged ``kpistream.decision=retrain`` with the evidence as ``evidence.json``)
+    and launches :func:`actors.retrain.launch_retrain` (or the ``launch``
+    callable given), which registers a new version under alias ``challenger``.
+    In dry-run mode nothing is launched (status ``dry_run``).  A trigger acts on
+    its own registered model (``model_name``); a decision's ``model`` is kept
+    in the record and the artifact only.
+    """
 
     def __init__(self, tracking_uri: str, model_name: str, *, champion_alias: str = "champion",
                  challenger_alias: str = "challenger",
@@ -170,7 +157,6 @@ class Trigger:
         self.experiment_name = decisions_experiment
         self.mode = mode
         self.cooldown_ms = int(cooldown_s * 1000)
-        self.retrain_cooldown_ms = int(retrain_cooldown_s * 1000)
         self.clock = clock or SystemClock()
         self.archive_dir = archive_dir
         self.retrain_options = dict(retrain_options or {})
@@ -180,8 +166,11 @@ class Trigger:
         self._last_move_ms: int | None = None    # loaded from MLflow on first use
         self._pending: dict[str, dict] | None = None
         self._history: deque = deque(maxlen=history_size)
-        self._retrain: dict | None = None        # the last launched job
-        self._last_retrain_ms: int | None = None
+        self._jobs = RetrainJobs(self.registry, lambda: self.experiment_id, model_name,
+                                 dry_run=mode == "dry_run", cooldown_s=retrain_cooldown_s,
+                                 clock=self.clock,
+                                 launch=self._default_launch if archive_dir else None,
+                                 history=self._history, lock=self._lock)
 
     # ---------------------------------------------------------------- MLflow access
     @property
@@ -221,7 +210,7 @@ class Trigger:
 
     # ---------------------------------------------------------------- decisions
     def apply(self, decision: Mapping[str, Any]) -> dict:
-        """Act on one canary decision (module docstring); returns the outcome record."""
+        """Act on one canary decision (class docstring); returns the outcome record."""
         d = self._check(decision)
         with self._lock:
             if d["action"] == "wait":       # not in history: the canary waits every tick
@@ -360,7 +349,7 @@ class Trigger:
             else:
                 self._tags(run_id, {_param_key(f"{T}srm.{k}"): v})
         self.registry.log_run_data(run_id, params, metrics)
-        self.registry.log_dict(run_id, _jsonable(dict(original)), "decision.json")
+        self.registry.log_dict(run_id, dict(original), "decision.json")
         return run_id
 
     def _champion(self, name: str | None = None) -> str | None:
@@ -469,7 +458,7 @@ class Trigger:
         if rec.get("alias_after") is not None:
             tags[T + "alias_after"] = rec["alias_after"]
         self._tags(run_id, tags)
-        self.registry.log_dict(run_id, _jsonable(rec), "outcome.json")
+        self.registry.log_dict(run_id, rec, "outcome.json")
         if rec["status"] in FINAL:
             self.registry.end_run(run_id, "FINISHED")
         return self._remember(rec)
@@ -501,124 +490,16 @@ class Trigger:
     # ---------------------------------------------------------------- retraining
     def maybe_retrain(self, reason: str, evidence: Mapping[str, Any] | None = None,
                       launch: Callable[..., Any] | None = None) -> dict:
-        """Launch a retraining job unless one runs or the retrain cooldown holds.
-
-        ``launch(reason=..., parent_run_id=...)`` starts the job and returns a
-        handle: a Ray ObjectRef, a ``concurrent.futures.Future``, or the result
-        dict itself (synchronous).  Default: :func:`actors.retrain.launch_retrain`
-        on ``archive_dir`` with ``retrain_options``.  Returns ``{"status":
-        "launched" | "running" | "cooldown" | "unavailable", ...}``.
-        """
-        with self._lock:
-            now = self.clock.now_ms()
-            cur = self.retrain_status()
-            base = {"reason": reason, "at_ms": now}
-            if cur["status"] == "running":
-                rec = {**base, "status": "running", "run_id": cur.get("run_id"),
-                       "detail": "a retraining job is still running"}
-                return self._remember_retrain(rec)
-            if self._last_retrain_ms is not None and \
-                    now - self._last_retrain_ms < self.retrain_cooldown_ms:
-                left = (self._last_retrain_ms + self.retrain_cooldown_ms - now) / 1000
-                rec = {**base, "status": "cooldown", "run_id": cur.get("run_id"),
-                       "detail": f"last retraining launched {(now - self._last_retrain_ms) / 1000:.0f}"
-                                 f" s ago; cooldown {left:.0f} s more"}
-                return self._remember_retrain(rec)
-            if self.mode == "dry_run":
-                return self._remember_retrain({**base, "status": "dry_run",
-                                               "detail": "dry run: would launch retraining"})
-            if launch is None:
-                if not self.archive_dir:
-                    return self._remember_retrain({**base, "status": "unavailable",
-                                                   "detail": "no archive_dir and no launch"})
-                launch = self._default_launch
-            run_id = self.registry.create_run(
-                self.experiment_id, f"retrain-{self.model_name}",
-                {T + "decision": "retrain", T + "model": self.model_name,
-                 T + "status": "launched", T + "retrain_reason": str(reason)[:TAG_MAX],
-                 "mlflow.note.content": f"**retrain** {self.model_name}: {reason}"})
-            self.registry.log_dict(run_id, _jsonable({"reason": reason,
-                                                      "evidence": dict(evidence or {}),
-                                                      "at_ms": now}), "evidence.json")
-            try:
-                handle = launch(reason=reason, parent_run_id=run_id)
-            except Exception as e:  # noqa: BLE001 - recorded, reported, never raised
-                self._tags(run_id, {T + "status": "failed", T + "error": repr(e)})
-                self.registry.end_run(run_id, "FAILED")
-                return self._remember_retrain({**base, "status": "failed", "run_id": run_id,
-                                               "detail": repr(e)})
-            self._last_retrain_ms = now
-            self._retrain = {"handle": handle, "run_id": run_id, "reason": reason,
-                             "launched_at_ms": now, "result": None, "error": None,
-                             "done": False}
-            return self._remember_retrain({**base, "status": "launched", "run_id": run_id,
-                                           "detail": "retraining launched"})
-
-    def _default_launch(self, reason: str, parent_run_id: str):
-        from actors.retrain import launch_retrain
-
-        return launch_retrain(self.archive_dir, self.uri, self.model_name,
-                              alias=self.challenger_alias, reason=reason,
-                              parent_run_id=parent_run_id, **self.retrain_options)
+        """Launch a retraining job unless one runs or the retrain cooldown holds
+        (:meth:`actors.retrain.RetrainJobs.maybe_retrain`)."""
+        return self._jobs.maybe_retrain(reason, evidence, launch)
 
     def retrain_status(self) -> dict:
         """``{"status": "idle" | "running" | "done" | "failed", ...}`` of the last job."""
-        with self._lock:
-            job = self._retrain
-            if job is None:
-                return {"status": "idle"}
-            if not job["done"]:
-                done, result, error = _poll(job["handle"])
-                if done:
-                    job.update(done=True, result=result, error=error,
-                               finished_at_ms=self.clock.now_ms())
-                    self._close_retrain(job)
-            out = {k: v for k, v in job.items() if k != "handle"}
-            out["status"] = ("running" if not job["done"] else
-                             "failed" if job["error"] else "done")
-            return out
+        return self._jobs.status()
 
-    def _close_retrain(self, job: dict) -> None:
-        try:
-            if job["error"]:
-                self._tags(job["run_id"], {T + "status": "failed",
-                                           T + "error": job["error"][:TAG_MAX]})
-                self.registry.end_run(job["run_id"], "FAILED")
-            else:
-                res = job["result"] if isinstance(job["result"], Mapping) else {}
-                self._tags(job["run_id"], {T + "status": "done",
-                                           T + "retrain_version": res.get("version", ""),
-                                           T + "retrain_run": res.get("run_id", "")})
-                self.registry.log_dict(job["run_id"], _jsonable(dict(res)), "result.json")
-                self.registry.end_run(job["run_id"], "FINISHED")
-        except Exception as e:  # noqa: BLE001
-            log.warning("kpistream trigger: cannot record the retraining result: %s", e)
-
-    def _remember_retrain(self, rec: dict) -> dict:
-        rec = {"decision_id": None, "action": "retrain", **rec}
-        self._history.append(dict(rec))
-        return rec
-
-
-def _poll(handle: Any) -> tuple[bool, Any, str | None]:
-    """(done, result, error) of a launched job, without blocking."""
-    if handle is None or isinstance(handle, Mapping):
-        return True, handle, None
-    if hasattr(handle, "done") and hasattr(handle, "result"):     # concurrent Future
-        if not handle.done():
-            return False, None, None
-        try:
-            return True, handle.result(), None
-        except Exception as e:  # noqa: BLE001
-            return True, None, repr(e)
-    import ray
-
-    ready, _ = ray.wait([handle], timeout=0)
-    if not ready:
-        return False, None, None
-    try:
-        return True, ray.get(handle), None
-    except Exception as e:  # noqa: BLE001
-        return True, None, f"{type(e).__name__}: {e}"[:2000]
-
-
+    def _default_launch(self, reason: str, parent_run_id: str):
+        """:func:`actors.retrain.launch_retrain` on ``archive_dir`` with ``retrain_options``."""
+        return launch_retrain(self.archive_dir, self.uri, self.model_name,
+                              alias=self.challenger_alias, reason=reason,
+                              parent_run_id=parent_run_id, **self.retrain_options)

@@ -1,49 +1,5 @@
-"""The demo model: a small scikit-learn classifier registered in MLflow, served with monitoring.
-
-Two parts:
-
-- :func:`ensure_demo_model` makes sure the MLflow registry at a tracking URI
-  holds the registered model ``kpistream-demo`` with the alias ``champion``.
-  If the alias is missing it trains a classifier (standard scaling +
-  logistic regression) on scikit-learn's bundled breast-cancer data set
-  (binary, label 1 = benign is the positive class; no download), logs a run
-  in the experiment ``kpistream-demo`` (params, held-out accuracy / F1 /
-  ROC AUC, the model with a signature and an input example), registers a
-  version and points ``champion`` at it (MLflow aliases, not stages).  The
-  held-out rows are :func:`demo_dataset` (``app.demo.traffic``, Ray-
-  and MLflow-free, so the traffic driver can import them).
-
-- :class:`DemoClassifier` is a Ray Serve deployment (a
-  :class:`~app.monitor.MonitoredModel` that follows an MLflow alias,
-  :class:`~app.monitor.AliasFollowingModel`): each replica calls
-  ``ensure_demo_model`` (so the first start trains; later starts only
-  resolve the alias), loads the version ``champion`` points to, and answers
-  ``{"features": {name: value}}`` (or ``{"features": [30 values]}``) with
-  ``{"label": 0 | 1, "score": P(label 1)}``.  ``region`` in the payload is
-  the ``region`` segment.  It checks the alias every ``alias_poll_s``
-  seconds and swaps in the version it moved to; ``alias="challenger"``
-  serves the challenger (503 until that alias exists).
-
-The deployment decorator is applied here (``num_replicas=1``,
-``ray_actor_options={"num_cpus": 0}``: the model is tiny and the sidecar
-runs on small machines); change it per application with
-``DemoClassifier.options(...)`` or in the Serve config file.
-:func:`build_demo_app` is the typed app builder, mounted by the sidecar at
-``/demo``::
-
-    applications:
-      - name: demo
-        route_prefix: /demo
-        import_path: app.demo.model:build_demo_app
-        args: {tracking_uri: "sqlite:////abs/data/mlflow.db", n_shards: 2}
-
-Concurrency: a local SQLite store is guarded by an exclusive file lock
-(``<db>.lock``) around the check-train-register-alias sequence, so two
-replicas starting at once train once.  For a remote tracking server (no
-lock) a racing replica may register a second version, but the alias is set
-only if still unset, and every caller returns (and loads) the version the
-alias ends up on.
-"""
+"""The demo model: a small scikit-learn classifier registered in MLflow (trained on first use)
+and served with monitoring, following its ``champion`` alias."""
 
 from __future__ import annotations
 
@@ -57,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
 from actors.registry import Registry, normalize_tracking_uri, store_lock
+from actors.retrain import HYPER, default_trainer
 from app.monitor import AliasFollowingModel
 from app.demo.traffic import default_tracking_uri, demo_dataset, demo_split
 
@@ -70,7 +27,6 @@ MODEL_NAME = "kpistream-demo"
 EXPERIMENT = "kpistream-demo"
 ALIAS = "champion"
 SPLIT_SEED = 0
-_HYPER = {"C": 1.0, "max_iter": 1000, "solver": "lbfgs"}
 
 
 # ------------------------------------------------------------------------- MLflow
@@ -102,17 +58,12 @@ def train_demo_model(seed: int = SPLIT_SEED):
     A ``StandardScaler`` + ``LogisticRegression`` pipeline on the training rows
     of :func:`demo_split` (numpy arrays, columns in ``feature_names`` order).
     """
-    from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
-    from sklearn.pipeline import Pipeline
-    from sklearn.preprocessing import StandardScaler
 
     # fitted on plain arrays (columns in feature-name order): predicting one
     # row from a numpy array costs ~0.5 ms, from a named DataFrame ~2 ms
     x_tr, x_te, y_tr, y_te, _ = demo_split(seed)
-    model = Pipeline([("scale", StandardScaler()),
-                      ("clf", LogisticRegression(random_state=seed, **_HYPER))])
-    model.fit(x_tr, y_tr)
+    model = default_trainer(x_tr, y_tr, seed)
     pred = model.predict(x_te)
     score = model.predict_proba(x_te)[:, list(model.classes_).index(1)]
     metrics = {"test_accuracy": float(accuracy_score(y_te, pred)),
@@ -132,7 +83,7 @@ def _register(reg: Registry, name: str) -> str:
         exp_id, model, run_name="demo-train", tags={"kpistream.demo": "true"},
         params={"estimator": "StandardScaler+LogisticRegression",
                 "dataset": "sklearn.datasets.load_breast_cancer",
-                "positive_label": 1, "split_seed": SPLIT_SEED, "test_size": 0.3, **_HYPER},
+                "positive_label": 1, "split_seed": SPLIT_SEED, "test_size": 0.3, **HYPER},
         metrics=metrics, feature_names=names, example=x_te[:3].copy(),
         metadata={"feature_names": names, "positive_label": 1,
                   "output": "predict_proba columns = classes [0, 1]"})
@@ -149,12 +100,27 @@ def ensure_demo_model(tracking_uri: str | os.PathLike | None = None,
                       name: str = MODEL_NAME) -> tuple[str, str]:
     """Make sure ``name`` has a ``champion``; returns ``("models:/<name>@champion", version)``.
 
+    If the alias is missing it trains a classifier (standard scaling +
+    logistic regression) on scikit-learn's bundled breast-cancer data set
+    (binary, label 1 = benign is the positive class; no download), logs a run
+    in the experiment ``kpistream-demo`` (params, held-out accuracy / F1 /
+    ROC AUC, the model with a signature and an input example), registers a
+    version and points ``champion`` at it (MLflow aliases, not stages).  The
+    held-out rows are :func:`demo_dataset` (``app.demo.traffic``, Ray-
+    and MLflow-free, so the traffic driver can import them).
+
     ``tracking_uri`` is the MLflow tracking and registry URI (set globally
     with ``mlflow.set_tracking_uri`` / ``set_registry_uri``); None is the
     embedded default ``sqlite:///<data dir>/mlflow.db``; a bare path is a
     SQLite file (or a folder holding ``mlflow.db``).  Idempotent: with the
-    alias present nothing is trained or registered.  Safe when several
-    processes call it at once (module docstring).
+    alias present nothing is trained or registered.
+
+    Safe when several processes call it at once: a local SQLite store is
+    guarded by an exclusive file lock (``<db>.lock``) around the
+    check-train-register-alias sequence, so two replicas starting at once
+    train once.  For a remote tracking server (no lock) a racing replica may
+    register a second version, but the alias is set only if still unset, and
+    every caller returns (and loads) the version the alias ends up on.
     """
     uri = _normalize_uri(tracking_uri)
     with store_lock(uri):
@@ -239,7 +205,14 @@ class DemoClassifier(AliasFollowingModel):
     replica first makes sure the champion exists (:func:`ensure_demo_model`:
     the very first start trains one); any other alias (``challenger``) may be
     missing, and then the replica answers 503 until it appears.  ``variant``
-    labels its events (``primary``, ``shadow``, ``canary``).
+    labels its events (``primary``, ``shadow``, ``canary``).  Each replica calls
+    :func:`ensure_demo_model` first (so the first start trains; later starts
+    only resolve the alias).
+
+    The deployment decorator is applied here (``num_replicas=1``,
+    ``ray_actor_options={"num_cpus": 0}``: the model is tiny and the sidecar
+    runs on small machines); change it per application with
+    ``DemoClassifier.options(...)`` or in the Serve config file.
     """
 
     def __init__(self, tracking_uri: str | None = None, model_name: str = MODEL_NAME,
@@ -309,7 +282,16 @@ class DemoAppArgs(BaseModel):
 
 
 def build_demo_app(args: DemoAppArgs):
-    """Serve app builder: ``DemoClassifier.bind(...)`` (a dict of args works too)."""
+    """Serve app builder: ``DemoClassifier.bind(...)`` (a dict of args works too).
+
+    Mounted by the sidecar at ``/demo``::
+
+        applications:
+          - name: demo
+            route_prefix: /demo
+            import_path: app.demo.model:build_demo_app
+            args: {tracking_uri: "sqlite:////abs/data/mlflow.db", n_shards: 2}
+    """
     if not isinstance(args, DemoAppArgs):
         args = DemoAppArgs.model_validate(dict(args or {}))
     # resolved on the driver: replicas may run in another working directory

@@ -155,6 +155,10 @@ def test_runs_tags_params_metrics_artifacts(store):
     assert isinstance(rec, RunRecord) and rec.tags["kpistream.status"] == "in_progress"
     assert rec.artifact_uri == run.info.artifact_uri
     assert reg.load_dict(rec, "decision.json") == {"id": "dec-1", "nested": {"a": [1, 2]}}
+    reg.log_dict(run_id, {"nan": float("nan"), "inf": [float("-inf"), 1.5], "t": (1, 2),
+                          "path": Path("/x"), 3: "k"}, "clean.json")      # plain JSON
+    assert reg.load_dict(rec, "clean.json") == {"nan": None, "inf": [None, 1.5], "t": [1, 2],
+                                                "path": "/x", "3": "k"}
     assert {r.run_id for r in reg.find_runs(exp, "", max_results=10)} == {run_id, other}
 
 
