@@ -1,80 +1,5 @@
-"""The trigger: canary decisions and alerts become MLflow actions, idempotently, with an audit.
-
-A plain class (no module-level Ray import); :mod:`actors.remote` (or a test)
-makes it an actor.  MLflow is both the place the actions land and the
-trigger's memory, so a restarted trigger neither repeats nor forgets one.
-
-**Decisions** (:meth:`Trigger.apply`): every decision except ``wait`` becomes
-a run in the ``kpistream-decisions`` experiment:
-
-- params: the policy, flattened (``policy.<key>``);
-- metrics: ``<metric>.estimate``, ``.lower``, ``.upper``, ``.margin``,
-  ``.harm``, ``.n`` per compared metric, and numeric ``srm.<key>``;
-- tags: ``kpistream.decision`` (the action), ``kpistream.decision_id``,
-  ``kpistream.model``, ``kpistream.experiment``, ``kpistream.primary_version``,
-  ``kpistream.challenger_version``, ``kpistream.verdict.<metric>``,
-  ``kpistream.mode``, ``kpistream.status`` (the outcome), ``kpistream.dry_run``,
-  ``kpistream.alias_before`` / ``kpistream.alias_after`` (the champion's
-  version), and the reason as the run's description (``mlflow.note.content``);
-- artifacts: ``decision.json`` (the decision as received) and
-  ``outcome.json`` (the record :meth:`apply` returned).
-
-The challenger's model version gets ``kpistream.decision``,
-``kpistream.decision_id``, ``kpistream.decision_run`` (the run id) and
-``kpistream.decision_reason``, so the registry page says why.
-
-**Actions** (``mode="auto"``):
-
-- ``promote``: alias ``champion`` moves to the challenger's version.  The
-  version it leaves gets alias ``previous-champion`` (moved there from any
-  older one) and tags ``kpistream.replaced_by`` / ``kpistream.demoted_by_run``,
-  so a manual rollback is ``set_registered_model_alias(name, "champion",
-  get_model_version_by_alias(name, "previous-champion").version)``.  Alias
-  ``challenger`` is removed when it points to the promoted version (the
-  challenger is the champion now; a canary left comparing a version with
-  itself would be meaningless), kept when it already points elsewhere.
-- ``rollback`` / ``halt``: ``champion`` untouched; the challenger version is
-  tagged ``kpistream.rolled_back=true`` and ``kpistream.rollback_reason``,
-  and alias ``challenger`` is removed if it still points to it.
-- ``inconclusive``: recorded (run + version tag), nothing moves.
-- ``wait``: ignored (no run; the canary says "keep looking" every tick).
-
-Outcomes (``status`` of the returned record): ``applied``, ``dry_run``,
-``awaiting_approval``, ``cooldown``, ``stale``, ``rejected``, and for a
-decision id seen before ``duplicate`` (with the first outcome as
-``first_status``); ``ignored`` for ``wait``.
-
-**Idempotency.**  The decision id is looked up by tag
-(``kpistream.decision_key``, a hash of the model name and the id) before
-anything happens.  A finished decision (applied, dry_run, stale, rejected)
-is never acted on again.  The champion's version before the move is tagged on the run
-(``kpistream.moving_from``) before the alias moves, and each step checks the registry before it writes, so a
-trigger that dies between steps and sees the same decision again finishes
-it without moving anything twice.  A decision whose ``primary_version`` is
-no longer the champion (someone or something moved it) is ``stale``.
-``cooldown`` and ``awaiting_approval`` are not final: the same id applied
-after the cooldown proceeds (in the same run); an awaiting one proceeds only
-through :meth:`approve`.
-
-**Options.**  ``cooldown_s``: after a champion move, a promote within
-``cooldown_s`` is recorded as ``cooldown`` and nothing moves (the last move
-time survives restarts: it is a tag on the run).  Rollback and halt are
-never held back by the cooldown: removing a harmful challenger should not
-wait.  ``mode="dry_run"``: the run is recorded (tag ``kpistream.dry_run=true``,
-with the alias it would have set) and nothing in the registry changes.
-``mode="approval"``: promote / rollback / halt wait (:meth:`pending`) until
-:meth:`approve` (then applied, with the stale and cooldown checks made at
-that time) or :meth:`reject`; inconclusive is recorded at once.
-
-**Retraining** (:meth:`maybe_retrain`): with its own cooldown
-(``retrain_cooldown_s``) and at most one job at a time, records why (a run
-tagged ``kpistream.decision=retrain`` with the evidence as ``evidence.json``)
-and launches :func:`actors.retrain.launch_retrain` (or the ``launch``
-callable given), which registers a new version under alias ``challenger``.
-In dry-run mode nothing is launched (status ``dry_run``).  A trigger acts on
-its own registered model (``model_name``); a decision's ``model`` is kept
-in the record and the artifact only.
-"""
+"""The trigger: canary decisions and retraining requests become MLflow actions (alias moves,
+version tags, retraining jobs), idempotently, each recorded as a run."""
 
 from __future__ import annotations
 
@@ -84,14 +9,14 @@ import logging
 import math
 import threading
 from collections import deque
-from pathlib import Path
 from typing import Any, Callable, Mapping
-from urllib.parse import urlparse
 
+from actors.registry import TAG_MAX, Registry, RunRecord, normalize_tracking_uri
+from actors.retrain import RetrainJobs, launch_retrain
 from kpistream.clock import Clock, SystemClock
+from kpistream.errors import RegistryError
 
-__all__ = ["Trigger", "ACTIONS", "normalize_tracking_uri", "artifact_location", "sqlite_path",
-           "ensure_experiment", "alias_version"]
+__all__ = ["Trigger", "ACTIONS"]
 
 log = logging.getLogger(__name__)
 
@@ -100,69 +25,6 @@ MOVING = ("promote", "rollback", "halt")          # actions that change the regi
 FINAL = ("applied", "dry_run", "stale", "rejected")
 PREVIOUS_ALIAS = "previous-champion"
 T = "kpistream."                                  # tag prefix
-
-
-# --------------------------------------------------------------------------- MLflow
-
-def normalize_tracking_uri(uri: str) -> str:
-    """A URI as given; a bare path (a .db file or a folder) becomes an absolute SQLite URI."""
-    uri = str(uri)
-    db = sqlite_path(uri)
-    if db is not None:
-        return "sqlite:///" + str(db)
-    if "://" in uri or uri.startswith("databricks"):
-        return uri
-    p = Path(uri).expanduser().resolve()
-    if p.suffix not in (".db", ".sqlite", ".sqlite3"):
-        p = p / "mlflow.db"
-    return "sqlite:///" + str(p)
-
-
-def sqlite_path(uri: str) -> Path | None:
-    if not uri.startswith("sqlite:"):
-        return None
-    path = urlparse(uri).path
-    if uri.startswith("sqlite:////"):
-        path = "/" + path.lstrip("/")
-    elif uri.startswith("sqlite:///"):
-        path = path[1:] if path.startswith("/") else path
-    if not path or path == ":memory:":
-        return None
-    return Path(path).expanduser().resolve()
-
-
-def artifact_location(uri: str) -> str | None:
-    """Artifacts of a local SQLite store go beside its database, not into ./mlruns."""
-    db = sqlite_path(uri)
-    return (db.parent / "mlartifacts").as_uri() if db is not None else None
-
-
-def alias_version(client, name: str, alias: str) -> str | None:
-    """The version ``alias`` points to in registered model ``name``, or None if the model or
-    the alias does not exist."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return str(client.get_model_version_by_alias(name, alias).version)
-    except MlflowException as e:
-        if e.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
-            return None
-        raise
-
-
-def ensure_experiment(client, name: str, uri: str, tags: Mapping[str, str] | None = None) -> str:
-    from mlflow.exceptions import MlflowException
-
-    exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    try:
-        return client.create_experiment(name, artifact_location=artifact_location(uri),
-                                        tags=dict(tags or {}))
-    except MlflowException as e:     # created meanwhile by another process
-        if e.error_code != "RESOURCE_ALREADY_EXISTS":
-            raise
-        return client.get_experiment_by_name(name).experiment_id
 
 
 def _key(model: str, decision_id: str) -> str:
@@ -197,25 +59,86 @@ def _num(x: Any) -> float | None:
     return v if math.isfinite(v) else None
 
 
-def _jsonable(x: Any) -> Any:
-    """Plain JSON (NaN / infinities -> null, anything else unknown -> str)."""
-    return json.loads(json.dumps(_clean_nan(x), default=str))
-
-
-def _clean_nan(x: Any) -> Any:
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, Mapping):
-        return {str(k): _clean_nan(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_clean_nan(v) for v in x]
-    return x
-
-
 # -------------------------------------------------------------------------- trigger
 
 class Trigger:
-    """Decisions and retraining requests -> MLflow (module docstring)."""
+    """Decisions and retraining requests -> MLflow.
+
+    A plain class (no module-level Ray import); :mod:`actors.remote` (or a test)
+    makes it an actor.  MLflow is both the place the actions land and the
+    trigger's memory, so a restarted trigger neither repeats nor forgets one.
+
+    **Decisions** (:meth:`Trigger.apply`): every decision except ``wait`` becomes
+    a run in the ``kpistream-decisions`` experiment:
+
+    - params: the policy, flattened (``policy.<key>``);
+    - metrics: ``<metric>.estimate``, ``.lower``, ``.upper``, ``.margin``,
+      ``.harm``, ``.n`` per compared metric, and numeric ``srm.<key>``;
+    - tags: ``kpistream.decision`` (the action), ``kpistream.decision_id``,
+      ``kpistream.model``, ``kpistream.experiment``, ``kpistream.primary_version``,
+      ``kpistream.challenger_version``, ``kpistream.verdict.<metric>``,
+      ``kpistream.mode``, ``kpistream.status`` (the outcome), ``kpistream.dry_run``,
+      ``kpistream.alias_before`` / ``kpistream.alias_after`` (the champion's
+      version), and the reason as the run's description (``mlflow.note.content``);
+    - artifacts: ``decision.json`` (the decision as received) and
+      ``outcome.json`` (the record :meth:`apply` returned).
+
+    The challenger's model version gets ``kpistream.decision``,
+    ``kpistream.decision_id``, ``kpistream.decision_run`` (the run id) and
+    ``kpistream.decision_reason``, so the registry page says why.
+
+    **Actions** (``mode="auto"``):
+
+    - ``promote``: alias ``champion`` moves to the challenger's version.  The
+      version it leaves gets alias ``previous-champion`` (moved there from any
+      older one) and tags ``kpistream.replaced_by`` / ``kpistream.demoted_by_run``,
+      so a manual rollback is ``set_registered_model_alias(name, "champion",
+      get_model_version_by_alias(name, "previous-champion").version)``.  Alias
+      ``challenger`` is removed when it points to the promoted version (the
+      challenger is the champion now; a canary left comparing a version with
+      itself would be meaningless), kept when it already points elsewhere.
+    - ``rollback`` / ``halt``: ``champion`` untouched; the challenger version is
+      tagged ``kpistream.rolled_back=true`` and ``kpistream.rollback_reason``,
+      and alias ``challenger`` is removed if it still points to it.
+    - ``inconclusive``: recorded (run + version tag), nothing moves.
+    - ``wait``: ignored (no run; the canary says "keep looking" every tick).
+
+    Outcomes (``status`` of the returned record): ``applied``, ``dry_run``,
+    ``awaiting_approval``, ``cooldown``, ``stale``, ``rejected``, and for a
+    decision id seen before ``duplicate`` (with the first outcome as
+    ``first_status``); ``ignored`` for ``wait``.
+
+    **Idempotency.**  The decision id is looked up by tag
+    (``kpistream.decision_key``, a hash of the model name and the id) before
+    anything happens.  A finished decision (applied, dry_run, stale, rejected)
+    is never acted on again.  The champion's version before the move is tagged on the run
+    (``kpistream.moving_from``) before the alias moves, and each step checks the registry before it writes, so a
+    trigger that dies between steps and sees the same decision again finishes
+    it without moving anything twice.  A decision whose ``primary_version`` is
+    no longer the champion (someone or something moved it) is ``stale``.
+    ``cooldown`` and ``awaiting_approval`` are not final: the same id applied
+    after the cooldown proceeds (in the same run); an awaiting one proceeds only
+    through :meth:`approve`.
+
+    **Options.**  ``cooldown_s``: after a champion move, a promote within
+    ``cooldown_s`` is recorded as ``cooldown`` and nothing moves (the last move
+    time survives restarts: it is a tag on the run).  Rollback and halt are
+    never held back by the cooldown: removing a harmful challenger should not
+    wait.  ``mode="dry_run"``: the run is recorded (tag ``kpistream.dry_run=true``,
+    with the alias it would have set) and nothing in the registry changes.
+    ``mode="approval"``: promote / rollback / halt wait (:meth:`pending`) until
+    :meth:`approve` (then applied, with the stale and cooldown checks made at
+    that time) or :meth:`reject`; inconclusive is recorded at once.
+
+    **Retraining** (:meth:`maybe_retrain`): with its own cooldown
+    (``retrain_cooldown_s``) and at most one job at a time, records why (a run
+    tagged ``kpistream.decision=retrain`` with the evidence as ``evidence.json``)
+    and launches :func:`actors.retrain.launch_retrain` (or the ``launch``
+    callable given), which registers a new version under alias ``challenger``.
+    In dry-run mode nothing is launched (status ``dry_run``).  A trigger acts on
+    its own registered model (``model_name``); a decision's ``model`` is kept
+    in the record and the artifact only.
+    """
 
     def __init__(self, tracking_uri: str, model_name: str, *, champion_alias: str = "champion",
                  challenger_alias: str = "challenger",
@@ -234,37 +157,31 @@ class Trigger:
         self.experiment_name = decisions_experiment
         self.mode = mode
         self.cooldown_ms = int(cooldown_s * 1000)
-        self.retrain_cooldown_ms = int(retrain_cooldown_s * 1000)
         self.clock = clock or SystemClock()
         self.archive_dir = archive_dir
         self.retrain_options = dict(retrain_options or {})
         self._lock = threading.RLock()
-        self._client = None
+        self.registry = Registry(self.uri)
         self._exp_id: str | None = None
         self._last_move_ms: int | None = None    # loaded from MLflow on first use
         self._pending: dict[str, dict] | None = None
         self._history: deque = deque(maxlen=history_size)
-        self._retrain: dict | None = None        # the last launched job
-        self._last_retrain_ms: int | None = None
+        self._jobs = RetrainJobs(self.registry, lambda: self.experiment_id, model_name,
+                                 dry_run=mode == "dry_run", cooldown_s=retrain_cooldown_s,
+                                 clock=self.clock,
+                                 launch=self._default_launch if archive_dir else None,
+                                 history=self._history, lock=self._lock)
 
     # ---------------------------------------------------------------- MLflow access
     @property
-    def client(self):
-        if self._client is None:
-            from mlflow import MlflowClient
-
-            self._client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
-        return self._client
-
-    @property
     def experiment_id(self) -> str:
         if self._exp_id is None:
-            self._exp_id = ensure_experiment(self.client, self.experiment_name, self.uri,
-                                             {T + "kind": "decisions"})
+            self._exp_id = self.registry.ensure_experiment(self.experiment_name,
+                                                           {T + "kind": "decisions"})
         return self._exp_id
 
     def _alias_version(self, alias: str, name: str | None = None) -> str | None:
-        return alias_version(self.client, name or self.model_name, alias)
+        return self.registry.alias_version(name or self.model_name, alias)
 
     def alias_version(self, alias: str) -> str | None:
         """The version ``alias`` points to in the registered model, or None."""
@@ -272,50 +189,44 @@ class Trigger:
 
     def version_decision(self, version: str) -> str | None:
         """The decision recorded on a model version (``kpistream.decision`` tag), or None."""
-        from mlflow.exceptions import MlflowException
-
         try:
-            return self.client.get_model_version(self.model_name, str(version)).tags.get(
-                T + "decision")
-        except MlflowException:
+            return self.registry.version_tags(self.model_name, str(version)).get(T + "decision")
+        except RegistryError:
             return None
 
-    def _find_run(self, decision_id: str):
-        runs = self.client.search_runs(
-            [self.experiment_id],
+    def _find_run(self, decision_id: str) -> RunRecord | None:
+        runs = self.registry.find_runs(
+            self.experiment_id,
             f"tags.`{T}decision_key` = '{_key(self.model_name, decision_id)}'",
             max_results=5, order_by=["attributes.start_time ASC"])
-        runs = [r for r in runs if r.data.tags.get(T + "decision_id") == str(decision_id)]
+        runs = [r for r in runs if r.tags.get(T + "decision_id") == str(decision_id)]
         return runs[0] if runs else None
 
     def _tags(self, run_id: str, tags: Mapping[str, Any]) -> None:
-        from mlflow.entities import RunTag
-
-        self.client.log_batch(run_id, tags=[RunTag(k, str(v)[:5000]) for k, v in tags.items()])
+        self.registry.set_run_tags(run_id, tags)
 
     def _version_tags(self, name: str, version: str, tags: Mapping[str, Any]) -> None:
-        for k, v in tags.items():
-            self.client.set_model_version_tag(name, version, k, str(v)[:5000])
+        self.registry.set_version_tags(name, version, tags)
 
     # ---------------------------------------------------------------- decisions
     def apply(self, decision: Mapping[str, Any]) -> dict:
-        """Act on one canary decision (module docstring); returns the outcome record."""
+        """Act on one canary decision (class docstring); returns the outcome record."""
         d = self._check(decision)
         with self._lock:
             if d["action"] == "wait":       # not in history: the canary waits every tick
                 return self._record(d, "ignored", None, None, None, detail="wait: nothing to do")
             run = self._find_run(d["id"])
             if run is not None:
-                status = run.data.tags.get(T + "status", "")
+                status = run.tags.get(T + "status", "")
                 if status in FINAL or status == "awaiting_approval":
-                    rec = self._record(d, "duplicate", run.info.run_id,
-                                       run.data.tags.get(T + "alias_before"),
-                                       run.data.tags.get(T + "alias_after"),
+                    rec = self._record(d, "duplicate", run.run_id,
+                                       run.tags.get(T + "alias_before"),
+                                       run.tags.get(T + "alias_after"),
                                        detail=f"decision already {status}")
                     rec["first_status"] = status
                     return rec                  # a no-op: not in history either
-                run_id = run.info.run_id        # in progress (crash) or cooldown: resume
-                resumed = run.data.tags
+                run_id = run.run_id        # in progress (crash) or cooldown: resume
+                resumed = run.tags
             else:
                 run_id = self._start_run(d, decision)
                 resumed = {}
@@ -342,11 +253,11 @@ class Trigger:
             if d is None:
                 raise KeyError(f"no decision {decision_id!r} is waiting for approval")
             run = self._find_run(d["id"])
-            run_id = run.info.run_id
+            run_id = run.run_id
             self._tags(run_id, {T + "approved_by": by, T + "approved_at_ms": self.clock.now_ms(),
                                 T + "status": "in_progress"})
             del self._pending[d["id"]]
-            rec = self._act(d, run_id, {**run.data.tags, T + "approved_by": by})
+            rec = self._act(d, run_id, {**run.tags, T + "approved_by": by})
             rec["approved_by"] = by
             return self._finish(d, run_id, rec)
 
@@ -357,14 +268,14 @@ class Trigger:
             if d is None:
                 raise KeyError(f"no decision {decision_id!r} is waiting for approval")
             run = self._find_run(d["id"])
-            self._tags(run.info.run_id, {T + "rejected_by": by,
+            self._tags(run.run_id, {T + "rejected_by": by,
                                          T + "rejected_at_ms": self.clock.now_ms()})
             del self._pending[d["id"]]
             champ = self._champion()
-            rec = self._record(d, "rejected", run.info.run_id, champ, champ,
+            rec = self._record(d, "rejected", run.run_id, champ, champ,
                                detail=f"rejected by {by}")
             rec["rejected_by"] = by
-            return self._finish(d, run.info.run_id, rec)
+            return self._finish(d, run.run_id, rec)
 
     def history(self) -> list[dict]:
         """The outcome records of this trigger's calls, oldest first (bounded).
@@ -403,8 +314,6 @@ class Trigger:
         return d
 
     def _start_run(self, d: dict, original: Mapping[str, Any]) -> str:
-        from mlflow.entities import Metric, Param
-
         name = self.model_name
         tags = {
             T + "decision": d["action"], T + "decision_id": d["id"],
@@ -420,31 +329,27 @@ class Trigger:
         for m in d.get("metrics") or []:
             if isinstance(m, Mapping) and m.get("metric") and m.get("verdict") is not None:
                 tags[_param_key(f"{T}verdict.{m['metric']}")] = m["verdict"]
-        run = self.client.create_run(
-            self.experiment_id, start_time=None, tags={k: str(v)[:5000] for k, v in tags.items()},
-            run_name=f"{d['action']}-{name}-v{d.get('challenger_version')}")
-        run_id = run.info.run_id
+        run_id = self.registry.create_run(
+            self.experiment_id, f"{d['action']}-{name}-v{d.get('challenger_version')}",
+            {k: str(v)[:TAG_MAX] for k, v in tags.items()})
         now = self.clock.now_ms()
-        params = [Param(k, v) for k, v in _flatten(d.get("policy") or {}, "policy").items()]
-        metrics = []
+        params = _flatten(d.get("policy") or {}, "policy")
+        metrics: list[tuple[str, float, int]] = []
         for m in d.get("metrics") or []:
             if not isinstance(m, Mapping) or not m.get("metric"):
                 continue
             for f in ("estimate", "lower", "upper", "margin", "harm", "n"):
                 v = _num(m.get(f))
                 if v is not None:
-                    metrics.append(Metric(_param_key(f"{m['metric']}.{f}"), v, now, 0))
+                    metrics.append((_param_key(f"{m['metric']}.{f}"), v, now))
         for k, v in (d.get("srm") or {}).items():
             x = _num(v)
             if x is not None:
-                metrics.append(Metric(_param_key(f"srm.{k}"), x, now, 0))
+                metrics.append((_param_key(f"srm.{k}"), x, now))
             else:
                 self._tags(run_id, {_param_key(f"{T}srm.{k}"): v})
-        for i in range(0, len(params), 100):
-            self.client.log_batch(run_id, params=params[i:i + 100])
-        for i in range(0, len(metrics), 500):
-            self.client.log_batch(run_id, metrics=metrics[i:i + 500])
-        self.client.log_dict(run_id, _jsonable(dict(original)), "decision.json")
+        self.registry.log_run_data(run_id, params, metrics)
+        self.registry.log_dict(run_id, dict(original), "decision.json")
         return run_id
 
     def _champion(self, name: str | None = None) -> str | None:
@@ -466,11 +371,11 @@ class Trigger:
 
     def _last_move(self) -> int | None:
         if self._last_move_ms is None:
-            runs = self.client.search_runs([self.experiment_id],
+            runs = self.registry.find_runs(self.experiment_id,
                                            f"tags.`{T}alias_moved` = 'true'", max_results=50,
                                            order_by=["attributes.start_time DESC"])
-            times = [int(r.data.tags.get(T + "alias_moved_at_ms", "0")) for r in runs
-                     if r.data.tags.get(T + "model") == self.model_name]
+            times = [int(r.tags.get(T + "alias_moved_at_ms", "0")) for r in runs
+                     if r.tags.get(T + "model") == self.model_name]
             self._last_move_ms = max(times) if times else -1
         return None if self._last_move_ms < 0 else self._last_move_ms
 
@@ -510,13 +415,13 @@ class Trigger:
         before = before or None
         if before is not None and before != new:
             if self._alias_version(self.previous_alias, name) != before:
-                self.client.set_registered_model_alias(name, self.previous_alias, before)
+                self.registry.set_alias(name, self.previous_alias, before)
             self._version_tags(name, before, {T + "replaced_by": new,
                                               T + "demoted_by_run": run_id,
                                               T + "demoted_by_decision": d["id"]})
         now = self.clock.now_ms()
         if self._champion(name) != new:
-            self.client.set_registered_model_alias(name, self.champion_alias, new)
+            self.registry.set_alias(name, self.champion_alias, new)
         self._tags(run_id, {T + "alias_moved": "true", T + "alias_moved_at_ms":
                             resumed.get(T + "alias_moved_at_ms") or now})
         self._last_move_ms = int(resumed.get(T + "alias_moved_at_ms") or now)
@@ -534,7 +439,7 @@ class Trigger:
 
     def _drop_challenger_alias(self, name: str, version: str) -> None:
         if self._alias_version(self.challenger_alias, name) == version:
-            self.client.delete_registered_model_alias(name, self.challenger_alias)
+            self.registry.delete_alias(name, self.challenger_alias)
 
     def _record(self, d: dict, status: str, run_id: str | None, before, after, *,
                 detail: str = "") -> dict:
@@ -553,9 +458,9 @@ class Trigger:
         if rec.get("alias_after") is not None:
             tags[T + "alias_after"] = rec["alias_after"]
         self._tags(run_id, tags)
-        self.client.log_dict(run_id, _jsonable(rec), "outcome.json")
+        self.registry.log_dict(run_id, rec, "outcome.json")
         if rec["status"] in FINAL:
-            self.client.set_terminated(run_id, "FINISHED")
+            self.registry.end_run(run_id, "FINISHED")
         return self._remember(rec)
 
     def _remember(self, rec: dict) -> dict:
@@ -568,144 +473,33 @@ class Trigger:
         """Waiting decisions; after a restart, rebuilt from the runs that wait."""
         if self._pending is None:
             self._pending = {}
-            runs = self.client.search_runs(
-                [self.experiment_id], f"tags.`{T}status` = 'awaiting_approval'",
+            runs = self.registry.find_runs(
+                self.experiment_id, f"tags.`{T}status` = 'awaiting_approval'",
                 max_results=1000, order_by=["attributes.start_time ASC"])
             for r in runs:
-                if r.data.tags.get(T + "model") != self.model_name:
+                if r.tags.get(T + "model") != self.model_name:
                     continue
                 try:
-                    from mlflow.artifacts import load_dict
-
-                    d = load_dict(f"{r.info.artifact_uri}/decision.json")
+                    d = self.registry.load_dict(r, "decision.json")
                     self._pending[str(d["id"])] = self._check(d)
                 except Exception as e:  # noqa: BLE001 - a broken record is reported, not fatal
                     log.warning("kpistream trigger: cannot reload waiting decision of run %s: "
-                                "%s", r.info.run_id, e)
+                                "%s", r.run_id, e)
         return self._pending
 
     # ---------------------------------------------------------------- retraining
     def maybe_retrain(self, reason: str, evidence: Mapping[str, Any] | None = None,
                       launch: Callable[..., Any] | None = None) -> dict:
-        """Launch a retraining job unless one runs or the retrain cooldown holds.
-
-        ``launch(reason=..., parent_run_id=...)`` starts the job and returns a
-        handle: a Ray ObjectRef, a ``concurrent.futures.Future``, or the result
-        dict itself (synchronous).  Default: :func:`actors.retrain.launch_retrain`
-        on ``archive_dir`` with ``retrain_options``.  Returns ``{"status":
-        "launched" | "running" | "cooldown" | "unavailable", ...}``.
-        """
-        with self._lock:
-            now = self.clock.now_ms()
-            cur = self.retrain_status()
-            base = {"reason": reason, "at_ms": now}
-            if cur["status"] == "running":
-                rec = {**base, "status": "running", "run_id": cur.get("run_id"),
-                       "detail": "a retraining job is still running"}
-                return self._remember_retrain(rec)
-            if self._last_retrain_ms is not None and \
-                    now - self._last_retrain_ms < self.retrain_cooldown_ms:
-                left = (self._last_retrain_ms + self.retrain_cooldown_ms - now) / 1000
-                rec = {**base, "status": "cooldown", "run_id": cur.get("run_id"),
-                       "detail": f"last retraining launched {(now - self._last_retrain_ms) / 1000:.0f}"
-                                 f" s ago; cooldown {left:.0f} s more"}
-                return self._remember_retrain(rec)
-            if self.mode == "dry_run":
-                return self._remember_retrain({**base, "status": "dry_run",
-                                               "detail": "dry run: would launch retraining"})
-            if launch is None:
-                if not self.archive_dir:
-                    return self._remember_retrain({**base, "status": "unavailable",
-                                                   "detail": "no archive_dir and no launch"})
-                launch = self._default_launch
-            run = self.client.create_run(
-                self.experiment_id, run_name=f"retrain-{self.model_name}",
-                tags={T + "decision": "retrain", T + "model": self.model_name,
-                      T + "status": "launched", T + "retrain_reason": str(reason)[:5000],
-                      "mlflow.note.content": f"**retrain** {self.model_name}: {reason}"})
-            run_id = run.info.run_id
-            self.client.log_dict(run_id, _jsonable({"reason": reason,
-                                                    "evidence": dict(evidence or {}),
-                                                    "at_ms": now}), "evidence.json")
-            try:
-                handle = launch(reason=reason, parent_run_id=run_id)
-            except Exception as e:  # noqa: BLE001 - recorded, reported, never raised
-                self._tags(run_id, {T + "status": "failed", T + "error": repr(e)})
-                self.client.set_terminated(run_id, "FAILED")
-                return self._remember_retrain({**base, "status": "failed", "run_id": run_id,
-                                               "detail": repr(e)})
-            self._last_retrain_ms = now
-            self._retrain = {"handle": handle, "run_id": run_id, "reason": reason,
-                             "launched_at_ms": now, "result": None, "error": None,
-                             "done": False}
-            return self._remember_retrain({**base, "status": "launched", "run_id": run_id,
-                                           "detail": "retraining launched"})
-
-    def _default_launch(self, reason: str, parent_run_id: str):
-        from actors.retrain import launch_retrain
-
-        return launch_retrain(self.archive_dir, self.uri, self.model_name,
-                              alias=self.challenger_alias, reason=reason,
-                              parent_run_id=parent_run_id, **self.retrain_options)
+        """Launch a retraining job unless one runs or the retrain cooldown holds
+        (:meth:`actors.retrain.RetrainJobs.maybe_retrain`)."""
+        return self._jobs.maybe_retrain(reason, evidence, launch)
 
     def retrain_status(self) -> dict:
         """``{"status": "idle" | "running" | "done" | "failed", ...}`` of the last job."""
-        with self._lock:
-            job = self._retrain
-            if job is None:
-                return {"status": "idle"}
-            if not job["done"]:
-                done, result, error = _poll(job["handle"])
-                if done:
-                    job.update(done=True, result=result, error=error,
-                               finished_at_ms=self.clock.now_ms())
-                    self._close_retrain(job)
-            out = {k: v for k, v in job.items() if k != "handle"}
-            out["status"] = ("running" if not job["done"] else
-                             "failed" if job["error"] else "done")
-            return out
+        return self._jobs.status()
 
-    def _close_retrain(self, job: dict) -> None:
-        try:
-            if job["error"]:
-                self._tags(job["run_id"], {T + "status": "failed",
-                                           T + "error": job["error"][:5000]})
-                self.client.set_terminated(job["run_id"], "FAILED")
-            else:
-                res = job["result"] if isinstance(job["result"], Mapping) else {}
-                self._tags(job["run_id"], {T + "status": "done",
-                                           T + "retrain_version": res.get("version", ""),
-                                           T + "retrain_run": res.get("run_id", "")})
-                self.client.log_dict(job["run_id"], _jsonable(dict(res)), "result.json")
-                self.client.set_terminated(job["run_id"], "FINISHED")
-        except Exception as e:  # noqa: BLE001
-            log.warning("kpistream trigger: cannot record the retraining result: %s", e)
-
-    def _remember_retrain(self, rec: dict) -> dict:
-        rec = {"decision_id": None, "action": "retrain", **rec}
-        self._history.append(dict(rec))
-        return rec
-
-
-def _poll(handle: Any) -> tuple[bool, Any, str | None]:
-    """(done, result, error) of a launched job, without blocking."""
-    if handle is None or isinstance(handle, Mapping):
-        return True, handle, None
-    if hasattr(handle, "done") and hasattr(handle, "result"):     # concurrent Future
-        if not handle.done():
-            return False, None, None
-        try:
-            return True, handle.result(), None
-        except Exception as e:  # noqa: BLE001
-            return True, None, repr(e)
-    import ray
-
-    ready, _ = ray.wait([handle], timeout=0)
-    if not ready:
-        return False, None, None
-    try:
-        return True, ray.get(handle), None
-    except Exception as e:  # noqa: BLE001
-        return True, None, f"{type(e).__name__}: {e}"[:2000]
-
-
+    def _default_launch(self, reason: str, parent_run_id: str):
+        """:func:`actors.retrain.launch_retrain` on ``archive_dir`` with ``retrain_options``."""
+        return launch_retrain(self.archive_dir, self.uri, self.model_name,
+                              alias=self.challenger_alias, reason=reason,
+                              parent_run_id=parent_run_id, **self.retrain_options)

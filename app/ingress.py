@@ -599,9 +599,9 @@ def _bind_arm(arm: ArmArgs, shared: dict, variant: str):
     kwargs = {**shared, **arm.init_args, "variant": variant}
     if kwargs.get("tracking_uri"):
         # resolved on the driver: replicas may run in another working directory
-        from app.demo.model import _normalize_uri
+        from actors.registry import normalize_tracking_uri
 
-        kwargs["tracking_uri"] = _normalize_uri(kwargs["tracking_uri"])
+        kwargs["tracking_uri"] = normalize_tracking_uri(kwargs["tracking_uri"])
     opts = {"name": f"{dep.name}-{variant}", **arm.deployment_options}
     return dep.options(**opts).bind(**kwargs)
 

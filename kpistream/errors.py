@@ -8,7 +8,10 @@ The tree::
     │                              never raised out of a batch: bad rows are returned
     │                              as ``Rejection`` records and counted
     ├── StateError                 two metric states cannot be merged (different specs)
-    └── InputError                 a file given to the CLI cannot be read
+    ├── InputError                 a file given to the CLI cannot be read
+    └── RegistryError              the model registry / tracking store failed (``code`` says how)
+        ├── RegistryNotFound       the model, version, alias, run or experiment does not exist
+        └── RegistryConflict       it exists already (created meanwhile by someone else)
 
 Bad input inside a batch is never an exception that escapes: the batch
 validators return the good rows and a list of ``Rejection`` (row index,
@@ -52,6 +55,26 @@ class StateError(KpistreamError):
 
 class InputError(KpistreamError):
     """An input file could not be read or decoded."""
+
+
+class RegistryError(KpistreamError):
+    """The model registry or tracking store (MLflow) refused or failed an operation.
+
+    ``code`` is the store's error code (``RESOURCE_DOES_NOT_EXIST``,
+    ``INVALID_PARAMETER_VALUE`` ...) or None when it gave none.
+    """
+
+    def __init__(self, message: str, code: str | None = None) -> None:
+        self.code = code
+        super().__init__(message)
+
+
+class RegistryNotFound(RegistryError):
+    """What was asked for (registered model, version, alias, run, experiment) does not exist."""
+
+
+class RegistryConflict(RegistryError):
+    """What was to be created exists already."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,64 +1,19 @@
-"""The demo model: a small scikit-learn classifier registered in MLflow, served with monitoring.
-
-Two parts:
-
-- :func:`ensure_demo_model` makes sure the MLflow registry at a tracking URI
-  holds the registered model ``kpistream-demo`` with the alias ``champion``.
-  If the alias is missing it trains a classifier (standard scaling +
-  logistic regression) on scikit-learn's bundled breast-cancer data set
-  (binary, label 1 = benign is the positive class; no download), logs a run
-  in the experiment ``kpistream-demo`` (params, held-out accuracy / F1 /
-  ROC AUC, the model with a signature and an input example), registers a
-  version and points ``champion`` at it (MLflow aliases, not stages).  The
-  held-out rows are :func:`demo_dataset` (``app.demo.traffic``, Ray-
-  and MLflow-free, so the traffic driver can import them).
-
-- :class:`DemoClassifier` is a Ray Serve deployment (a
-  :class:`~app.monitor.MonitoredModel` that follows an MLflow alias,
-  :class:`~app.monitor.AliasFollowingModel`): each replica calls
-  ``ensure_demo_model`` (so the first start trains; later starts only
-  resolve the alias), loads the version ``champion`` points to, and answers
-  ``{"features": {name: value}}`` (or ``{"features": [30 values]}``) with
-  ``{"label": 0 | 1, "score": P(label 1)}``.  ``region`` in the payload is
-  the ``region`` segment.  It checks the alias every ``alias_poll_s``
-  seconds and swaps in the version it moved to; ``alias="challenger"``
-  serves the challenger (503 until that alias exists).
-
-The deployment decorator is applied here (``num_replicas=1``,
-``ray_actor_options={"num_cpus": 0}``: the model is tiny and the sidecar
-runs on small machines); change it per application with
-``DemoClassifier.options(...)`` or in the Serve config file.
-:func:`build_demo_app` is the typed app builder, mounted by the sidecar at
-``/demo``::
-
-    applications:
-      - name: demo
-        route_prefix: /demo
-        import_path: app.demo.model:build_demo_app
-        args: {tracking_uri: "sqlite:////abs/data/mlflow.db", n_shards: 2}
-
-Concurrency: a local SQLite store is guarded by an exclusive file lock
-(``<db>.lock``) around the check-train-register-alias sequence, so two
-replicas starting at once train once.  For a remote tracking server (no
-lock) a racing replica may register a second version, but the alias is set
-only if still unset, and every caller returns (and loads) the version the
-alias ends up on.
-"""
+"""The demo model: a small scikit-learn classifier registered in MLflow (trained on first use)
+and served with monitoring, following its ``champion`` alias."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
 import time
-from typing import Any, Iterator
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
-from actors.trigger import (alias_version, ensure_experiment, normalize_tracking_uri,
-                            sqlite_path)
+from actors.registry import Registry, normalize_tracking_uri, store_lock
+from actors.retrain import HYPER, default_trainer
 from app.monitor import AliasFollowingModel
 from app.demo.traffic import default_tracking_uri, demo_dataset, demo_split
 
@@ -72,7 +27,6 @@ MODEL_NAME = "kpistream-demo"
 EXPERIMENT = "kpistream-demo"
 ALIAS = "champion"
 SPLIT_SEED = 0
-_HYPER = {"C": 1.0, "max_iter": 1000, "solver": "lbfgs"}
 
 
 # ------------------------------------------------------------------------- MLflow
@@ -85,40 +39,17 @@ def _normalize_uri(tracking_uri: str | os.PathLike | None) -> str:
     return normalize_tracking_uri(os.fspath(tracking_uri))
 
 
-@contextlib.contextmanager
-def _store_lock(uri: str) -> Iterator[None]:
-    """An exclusive inter-process lock beside a local SQLite store; a no-op otherwise."""
-    db = sqlite_path(uri)
-    if db is None:
-        yield
-        return
-    import fcntl
-
-    db.parent.mkdir(parents=True, exist_ok=True)
-    with open(db.with_name(db.name + ".lock"), "a+") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+def _registry(uri: str) -> Registry:
+    """The store at ``uri``, made MLflow's global one (``models:/`` URIs resolve through it)."""
+    reg = Registry(uri)
+    reg.activate()
+    return reg
 
 
-def _setup(uri: str):
-    import mlflow
-    from mlflow import MlflowClient
-
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
-
-
-def champion_version(client, name: str = MODEL_NAME, alias: str = ALIAS) -> str | None:
+def champion_version(tracking_uri: str | os.PathLike | None = None, name: str = MODEL_NAME,
+                     alias: str = ALIAS) -> str | None:
     """The version ``alias`` points to, or None if the model or the alias does not exist."""
-    return alias_version(client, name, alias)
-
-
-def _experiment_id(client, uri: str) -> str:
-    return ensure_experiment(client, EXPERIMENT, uri, {"kpistream.demo": "true"})
+    return Registry(_normalize_uri(tracking_uri)).alias_version(name, alias)
 
 
 def train_demo_model(seed: int = SPLIT_SEED):
@@ -127,17 +58,12 @@ def train_demo_model(seed: int = SPLIT_SEED):
     A ``StandardScaler`` + ``LogisticRegression`` pipeline on the training rows
     of :func:`demo_split` (numpy arrays, columns in ``feature_names`` order).
     """
-    from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
-    from sklearn.pipeline import Pipeline
-    from sklearn.preprocessing import StandardScaler
 
     # fitted on plain arrays (columns in feature-name order): predicting one
     # row from a numpy array costs ~0.5 ms, from a named DataFrame ~2 ms
     x_tr, x_te, y_tr, y_te, _ = demo_split(seed)
-    model = Pipeline([("scale", StandardScaler()),
-                      ("clf", LogisticRegression(random_state=seed, **_HYPER))])
-    model.fit(x_tr, y_tr)
+    model = default_trainer(x_tr, y_tr, seed)
     pred = model.predict(x_te)
     score = model.predict_proba(x_te)[:, list(model.classes_).index(1)]
     metrics = {"test_accuracy": float(accuracy_score(y_te, pred)),
@@ -147,68 +73,64 @@ def train_demo_model(seed: int = SPLIT_SEED):
     return model, metrics, (x_te, y_te)
 
 
-def _register(client, uri: str, name: str) -> str:
+def _register(reg: Registry, name: str) -> str:
     """Train, log a run, register a version; returns the new version (no alias set)."""
-    import mlflow
-    import sklearn
-    from mlflow.exceptions import MlflowException
-    from mlflow.models import infer_signature
-
     t = time.perf_counter()
     model, metrics, (x_te, _) = train_demo_model(SPLIT_SEED)
     names = demo_split(SPLIT_SEED)[4]
-    exp_id = _experiment_id(client, uri)
-    example = x_te[:3].copy()
-    signature = infer_signature(example, model.predict_proba(example))
-    with mlflow.start_run(experiment_id=exp_id, run_name="demo-train") as run:
-        mlflow.log_params({"estimator": "StandardScaler+LogisticRegression",
-                           "dataset": "sklearn.datasets.load_breast_cancer",
-                           "positive_label": 1, "split_seed": SPLIT_SEED, "test_size": 0.3,
-                           **_HYPER})
-        mlflow.log_metrics(metrics)
-        mlflow.set_tags({"kpistream.demo": "true"})
-        mlflow.log_dict({"feature_names": names}, "feature_names.json")
-        info = mlflow.sklearn.log_model(
-            model, name="model", signature=signature, input_example=example,
-            metadata={"feature_names": names, "positive_label": 1,
-                      "output": "predict_proba columns = classes [0, 1]"},
-            # explicit requirements: no subprocess inferring them (seconds saved)
-            pip_requirements=[f"scikit-learn=={sklearn.__version__}",
-                              f"mlflow=={mlflow.__version__}"])
-    try:
-        client.create_registered_model(name, description="kpistream demo classifier "
-                                       "(breast cancer, label 1 = benign)")
-    except MlflowException as e:
-        if e.error_code != "RESOURCE_ALREADY_EXISTS":
-            raise
-    mv = client.create_model_version(name, info.model_uri, run_id=run.info.run_id,
-                                     tags={"kpistream.demo": "true"},
-                                     description=f"test accuracy {metrics['test_accuracy']:.3f}")
+    exp_id = reg.ensure_experiment(EXPERIMENT, {"kpistream.demo": "true"})
+    run_id, model_uri = reg.log_sklearn_model(
+        exp_id, model, run_name="demo-train", tags={"kpistream.demo": "true"},
+        params={"estimator": "StandardScaler+LogisticRegression",
+                "dataset": "sklearn.datasets.load_breast_cancer",
+                "positive_label": 1, "split_seed": SPLIT_SEED, "test_size": 0.3, **HYPER},
+        metrics=metrics, feature_names=names, example=x_te[:3].copy(),
+        metadata={"feature_names": names, "positive_label": 1,
+                  "output": "predict_proba columns = classes [0, 1]"})
+    reg.ensure_registered_model(name, description="kpistream demo classifier "
+                                "(breast cancer, label 1 = benign)")
+    version = reg.create_version(name, model_uri, run_id=run_id, tags={"kpistream.demo": "true"},
+                                 description=f"test accuracy {metrics['test_accuracy']:.3f}")
     log.info("kpistream demo: trained and registered %s version %s in %.1f s (accuracy %.3f)",
-             name, mv.version, time.perf_counter() - t, metrics["test_accuracy"])
-    return str(mv.version)
+             name, version, time.perf_counter() - t, metrics["test_accuracy"])
+    return version
 
 
 def ensure_demo_model(tracking_uri: str | os.PathLike | None = None,
                       name: str = MODEL_NAME) -> tuple[str, str]:
     """Make sure ``name`` has a ``champion``; returns ``("models:/<name>@champion", version)``.
 
+    If the alias is missing it trains a classifier (standard scaling +
+    logistic regression) on scikit-learn's bundled breast-cancer data set
+    (binary, label 1 = benign is the positive class; no download), logs a run
+    in the experiment ``kpistream-demo`` (params, held-out accuracy / F1 /
+    ROC AUC, the model with a signature and an input example), registers a
+    version and points ``champion`` at it (MLflow aliases, not stages).  The
+    held-out rows are :func:`demo_dataset` (``app.demo.traffic``, Ray-
+    and MLflow-free, so the traffic driver can import them).
+
     ``tracking_uri`` is the MLflow tracking and registry URI (set globally
     with ``mlflow.set_tracking_uri`` / ``set_registry_uri``); None is the
     embedded default ``sqlite:///<data dir>/mlflow.db``; a bare path is a
     SQLite file (or a folder holding ``mlflow.db``).  Idempotent: with the
-    alias present nothing is trained or registered.  Safe when several
-    processes call it at once (module docstring).
+    alias present nothing is trained or registered.
+
+    Safe when several processes call it at once: a local SQLite store is
+    guarded by an exclusive file lock (``<db>.lock``) around the
+    check-train-register-alias sequence, so two replicas starting at once
+    train once.  For a remote tracking server (no lock) a racing replica may
+    register a second version, but the alias is set only if still unset, and
+    every caller returns (and loads) the version the alias ends up on.
     """
     uri = _normalize_uri(tracking_uri)
-    with _store_lock(uri):
-        client = _setup(uri)
-        version = champion_version(client, name)
+    with store_lock(uri):
+        reg = _registry(uri)
+        version = reg.alias_version(name, ALIAS)
         if version is None:
-            new = _register(client, uri, name)
-            if champion_version(client, name) is None:   # nobody was faster
-                client.set_registered_model_alias(name, ALIAS, new)
-            version = champion_version(client, name)
+            new = _register(reg, name)
+            if reg.alias_version(name, ALIAS) is None:   # nobody was faster
+                reg.set_alias(name, ALIAS, new)
+            version = reg.alias_version(name, ALIAS)
             if version is None:  # pragma: no cover - the store lost the alias
                 raise RuntimeError(f"could not set alias {ALIAS!r} on model {name!r}")
     return f"models:/{name}@{ALIAS}", version
@@ -220,10 +142,8 @@ def load_demo_model(tracking_uri: str | os.PathLike | None = None, name: str = M
     Loads ``models:/<name>/<version>`` of the version the alias resolved to,
     so the version reported is the one loaded even if the alias moves meanwhile.
     """
-    import mlflow.sklearn
-
     _, version = ensure_demo_model(tracking_uri, name)
-    return mlflow.sklearn.load_model(f"models:/{name}/{version}"), version
+    return Registry(_normalize_uri(tracking_uri)).load_model(name, version, "sklearn"), version
 
 
 # ------------------------------------------------------------------------ serving
@@ -285,7 +205,14 @@ class DemoClassifier(AliasFollowingModel):
     replica first makes sure the champion exists (:func:`ensure_demo_model`:
     the very first start trains one); any other alias (``challenger``) may be
     missing, and then the replica answers 503 until it appears.  ``variant``
-    labels its events (``primary``, ``shadow``, ``canary``).
+    labels its events (``primary``, ``shadow``, ``canary``).  Each replica calls
+    :func:`ensure_demo_model` first (so the first start trains; later starts
+    only resolve the alias).
+
+    The deployment decorator is applied here (``num_replicas=1``,
+    ``ray_actor_options={"num_cpus": 0}``: the model is tiny and the sidecar
+    runs on small machines); change it per application with
+    ``DemoClassifier.options(...)`` or in the Serve config file.
     """
 
     def __init__(self, tracking_uri: str | None = None, model_name: str = MODEL_NAME,
@@ -296,7 +223,7 @@ class DemoClassifier(AliasFollowingModel):
         if alias == ALIAS:
             ensure_demo_model(uri, model_name)     # the first start trains the champion
         else:
-            _setup(uri)
+            _registry(uri)
         self.feature_names = demo_dataset(SPLIT_SEED)[2]
         super().__init__(registered_model=model_name, alias=alias, alias_poll_s=alias_poll_s,
                          tracking_uri=uri, variant=variant, endpoint="predict",
@@ -304,10 +231,7 @@ class DemoClassifier(AliasFollowingModel):
 
     def load_version(self, version: str) -> _DemoModel:
         """The scikit-learn pipeline of ``models:/<model_name>/<version>`` (in a thread)."""
-        import mlflow.sklearn
-
-        _setup(self._af_uri)
-        return _DemoModel(mlflow.sklearn.load_model(f"models:/{self._af_name}/{version}"))
+        return _DemoModel(Registry(self._af_uri).load_model(self._af_name, version, "sklearn"))
 
     @property
     def clf(self):
@@ -358,7 +282,16 @@ class DemoAppArgs(BaseModel):
 
 
 def build_demo_app(args: DemoAppArgs):
-    """Serve app builder: ``DemoClassifier.bind(...)`` (a dict of args works too)."""
+    """Serve app builder: ``DemoClassifier.bind(...)`` (a dict of args works too).
+
+    Mounted by the sidecar at ``/demo``::
+
+        applications:
+          - name: demo
+            route_prefix: /demo
+            import_path: app.demo.model:build_demo_app
+            args: {tracking_uri: "sqlite:////abs/data/mlflow.db", n_shards: 2}
+    """
     if not isinstance(args, DemoAppArgs):
         args = DemoAppArgs.model_validate(dict(args or {}))
     # resolved on the driver: replicas may run in another working directory

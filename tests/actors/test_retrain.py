@@ -147,3 +147,49 @@ def test_custom_trainer_window_and_too_little_data(archive, ray_session, tmp_pat
         train_from_archive(str(root), uri, NAME, min_rows=10_000)
     with pytest.raises(NotEnoughData, match="no archived"):
         train_from_archive(str(tmp_path / "empty"), uri, NAME)
+
+
+def test_retrain_jobs_record_each_launch(tmp_path):
+    """The job launcher alone (no Ray): one job at a time, cooldown, outcome on the run."""
+    import concurrent.futures
+    import threading
+    from collections import deque
+
+    from mlflow import MlflowClient
+
+    from actors.registry import Registry
+    from actors.retrain import RetrainJobs
+    from kpistream.clock import ManualClock
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    reg = Registry(uri)
+    clock = ManualClock(T0)
+    history: deque = deque(maxlen=10)
+    fut: concurrent.futures.Future = concurrent.futures.Future()
+    jobs = RetrainJobs(reg, lambda: reg.ensure_experiment("decisions"), NAME, dry_run=False,
+                       cooldown_s=60, clock=clock, launch=lambda **kw: fut, history=history,
+                       lock=threading.RLock())
+    assert jobs.status() == {"status": "idle"}
+    r = jobs.maybe_retrain("drift", {"psi": float("nan")})
+    assert r["status"] == "launched" and r["action"] == "retrain"
+    assert jobs.maybe_retrain("again")["status"] == "running"
+    fut.set_result({"version": "4", "run_id": "abc"})
+    st = jobs.status()
+    assert st["status"] == "done" and st["result"]["version"] == "4"
+    client = MlflowClient(tracking_uri=uri)
+    run = client.get_run(r["run_id"])
+    assert run.info.status == "FINISHED" and run.data.tags["kpistream.retrain_version"] == "4"
+    assert reg.load_dict(reg.find_runs(run.info.experiment_id, "", max_results=5)[0],
+                         "evidence.json")["evidence"] == {"psi": None}
+    assert jobs.maybe_retrain("soon")["status"] == "cooldown"
+    clock.advance(61_000)
+    failed = jobs.maybe_retrain("later", launch=lambda **kw: 1 / 0)
+    assert failed["status"] == "failed" and "ZeroDivisionError" in failed["detail"]
+    assert client.get_run(failed["run_id"]).info.status == "FAILED"
+    assert [h["status"] for h in history] == ["launched", "running", "cooldown", "failed"]
+    none = RetrainJobs(reg, lambda: "0", NAME, dry_run=False, cooldown_s=0, clock=clock,
+                       launch=None, history=history, lock=threading.RLock())
+    assert none.maybe_retrain("x")["status"] == "unavailable"
+    dry = RetrainJobs(reg, lambda: "0", NAME, dry_run=True, cooldown_s=0, clock=clock,
+                      launch=lambda **kw: 1 / 0, history=history, lock=threading.RLock())
+    assert dry.maybe_retrain("x")["status"] == "dry_run"
