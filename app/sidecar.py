@@ -60,7 +60,7 @@ def build_app(args: dict):
     Path(store).mkdir(parents=True, exist_ok=True)
     alerts = load_alerts_config(a.alerts_config, cfg)
     canary = load_canary(a.canary_config)
-    from actors.trigger import normalize_tracking_uri
+    from actors.registry import normalize_tracking_uri
 
     return SidecarAPI.bind(cfg, a.shards, store, a.max_body_bytes, a.publish_interval_s,
                            alerts=alerts, archive_dir=_archive_dir(a.archive_dir, store),
