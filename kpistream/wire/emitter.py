@@ -5,8 +5,9 @@ The caller's hot path appends a row to :attr:`Emitter.buf` itself (see
 :meth:`Emitter.put` for the exact steps); everything else happens in a flush
 task in the caller's event loop, never on the request path.
 
-A *transport* is any object with ``send(kind, batch)`` returning an awaitable,
-a future, or ``None`` (sent, nothing to wait for).  Optional: ``n_shards``
+A *transport* is any object with ``send(kind, batch)`` returning an awaitable
+(a coroutine, a future, a Ray ``ObjectRef``) or the result itself (``None``:
+sent, nothing to count).  Optional: ``n_shards``
 (batches are split by shard, :func:`kpistream.wire.batch.route`, before
 sending when it is > 1), ``ready()`` (False or raising: the rows stay
 buffered; may be a coroutine function), ``reset()`` (called after a failed
@@ -18,6 +19,7 @@ result (or a list of them) that is a dict with ``accepted`` / ``late`` /
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import Counter, deque
@@ -42,19 +44,26 @@ class Emitter:
     the buffer (a full buffer drops the row and counts it); the buffer is
     flushed when it holds ``flush_rows`` rows or every ``flush_s`` seconds;
     at most ``max_in_flight`` sends are outstanding (past that the flush task
-    awaits the oldest, up to ``send_timeout_s``, then gives up on it and
-    counts a send error).  ``name`` identifies this emitter in reports,
+    awaits the oldest, up to ``send_timeout_s`` (None: no limit), then gives
+    up on it and counts a send error).  With ``batch_rows`` a send carries at
+    most that many rows, and a flush started by size (not age) sends only
+    full batches: the rest waits for its age.  ``lock`` (a
+    ``threading.Lock``) guards the buffer when other threads append to it
+    (they hold it too).  ``name`` identifies this emitter in reports,
     ``stats`` is what :meth:`report` sends (default :meth:`stats`) and
     ``label`` prefixes the logged errors.  Errors are counted, never raised.
     """
 
     def __init__(self, transport: Any, build: Callable[[list], Any] | None = None, *,
                  kind: str = "inference", buffer_rows: int = 65536, flush_rows: int = 512,
-                 flush_s: float = 0.05, max_in_flight: int = 8, send_timeout_s: float = 30.0,
-                 name: str = "", stats: Callable[[], dict] | None = None,
+                 flush_s: float = 0.05, max_in_flight: int = 8,
+                 send_timeout_s: float | None = 30.0, batch_rows: int | None = None,
+                 lock: Any = None, name: str = "", stats: Callable[[], dict] | None = None,
                  label: str = "") -> None:
         if buffer_rows < 1 or flush_rows < 1 or max_in_flight < 1:
             raise ValueError("buffer_rows, flush_rows and max_in_flight must be >= 1")
+        if batch_rows is not None and batch_rows < 1:
+            raise ValueError(f"batch_rows must be >= 1, got {batch_rows}")
         if not flush_s > 0:
             raise ValueError(f"flush_s must be > 0, got {flush_s}")
         self.transport = transport
@@ -64,7 +73,10 @@ class Emitter:
         self.flush_rows = int(flush_rows)
         self.flush_s = float(flush_s)
         self.max_in_flight = int(max_in_flight)
-        self.send_timeout_s = float(send_timeout_s)
+        self.send_timeout_s = None if send_timeout_s is None else float(send_timeout_s)
+        self.batch_rows = None if batch_rows is None else int(batch_rows)
+        self._lock = lock if lock is not None else contextlib.nullcontext()
+        self._flushing: asyncio.Lock | None = None   # one flush at a time (keeps the order)
         self.name = name
         self.label = label
         self._report_stats = stats or self.stats
@@ -116,7 +128,7 @@ class Emitter:
 
     async def flush(self, wait: bool = True, timeout: float | None = None) -> None:
         """Flush the buffer now; with ``wait``, also wait for every outstanding send."""
-        await self.flush_once()
+        await self.flush_once(by_size=False)
         if wait:
             await self.drain(timeout)
 
@@ -175,20 +187,28 @@ class Emitter:
     async def _loop(self) -> None:
         wake = self.wake
         period = self.flush_s
+        trigger = max(self.flush_rows, self.batch_rows or 0)
         while not self.closed:
             self.report()
-            if len(self.buf) < self.flush_rows:
+            by_size = True
+            if len(self.buf) < trigger:
                 wake.clear()
                 try:
                     await asyncio.wait_for(wake.wait(), period)
                 except asyncio.TimeoutError:
-                    pass
-            if not self.closed and not await self.flush_once():
+                    by_size = False
+            if not self.closed and not await self.flush_once(by_size):
                 await asyncio.sleep(period)   # the transport is not ready: no busy loop
 
-    async def flush_once(self) -> bool:
-        """Send what is buffered; False when the transport is not ready (the rows stay).
-        Never raises."""
+    async def flush_once(self, by_size: bool = False) -> bool:
+        """Send what is buffered (``by_size`` with ``batch_rows``: the full batches); False
+        when the transport is not ready (the rows stay).  Never raises."""
+        if self._flushing is None:
+            self._flushing = asyncio.Lock()
+        async with self._flushing:
+            return await self._flush_once(by_size)
+
+    async def _flush_once(self, by_size: bool) -> bool:
         self._reap()
         if not self.buf:
             return True
@@ -203,21 +223,32 @@ class Emitter:
         except Exception as e:
             self.note_error(f"sink not ready: {type(e).__name__}: {e}")
             return False
-        rows, self.buf = self.buf, []
-        try:
-            batch = rows if self.build is None else self.build(rows)
-        except Exception as e:  # a bug, not bad data: count the rows as lost
-            self.c["lost_rows"] += len(rows)
-            self.note_error(f"building the batch failed: {type(e).__name__}: {e}")
+        size = self.batch_rows
+        with self._lock:
+            rows = self.buf
+            if size is not None and by_size:   # the full batches (the rest waits for its age)
+                k = len(rows) // size * size
+                rows, self.buf = rows[:k], rows[k:]
+            else:
+                self.buf = []
+        if not rows:
             return True
-        c = self.c
-        c["flushes"] += 1
-        c["flushed_rows"] += len(rows)
-        if not len(batch):
-            return True
-        parts = [p for _, _, p in route(batch, n_shards)] if n_shards > 1 else [batch]
-        for part in parts:
-            await self._send(part)
+        chunks = [rows] if size is None else [rows[i:i + size] for i in range(0, len(rows), size)]
+        for chunk in chunks:
+            try:
+                batch = chunk if self.build is None else self.build(chunk)
+            except Exception as e:  # a bug, not bad data: count the rows as lost
+                self.c["lost_rows"] += len(chunk)
+                self.note_error(f"building the batch failed: {type(e).__name__}: {e}")
+                continue
+            c = self.c
+            c["flushes"] += 1
+            c["flushed_rows"] += len(chunk)
+            if not len(batch):
+                continue
+            parts = [p for _, _, p in route(batch, n_shards)] if n_shards > 1 else [batch]
+            for part in parts:
+                await self._send(part)
         return True
 
     async def _send(self, part: Any) -> None:
@@ -225,14 +256,16 @@ class Emitter:
         await self._limit_in_flight()
         try:
             res = self.transport.send(self.kind, part)
-            fut = None if res is None else asyncio.ensure_future(res)
+            fut = asyncio.ensure_future(res) if hasattr(res, "__await__") else None
         except Exception as e:
             self._send_failed(n, e)
             return
         c = self.c
         c["sent_batches"] += 1
         c["sent_rows"] += n
-        if fut is not None:
+        if fut is None:
+            self._count(res)
+        else:
             entry = [fut, n, False]
             self._inflight.append(entry)
             self.pending += 1
@@ -278,7 +311,10 @@ class Emitter:
         if exc is not None:
             self._send_failed(entry[1], exc)
             return
-        res = fut.result()
+        self._count(fut.result())
+
+    def _count(self, res: Any) -> None:
+        """Count a receiver's report(s): ``accepted``, ``late``, ``duplicates``, ``rejected``."""
         for rep in res if isinstance(res, list) else (res,):
             if isinstance(rep, dict):
                 c = self.c
