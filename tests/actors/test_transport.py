@@ -16,6 +16,8 @@ class _Method:
 
     def remote(self, *args):
         self.log.append((self.shard, self.name, args))
+        if self.name == "report_emitter":   # fire and forget
+            return None
 
         async def reply():
             return {"accepted": len(args[0]) if self.name.startswith("ingest") else 0}
