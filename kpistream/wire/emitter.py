@@ -7,13 +7,13 @@ task in the caller's event loop, never on the request path.
 
 A *transport* is any object with ``send(kind, batch)`` returning an awaitable
 (a coroutine, a future, a Ray ``ObjectRef``) or the result itself (``None``:
-sent, nothing to count).  Optional: ``n_shards``
-(batches are split by shard, :func:`kpistream.wire.batch.route`, before
-sending when it is > 1), ``ready()`` (False or raising: the rows stay
-buffered; may be a coroutine function), ``reset()`` (called after a failed
-send), ``report(name, stats)`` (the counters, about once a second).  A send's
-result (or a list of them) that is a dict with ``accepted`` / ``late`` /
-``duplicates`` / ``rejected`` is counted.
+sent, nothing to count).  Optional: ``n_shards`` (batches are split by shard,
+:func:`kpistream.wire.batch.route`, before sending when it is > 1),
+``ready()`` (False or raising: the rows stay buffered; may be a coroutine
+function), ``reset()`` (called after a failed send), ``report(name, stats)``
+(the counters, about once a second).  A send's result (or a list of them)
+that is a dict with ``accepted`` / ``late`` / ``duplicates`` / ``rejected``
+is counted.
 """
 
 from __future__ import annotations
@@ -47,7 +47,8 @@ class Emitter:
     awaits the oldest, up to ``send_timeout_s`` (None: no limit), then gives
     up on it and counts a send error).  With ``batch_rows`` a send carries at
     most that many rows, and a flush started by size (not age) sends only
-    full batches: the rest waits for its age.  ``lock`` (a
+    full batches: the rest waits for its age (``flush_rows`` is then at least
+    ``batch_rows``).  ``lock`` (a
     ``threading.Lock``) guards the buffer when other threads append to it
     (they hold it too).  ``name`` identifies this emitter in reports,
     ``stats`` is what :meth:`report` sends (default :meth:`stats`) and
@@ -70,7 +71,7 @@ class Emitter:
         self.build = build
         self.kind = kind
         self.cap = int(buffer_rows)
-        self.flush_rows = int(flush_rows)
+        self.flush_rows = max(int(flush_rows), batch_rows or 0)   # the size trigger
         self.flush_s = float(flush_s)
         self.max_in_flight = int(max_in_flight)
         self.send_timeout_s = None if send_timeout_s is None else float(send_timeout_s)
@@ -187,11 +188,10 @@ class Emitter:
     async def _loop(self) -> None:
         wake = self.wake
         period = self.flush_s
-        trigger = max(self.flush_rows, self.batch_rows or 0)
         while not self.closed:
             self.report()
             by_size = True
-            if len(self.buf) < trigger:
+            if len(self.buf) < self.flush_rows:
                 wake.clear()
                 try:
                     await asyncio.wait_for(wake.wait(), period)

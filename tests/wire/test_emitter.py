@@ -257,3 +257,23 @@ def test_bad_arguments():
         Emitter(Memory(), buffer_rows=0)
     with pytest.raises(ValueError):
         Emitter(Memory(), flush_s=0)
+
+
+def test_batch_rows_caps_each_send_and_a_size_flush_sends_only_full_batches():
+    async def go():
+        tr = Memory()
+        em = Emitter(tr, batch_rows=3, flush_rows=1, flush_s=0.3)
+        assert em.flush_rows == 3                  # the size trigger is a full batch
+        for i in range(7):
+            em.put(i)
+        await asyncio.sleep(0.05)
+        assert [b for _, b in tr.sent] == [[0, 1, 2], [3, 4, 5]]
+        assert em.stats()["buffered"] == 1         # the rest waits for its age
+        assert await wait_for(lambda: tr.rows == 7)
+        assert [b for _, b in tr.sent][-1] == [6]
+        for i in range(5):
+            em.put(i)
+        await em.flush()                           # an explicit flush sends everything
+        assert [len(b) for _, b in tr.sent][-2:] == [3, 2]
+        await em.aclose()
+    run(go())
