@@ -25,8 +25,6 @@ import time
 from collections import Counter, deque
 from typing import Any, Callable, Protocol
 
-from kpistream.wire.batch import route
-
 log = logging.getLogger("kpistream.monitor")
 
 
@@ -246,7 +244,12 @@ class Emitter:
             c["flushed_rows"] += len(chunk)
             if not len(batch):
                 continue
-            parts = [p for _, _, p in route(batch, n_shards)] if n_shards > 1 else [batch]
+            if n_shards > 1:   # imported here: the HTTP client needs no numpy / pandas
+                from kpistream.wire.batch import route
+
+                parts = [p for _, _, p in route(batch, n_shards)]
+            else:
+                parts = [batch]
             for part in parts:
                 await self._send(part)
         return True

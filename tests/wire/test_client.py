@@ -337,3 +337,14 @@ def test_http_transport_under_an_emitter_in_an_event_loop(server):
     assert tr.stats()["accepted"] == 4 and tr.stats()["rejected"] == 1
     assert tr.rejections[0]["event_id"] == "e4"
     tr.close()
+
+
+def test_the_client_imports_only_the_standard_library():
+    import subprocess
+    import sys
+
+    code = ("import sys, kpistream.wire.client\n"
+            "print(sorted(m for m in ('numpy', 'pandas', 'pydantic', 'ray') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=__file__.rsplit("/tests/", 1)[0])
+    assert out.stdout.strip() == "[]"
