@@ -324,8 +324,8 @@ class KpiClient:
                                flush_rows=self.batch_rows, flush_s=self.flush_s,
                                max_in_flight=1, send_timeout_s=None,
                                batch_rows=self.batch_rows, lock=self._lock,
-                               label=f"client {kind_label}")
-                    for k, kind_label in zip(_KINDS, _KINDS)}
+                               label=f"client {k}")
+                    for k in _KINDS}
         self._enqueued = 0      # events accepted into the buffer, ever
         self._settled = 0       # events sent, or given up on
         self._dropped = 0
