@@ -348,3 +348,25 @@ def test_the_client_imports_only_the_standard_library():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, cwd=__file__.rsplit("/tests/", 1)[0])
     assert out.stdout.strip() == "[]"
+
+
+def test_many_threads_logging_lose_and_repeat_nothing(server):
+    with KpiClient(server.url, batch_rows=50, flush_s=0.01) as kpi:
+        def log(t):
+            for i in range(300):
+                kpi.log_inference(**inference(i, request_id=f"t{t}-{i}"))
+                if i % 3 == 0:
+                    kpi.log_feedback(f"t{t}-{i}", "click")
+
+        threads = [threading.Thread(target=log, args=(t,)) for t in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert kpi.flush(timeout=30)
+        st = kpi.stats()
+    ids = [r["request_id"] for r in server.rows("/v1/events")]
+    assert len(ids) == len(set(ids)) == 1200
+    assert len(server.rows("/v1/feedback")) == 4 * 100
+    assert all(len(rows) <= 50 for _, rows in server.posts)
+    assert st["sent_rows"] == 1200 + 4 * 100 and st["dropped"] == 0 and st["buffered"] == 0
