@@ -33,7 +33,8 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from ray import serve
 
-from kpistream.wire.batch import FeedbackBatch, InferenceBatch, shard_of
+from actors.transport import ShardTransport
+from kpistream.wire.batch import FeedbackBatch, InferenceBatch, route
 from kpistream.spec.metrics import config_from_dict
 from kpistream.errors import Rejection
 from kpistream.wire.schema import parse_payload, validate_rows
@@ -100,15 +101,8 @@ class SidecarAPI:
         for kind, recs in iter_runs(res):
             pos = np.array([next(inf_pos if kind == "inference" else fb_pos) for _ in recs])
             batch = (InferenceBatch if kind == "inference" else FeedbackBatch).from_records(recs)
-            owner = shard_of(batch.request_id, self.n_shards)
-            for s in range(self.n_shards):
-                rows_s = np.flatnonzero(owner == s)
-                if not len(rows_s):
-                    continue
-                part = batch.take(rows_s)
-                method = (self.shards[s].ingest_inference if kind == "inference"
-                          else self.shards[s].ingest_feedback)
-                calls.append((method.remote(part), pos[rows_s]))
+            for s, rows_s, part in route(batch, self.n_shards):
+                calls.append((ShardTransport.call(self.shards[s], kind, part), pos[rows_s]))
         reports = await asyncio.gather(*(ref for ref, _ in calls))
         accepted = late = dups = 0
         for rep, (_, pos) in zip(reports, calls):

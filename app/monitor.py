@@ -41,58 +41,45 @@ by ``infer``, and records no event.  :class:`AliasFollowingModel` serves an
 MLflow registered model's alias (``champion``, ``challenger``) and swaps in the
 version the alias moves to, live.
 
-What the request path does for monitoring is one tuple appended to a list:
-no validation, no hashing, no dicts.  The reply never waits on kpistream; a
-full buffer (``buffer_rows``) drops the event and counts it.
-
-A background task in the replica's event loop (started on the first request)
-flushes the buffer when it holds ``flush_rows`` rows or every ``flush_ms``:
-rows become normalized records (:mod:`kpistream.wire.batch`; predictions are
-normalized exactly as :mod:`kpistream.wire.schema` does, by a small fast
-normalizer that hands anything unusual to ``schema.validate_rows``), one
-:class:`~kpistream.wire.batch.InferenceBatch`, split by shard
-(``hash(request_id) % N``), and each part goes to its shard actor with
-``ingest_inference.remote(part)``.  At most ``max_in_flight`` sends are
-outstanding; past that the flush task (never a request) awaits the oldest.
-Send errors are counted (:meth:`MonitoredModel.monitor_stats`), never raised.
-
-The sink is pluggable: any object with ``n_shards`` and ``send(kind, batch)``
-returning an awaitable, a Ray ``ObjectRef`` or ``None`` (each batch it gets
-holds one shard's rows: ``hash(request_id) % n_shards`` is the same for all
-of them).  The default :class:`ShardSink` finds the named shard actors
-(``kpistream-shard-<i>`` in namespace ``kpistream``) on first use.  This
-module imports Ray only inside :class:`ShardSink`, so the wrapper is testable
-without a cluster.
+What the request path does for monitoring is one tuple appended to the
+emitter's buffer (:class:`kpistream.wire.emitter.Emitter`): no validation, no
+hashing, no dicts.  The reply never waits on kpistream; a full buffer
+(``buffer_rows``) drops the event and counts it.  The emitter's flush task
+(in the replica's event loop, started on the first request) turns the rows
+into normalized records (:mod:`kpistream.wire.normalize`, the same results as
+:mod:`kpistream.wire.schema`), one
+:class:`~kpistream.wire.batch.InferenceBatch` split by shard, and sends each
+part through its transport, by default the shard actors
+(:class:`actors.transport.ShardTransport`, Ray imported only there).
+Any object with ``send(kind, batch)`` can be the ``sink`` instead (see
+:mod:`kpistream.wire.emitter`), so the wrapper is testable without a cluster.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import itertools
 import json
 import logging
-import math
-import os
-import re
 import secrets
 import time
-from collections import Counter, deque
+from collections import Counter
 from contextvars import ContextVar
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response
 
-from kpistream.wire.batch import BASE_LABELS, InferenceBatch, shard_of, split_by_shard
-from kpistream.wire.schema import (MAX_FEATURES, MAX_RANKING, MAX_SCORES, MAX_SEGMENTS, MAX_STR,
-                              validate_rows)
+from actors.transport import SHARDS_ENV, ShardSink, ShardTransport
+from kpistream.wire.batch import InferenceBatch
+from kpistream.wire.emitter import Emitter
+from kpistream.wire.normalize import RowNormalizer
+from kpistream.wire.schema import MAX_STR
 
 log = logging.getLogger("kpistream.monitor")
 
 REQUEST_ID_HEADER = "x-request-id"
 _RID_HEADER = b"x-request-id"
-SHARDS_ENV = "KPISTREAM_SHARDS"   #: shard count for ``n_shards=None`` (else discovered)
 
 #: the version of the model that served the current request, when the model can change under
 #: it (set by :meth:`AliasFollowingModel.loaded`; read back by the request path after predict)
@@ -140,278 +127,6 @@ def _in_serve_replica() -> bool:
 
 
 # ---------------------------------------------------------------------------
-# sinks
-
-
-class ShardSink:
-    """Sends batches to the named shard actors (``actors.remote``), found on first use.
-
-    ``n_shards=None`` takes the count from the environment variable
-    ``KPISTREAM_SHARDS`` or, failing that, discovers it: the consecutive
-    shard actors ``kpistream-shard-0, 1, ...`` that exist, accepted once the
-    publisher exists (it is created after every shard) or the count is the
-    same on two probes.  Until the actors are found :meth:`ready` is false
-    (and the monitor keeps its rows buffered); look-ups are retried at most
-    every ``retry_s``.
-    """
-
-    def __init__(self, n_shards: int | None = None, namespace: str | None = None,
-                 retry_s: float = 1.0) -> None:
-        if n_shards is None and os.environ.get(SHARDS_ENV):
-            n_shards = int(os.environ[SHARDS_ENV])
-        if n_shards is not None and n_shards < 1:
-            raise ValueError(f"n_shards must be >= 1, got {n_shards}")
-        self._n = n_shards
-        self._namespace = namespace
-        self._retry_s = retry_s
-        self._handles: list | None = None
-        self._next_try = 0.0
-        self._probed: int | None = None
-        self.last_error: str | None = None
-
-    @property
-    def n_shards(self) -> int | None:
-        return len(self._handles) if self._handles is not None else self._n
-
-    def ready(self) -> bool:
-        if self._handles is not None:
-            return True
-        now = time.monotonic()
-        if now < self._next_try:
-            return False
-        self._next_try = now + self._retry_s
-        try:
-            self._handles = self._lookup()
-        except Exception as e:  # not there yet: retried later
-            self.last_error = f"{type(e).__name__}: {e}"
-            return False
-        return self._handles is not None
-
-    def reset(self) -> None:
-        """Forget the handles (after a failed send); the next use looks them up again."""
-        self._handles = None
-
-    def _lookup(self) -> list | None:
-        import ray
-
-        from actors.remote import NAMESPACE, PUBLISHER, shard_name
-
-        ns = self._namespace or NAMESPACE
-        if self._n is not None:
-            return [ray.get_actor(shard_name(i), namespace=ns) for i in range(self._n)]
-        handles = []
-        while True:
-            try:
-                handles.append(ray.get_actor(shard_name(len(handles)), namespace=ns))
-            except ValueError:
-                break
-        if not handles:
-            raise LookupError(f"no shard actor {shard_name(0)!r} in namespace {ns!r}")
-        try:
-            ray.get_actor(PUBLISHER, namespace=ns)
-            complete = True
-        except ValueError:
-            complete = self._probed == len(handles)
-        self._probed = len(handles)
-        if not complete:
-            self._next_try = 0.0 if self._retry_s <= 0 else time.monotonic() + self._retry_s
-            raise LookupError(f"found {len(handles)} shard actors; waiting for the count to settle")
-        return handles
-
-    def send(self, kind: str, batch: Any) -> Any:
-        if self._handles is None and not self.ready():
-            raise LookupError(self.last_error or "kpistream shard actors not found")
-        handles = self._handles
-        n = len(handles)
-        owner = shard_of(batch.request_id, n)
-        first = int(owner[0])
-        if n == 1 or bool((owner == first).all()):
-            return self._call(handles[first], kind, batch)
-        refs = [self._call(handles[i], kind, part)
-                for i, part in enumerate(split_by_shard(batch, n)) if len(part)]
-        return asyncio.gather(*refs)
-
-    def report(self, emitter: str, stats: dict) -> None:
-        """The emitter's counters to shard 0 (fire and forget), for /metrics."""
-        if self._handles is None and not self.ready():
-            return
-        self._handles[0].report_emitter.remote(emitter, stats)
-
-    @staticmethod
-    def _call(handle: Any, kind: str, batch: Any) -> Any:
-        if kind == "inference":
-            return handle.ingest_inference.remote(batch)
-        if kind == "feedback":
-            return handle.ingest_feedback.remote(batch)
-        raise ValueError(f"kind must be 'inference' or 'feedback', not {kind!r}")
-
-
-# ---------------------------------------------------------------------------
-# the fast normalizer (the same results as kpistream.wire.schema, for the common shapes)
-
-_SEG_KEY_MATCH = re.compile(r"[A-Za-z_][A-Za-z0-9_]*").fullmatch
-_BASE = frozenset(BASE_LABELS)
-_GOOD_SEG_KEYS: set[str] = set()
-_UNSUPPORTED = object()   # "ask the schema": an unusual or invalid shape
-_FLOAT_INT_BITS = 53      # ints that are exactly a float
-
-
-def _label(v: Any) -> Any:
-    t = type(v)
-    if t is str:
-        return v if 0 < len(v) <= MAX_STR else _UNSUPPORTED
-    if t is bool:
-        return "true" if v else "false"
-    if t is int:
-        if v.bit_length() <= 850:
-            s = str(v)
-            if len(s) <= MAX_STR:
-                return s
-    return _UNSUPPORTED
-
-
-def _number(v: Any) -> Any:
-    """A finite float (pydantic strict float: float, or an int)."""
-    t = type(v)
-    if t is float:
-        return v if math.isfinite(v) else _UNSUPPORTED
-    if t is int and v.bit_length() <= _FLOAT_INT_BITS:
-        return float(v)
-    return _UNSUPPORTED
-
-
-def _prediction(p: Any) -> Any:
-    """(pred_label, pred_score, pred_value, ranking), or _UNSUPPORTED."""
-    t = type(p)
-    if t is str or t is bool or t is int:
-        lab = _label(p)
-        return _UNSUPPORTED if lab is _UNSUPPORTED else (lab, None, None, None)
-    if t is float:
-        return (None, None, p, None) if math.isfinite(p) else _UNSUPPORTED
-    if t is not dict:
-        return _UNSUPPORTED
-    if "ranking" in p:
-        r = p["ranking"]
-        if len(p) != 1 or type(r) is not list or len(r) > MAX_RANKING:
-            return _UNSUPPORTED
-        items = []
-        for x in r:
-            tx = type(x)
-            if tx is str:
-                if not 0 < len(x) <= MAX_STR:
-                    return _UNSUPPORTED
-                items.append(x)
-            elif tx is int and x.bit_length() <= 850:
-                s = str(x)
-                if len(s) > MAX_STR:
-                    return _UNSUPPORTED
-                items.append(s)
-            else:
-                return _UNSUPPORTED
-        if len(set(items)) != len(items):
-            return _UNSUPPORTED
-        return (None, None, None, items)
-    if "label" not in p:
-        return _UNSUPPORTED
-    lab = _label(p["label"])
-    if lab is _UNSUPPORTED:
-        return _UNSUPPORTED
-    score = scores = None
-    for k, v in p.items():
-        if k == "label":
-            continue
-        if k == "score":
-            if v is not None:
-                score = _number(v)
-                if score is _UNSUPPORTED:
-                    return _UNSUPPORTED
-        elif k == "scores":
-            if v is not None:
-                if type(v) is not dict or len(v) > MAX_SCORES:
-                    return _UNSUPPORTED
-                scores = {}
-                for sk, sv in v.items():
-                    if type(sk) is not str or not 0 < len(sk) <= MAX_STR:
-                        return _UNSUPPORTED
-                    f = _number(sv)
-                    if f is _UNSUPPORTED:
-                        return _UNSUPPORTED
-                    scores[sk] = f
-        else:
-            return _UNSUPPORTED
-    if score is None and scores:
-        score = scores.get(lab)
-    return (lab, score, None, None)
-
-
-def _segments(s: Any) -> Any:
-    if s is None:
-        return {}
-    if type(s) is not dict or len(s) > MAX_SEGMENTS:
-        return _UNSUPPORTED
-    good = _GOOD_SEG_KEYS
-    for k, v in s.items():
-        if k not in good:
-            if (type(k) is not str or not 0 < len(k) <= MAX_STR or not _SEG_KEY_MATCH(k)
-                    or k.startswith("__") or k in _BASE):
-                return _UNSUPPORTED
-            if len(good) < 4096:
-                good.add(k)
-        if type(v) is not str or not 0 < len(v) <= MAX_STR:
-            return _UNSUPPORTED
-    return s
-
-
-def _cost(c: Any) -> Any:
-    """(usd, tokens) or _UNSUPPORTED."""
-    if c is None:
-        return (None, None)
-    if type(c) is not dict:
-        return _UNSUPPORTED
-    usd = tokens = None
-    for k, v in c.items():
-        if v is None:
-            continue
-        if k == "usd":
-            usd = _number(v)
-            if usd is _UNSUPPORTED or usd < 0:
-                return _UNSUPPORTED
-        elif k == "tokens":
-            if type(v) is not int or v < 0:
-                return _UNSUPPORTED
-            tokens = v
-        else:
-            return _UNSUPPORTED
-    return (usd, tokens)
-
-
-def _features(f: Any) -> tuple[dict | None, int]:
-    """Sampled inputs, reduced to what the wire format allows: (features, entries dropped).
-
-    Features are optional context, so an entry the schema would reject (a
-    nested value, a long string, a non-finite number, a bad key) is dropped,
-    not the whole event.
-    """
-    if f is None:
-        return None, 0
-    if type(f) is not dict:
-        return None, 1
-    out: dict = {}
-    dropped = 0
-    for k, v in f.items():
-        if len(out) >= MAX_FEATURES or type(k) is not str or not 0 < len(k) <= MAX_STR:
-            dropped += 1
-            continue
-        t = type(v)
-        if v is None or t is bool or t is int or t is str and len(v) <= MAX_STR \
-                or t is float and math.isfinite(v):
-            out[k] = v
-        else:
-            dropped += 1
-    return out, dropped
-
-
-# ---------------------------------------------------------------------------
 # the wrapper
 
 
@@ -420,13 +135,14 @@ class MonitoredModel:
 
     ``model`` / ``model_version`` / ``variant`` / ``endpoint`` label every
     event (the series labels).  ``n_shards`` is the shard count of the
-    sidecar (``None``: see :class:`ShardSink`).  ``buffer_rows`` bounds the
-    in-process buffer; ``flush_rows`` / ``flush_ms`` say when to flush;
-    ``max_in_flight`` bounds outstanding sends; ``feature_sample`` is the
-    fraction of requests whose inputs (:meth:`features`) travel with the
-    event; ``sink`` replaces the shard actors (tests, other transports);
-    ``send_timeout_s`` gives up on a send that long outstanding when the
-    flush task must wait for it (counted as a send error).
+    sidecar (``None``: see :class:`~actors.transport.ShardTransport`).
+    ``buffer_rows`` bounds the in-process buffer; ``flush_rows`` /
+    ``flush_ms`` say when to flush; ``max_in_flight`` bounds outstanding
+    sends; ``feature_sample`` is the fraction of requests whose inputs
+    (:meth:`features`) travel with the event; ``sink`` replaces the shard
+    actors (tests, other transports); ``send_timeout_s`` gives up on a send
+    that long outstanding when the flush task must wait for it (counted as a
+    send error).
     """
 
     def __init__(self, *, model: str, model_version: str, variant: str = "primary",
@@ -449,12 +165,6 @@ class MonitoredModel:
         self._mon_version = model_version
         self._mon_variant = variant
         self._mon_endpoint = endpoint
-        self._mon_sink = sink if sink is not None else ShardSink(n_shards)
-        self._mon_cap = int(buffer_rows)
-        self._mon_flush_rows = int(flush_rows)
-        self._mon_flush_s = float(flush_ms) / 1000.0
-        self._mon_max_in_flight = int(max_in_flight)
-        self._mon_send_timeout_s = float(send_timeout_s)
         self._mon_sample = float(feature_sample)
         # request ids: a random per-replica prefix and a counter
         self._mon_id_prefix = secrets.token_hex(6) + "-"
@@ -468,31 +178,21 @@ class MonitoredModel:
         self._mon_cost_hook = self.cost if cls.cost is not MonitoredModel.cost else None
         self._mon_extra = (self._mon_seg_hook is not None or self._mon_cost_hook is not None
                            or self._mon_sample > 0)
+        self._mon_rng = None
         # True when the model can change under a request (AliasFollowingModel): the event then
         # carries the version predict() says it used (_SERVED_VERSION)
         self._mon_versioned = False
-        # the buffer and the flush task
-        self._mon_buf: list = []
-        self._mon_task: asyncio.Task | None = None
-        self._mon_running = False             # the flush task is alive
-        self._mon_wake = asyncio.Event()      # replaced by one of the flush task's loop
-        self._mon_inflight: deque = deque()   # [future, rows, settled]
-        self._mon_pending = 0                 # sends neither answered nor abandoned
-        self._mon_closed = False
-        self._mon_rng = None
-        # counters
-        self._mon_dropped = 0
-        self._mon_bad_requests = 0
-        self._mon_ids_replaced = 0
-        self._mon_hook_errors = 0
-        self._mon_reply_errors = 0
-        self._mon_unavailable = 0
-        self._mon_infer_calls = 0
-        self._mon_c: Counter = Counter()
-        self._mon_rejections: Counter = Counter()
-        self._mon_last_error: str | None = None
-        self._mon_last_log = 0.0
-        self._mon_last_report = 0.0
+        # request-path counters: bad_requests, ids_replaced, hook_errors, reply_errors,
+        # unavailable, infer_calls
+        self._mon_n: Counter = Counter()
+        # rows -> records (the normalizer), buffered and sent by the emitter
+        self._mon_norm = RowNormalizer(model, variant, endpoint, on_error=self._note_error)
+        self._mon_emitter = Emitter(
+            sink if sink is not None else ShardTransport(n_shards), self._to_batch,
+            buffer_rows=buffer_rows, flush_rows=flush_rows, flush_s=float(flush_ms) / 1000.0,
+            max_in_flight=max_in_flight, send_timeout_s=send_timeout_s,
+            name=self._mon_id_prefix.rstrip("-"), stats=self.monitor_stats,
+            label=f"{model} {variant}")
 
     # ------------------------------------------------------------ user hooks
     async def predict(self, payload: Any) -> Any:
@@ -521,7 +221,7 @@ class MonitoredModel:
                 if 0 < len(v) <= MAX_STR:
                     rid_b = v
                 else:
-                    self._mon_ids_replaced += 1
+                    self._mon_n["ids_replaced"] += 1
                 break
         if rid_b is None:
             rid = f"{self._mon_id_prefix}{next(self._mon_ids)}"
@@ -534,7 +234,7 @@ class MonitoredModel:
         try:
             payload = json.loads(body) if body else {}
         except ValueError:
-            self._mon_bad_requests += 1
+            self._mon_n["bad_requests"] += 1
             return _Reply(_dumps({"request_id": rid, "error": "the request body is not valid "
                                   "JSON"}).encode(), 400, rid_b)
         version = self._mon_version
@@ -550,10 +250,10 @@ class MonitoredModel:
                                rid_b)
             except (TypeError, ValueError) as e:   # not JSON: the request failed
                 ok = False
-                self._mon_reply_errors += 1
+                self._mon_n["reply_errors"] += 1
                 reply = self._error_reply(rid, rid_b, e)
         except ModelUnavailable as e:   # nothing to answer with: not an inference
-            self._mon_unavailable += 1
+            self._mon_n["unavailable"] += 1
             return self._error_reply(rid, rid_b, e, 503)
         except Exception as e:
             t1 = _perf_ns()
@@ -582,7 +282,7 @@ class MonitoredModel:
         elif type(request_id) is not str or not 0 < len(request_id) <= MAX_STR:
             raise ValueError(f"request_id must be a string of 1..{MAX_STR} characters, "
                              f"got {request_id!r:.80}")
-        self._mon_infer_calls += 1
+        self._mon_n["infer_calls"] += 1
         version = self._mon_version
         if self._mon_versioned:
             _SERVED_VERSION.set(None)
@@ -590,7 +290,7 @@ class MonitoredModel:
         try:
             pred = await self.predict(payload)
         except ModelUnavailable:
-            self._mon_unavailable += 1
+            self._mon_n["unavailable"] += 1
             raise
         except Exception:
             t1 = _perf_ns()
@@ -607,20 +307,22 @@ class MonitoredModel:
 
     def _record(self, t0: int, rid: str, lat_ns: int, ok: bool, pred: Any, payload: Any,
                 version: str) -> None:
-        """One buffered row (the whole cost of monitoring on the request path)."""
+        """One buffered row (the whole cost of monitoring on the request path): the steps of
+        :meth:`Emitter.put <kpistream.wire.emitter.Emitter.put>`, inlined."""
         if self._mon_extra:
             segs, cost, feats = self._hooks(payload, pred if ok else None)
         else:
             segs = cost = feats = None
-        if not self._mon_running:
-            self._start_flusher()
-        buf = self._mon_buf
-        if len(buf) < self._mon_cap:
+        em = self._mon_emitter
+        if not em.running:
+            em.start()
+        buf = em.buf
+        if len(buf) < em.cap:
             buf.append((t0, rid, lat_ns, ok, pred, segs, cost, feats, version))
-            if len(buf) >= self._mon_flush_rows:
-                self._mon_wake.set()
+            if len(buf) >= em.flush_rows:
+                em.wake.set()
         else:
-            self._mon_dropped += 1
+            em.dropped += 1
 
     def _error_reply(self, rid: str, rid_b: bytes | None, e: BaseException,
                      status: int = 500) -> Response:
@@ -653,8 +355,11 @@ class MonitoredModel:
         return segs, cost, feats
 
     def _hook_failed(self, name: str, e: Exception) -> None:
-        self._mon_hook_errors += 1
+        self._mon_n["hook_errors"] += 1
         self._note_error(f"{name}() raised {type(e).__name__}: {e}")
+
+    def _note_error(self, msg: str) -> None:
+        self._mon_emitter.note_error(msg)
 
     # ------------------------------------------------------- public controls
     def set_version(self, model_version: str) -> None:
@@ -668,61 +373,44 @@ class MonitoredModel:
 
     def monitor_stats(self) -> dict:
         """Counters for /metrics: rows buffered, dropped, flushed, sent, and what shards said."""
-        c = self._mon_c
+        em = self._mon_emitter.stats()
+        norm = self._mon_norm.stats()
+        n = self._mon_n
         return {
             "model": self._mon_model, "model_version": self._mon_version,
             "variant": self._mon_variant, "endpoint": self._mon_endpoint,
-            "buffered": len(self._mon_buf), "buffer_rows": self._mon_cap,
-            "dropped": self._mon_dropped,
-            "flushed_rows": c["flushed_rows"], "flushed_batches": c["flushes"],
-            "sent_batches": c["sent_batches"], "sent_rows": c["sent_rows"],
-            "in_flight": self._mon_pending,
-            "send_errors": c["send_errors"], "send_timeouts": c["send_timeouts"],
-            "lost_rows": c["lost_rows"],
-            "error_events": c["error_events"],
-            "invalid": c["invalid"],
-            "invalid_by_reason": {f"{f}:{r}": n
-                                  for (f, r), n in dict(self._mon_rejections).items()},
-            "features_dropped": c["features_dropped"],
-            "accepted": c["accepted"], "rejected": c["rejected"], "late": c["late"],
-            "duplicates": c["duplicates"],
-            "bad_requests": self._mon_bad_requests, "reply_errors": self._mon_reply_errors,
-            "ids_replaced": self._mon_ids_replaced, "hook_errors": self._mon_hook_errors,
-            "unavailable": self._mon_unavailable, "infer_calls": self._mon_infer_calls,
-            "last_error": self._mon_last_error,
+            "buffered": em["buffered"], "buffer_rows": em["buffer_rows"],
+            "dropped": em["dropped"],
+            "flushed_rows": em["flushed_rows"], "flushed_batches": em["flushed_batches"],
+            "sent_batches": em["sent_batches"], "sent_rows": em["sent_rows"],
+            "in_flight": em["in_flight"],
+            "send_errors": em["send_errors"], "send_timeouts": em["send_timeouts"],
+            "lost_rows": em["lost_rows"],
+            **norm,
+            "accepted": em["accepted"], "rejected": em["rejected"], "late": em["late"],
+            "duplicates": em["duplicates"],
+            "bad_requests": n["bad_requests"], "reply_errors": n["reply_errors"],
+            "ids_replaced": n["ids_replaced"], "hook_errors": n["hook_errors"],
+            "unavailable": n["unavailable"], "infer_calls": n["infer_calls"],
+            "last_error": em["last_error"],
         }
 
     async def flush(self, wait: bool = True, timeout: float | None = None) -> None:
         """Flush the buffer now; with ``wait``, also wait for every outstanding send."""
-        await self._flush_once()
-        if wait:
-            await self._drain(timeout)
+        await self._mon_emitter.flush(wait, timeout)
 
     async def aclose(self, timeout: float = 5.0) -> None:
         """Stop the flush task after a last flush (sends awaited up to ``timeout`` s)."""
-        if self._mon_closed:
-            return
-        self._mon_closed = True
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        task = self._mon_task
-        if task is not None and not task.done():
-            self._mon_wake.set()          # the loop ends after the flush it is in
-            await asyncio.wait({task}, timeout=timeout)
-            if not task.done():
-                task.cancel()
-        try:
-            await asyncio.wait_for(self.flush(wait=True), max(deadline - loop.time(), 0.001))
-        except asyncio.TimeoutError:
-            self._note_error(f"closing: sends still outstanding after {timeout} s")
+        await self._mon_emitter.aclose(timeout)
 
     def __del__(self) -> Any:
         # Serve calls __del__ on graceful shutdown and awaits it if it returns a coroutine:
         # then the buffer gets a last flush.  Garbage collection outside Serve finds nothing
         # to do once aclose() has run (or no flush task ever started).
         try:
-            task = self._mon_task
-            if self._mon_closed or task is None or task.done():
+            em = self._mon_emitter
+            task = em.task
+            if em.closed or task is None or task.done():
                 return None
             if asyncio.get_running_loop() is not task.get_loop():
                 return None
@@ -730,220 +418,16 @@ class MonitoredModel:
             return None
         return self.aclose()
 
-    # -------------------------------------------------------------- flushing
-    def _start_flusher(self) -> None:
-        if self._mon_closed:
-            return
-        loop = asyncio.get_running_loop()
-        self._mon_wake = asyncio.Event()
-        self._mon_task = loop.create_task(self._flush_loop(), name="kpistream-monitor-flush")
-        self._mon_running = True
-        self._mon_task.add_done_callback(self._flusher_ended)
-
-    def _flusher_ended(self, task: asyncio.Task) -> None:
-        if task is self._mon_task:
-            self._mon_running = False
-
-    def _report(self) -> None:
-        """Hand the counters to the sidecar (for /metrics) about once a second."""
-        now = time.monotonic()
-        report = getattr(self._mon_sink, "report", None)
-        if report is None or now - self._mon_last_report < 1.0:
-            return
-        self._mon_last_report = now
-        try:
-            report(self._mon_id_prefix.rstrip("-"), self.monitor_stats())
-        except Exception as e:  # the sidecar may be away: counted, never raised
-            self._mon_c["report_errors"] += 1
-            self._mon_last_error = f"report: {type(e).__name__}: {e}"
-
-    async def _flush_loop(self) -> None:
-        wake = self._mon_wake
-        period = self._mon_flush_s
-        while not self._mon_closed:
-            self._report()
-            if len(self._mon_buf) < self._mon_flush_rows:
-                wake.clear()
-                try:
-                    await asyncio.wait_for(wake.wait(), period)
-                except asyncio.TimeoutError:
-                    pass
-            if not self._mon_closed and not await self._flush_once():
-                await asyncio.sleep(period)   # the sink is not ready: no busy loop
-
-    async def _flush_once(self) -> bool:
-        """Send what is buffered; False when the sink is not ready (the rows stay).
-        Never raises."""
-        self._reap()
-        if not self._mon_buf:
-            return True
-        sink = self._mon_sink
-        try:
-            ready = getattr(sink, "ready", None)
-            if ready is not None:
-                r = ready()
-                if not (await r if asyncio.iscoroutine(r) else r):
-                    return False
-            n_shards = int(sink.n_shards or 1)
-        except Exception as e:
-            self._note_error(f"sink not ready: {type(e).__name__}: {e}")
-            return False
-        rows, self._mon_buf = self._mon_buf, []
-        try:
-            batch = self._to_batch(rows)
-        except Exception as e:  # a bug, not bad data: count the rows as lost
-            self._mon_c["lost_rows"] += len(rows)
-            self._note_error(f"building the batch failed: {type(e).__name__}: {e}")
-            return True
-        c = self._mon_c
-        c["flushes"] += 1
-        c["flushed_rows"] += len(rows)
-        if not len(batch):
-            return True
-        parts = split_by_shard(batch, n_shards) if n_shards > 1 else [batch]
-        for part in parts:
-            n = len(part)
-            if not n:
-                continue
-            await self._limit_in_flight()
-            try:
-                res = sink.send("inference", part)
-                fut = None if res is None else asyncio.ensure_future(res)
-            except Exception as e:
-                self._send_failed(n, e)
-                continue
-            c["sent_batches"] += 1
-            c["sent_rows"] += n
-            if fut is not None:
-                entry = [fut, n, False]
-                self._mon_inflight.append(entry)
-                self._mon_pending += 1
-                fut.add_done_callback(lambda f, entry=entry: self._on_done(entry))
-        return True
-
-    def _reap(self) -> None:
-        q = self._mon_inflight
-        while q and (q[0][2] or q[0][0].done()):
-            q.popleft()
-
-    async def _limit_in_flight(self) -> None:
-        q = self._mon_inflight
-        while True:
-            self._reap()
-            if len(q) < self._mon_max_in_flight:
-                return
-            entry = q[0]
-            done, _ = await asyncio.wait({entry[0]}, timeout=self._mon_send_timeout_s)
-            if not done and not entry[2]:
-                entry[2] = True   # abandoned: a late result is ignored
-                self._mon_pending -= 1
-                self._mon_c["send_timeouts"] += 1
-                self._send_failed(entry[1], TimeoutError(
-                    f"a send was outstanding for more than {self._mon_send_timeout_s} s"))
-
-    async def _drain(self, timeout: float | None) -> None:
-        futs = {e[0] for e in self._mon_inflight if not e[2] and not e[0].done()}
-        if futs:
-            await asyncio.wait(futs, timeout=timeout)
-        self._reap()
-
-    def _on_done(self, entry: list) -> None:
-        if entry[2]:
-            return
-        entry[2] = True
-        self._mon_pending -= 1
-        fut = entry[0]
-        if fut.cancelled():
-            self._send_failed(entry[1], asyncio.CancelledError("send cancelled"))
-            return
-        exc = fut.exception()
-        if exc is not None:
-            self._send_failed(entry[1], exc)
-            return
-        res = fut.result()
-        for rep in res if isinstance(res, list) else (res,):
-            if isinstance(rep, dict):
-                c = self._mon_c
-                c["accepted"] += int(rep.get("accepted", 0))
-                c["late"] += int(rep.get("late", 0))
-                c["duplicates"] += int(rep.get("duplicates", 0))
-                c["rejected"] += len(rep.get("rejected") or ())
-
-    def _send_failed(self, rows: int, e: BaseException) -> None:
-        self._mon_c["send_errors"] += 1
-        self._mon_c["lost_rows"] += rows
-        reset = getattr(self._mon_sink, "reset", None)
-        if reset is not None:
-            try:
-                reset()
-            except Exception:
-                pass
-        self._note_error(f"send failed: {type(e).__name__}: {e}")
-
-    def _note_error(self, msg: str) -> None:
-        self._mon_last_error = msg
-        now = time.monotonic()
-        if now - self._mon_last_log >= 60.0:
-            self._mon_last_log = now
-            log.warning("kpistream monitor (%s %s): %s", self._mon_model, self._mon_variant, msg)
-
     # ---------------------------------------------------------- rows -> batch
     def _to_batch(self, rows: list) -> InferenceBatch:
         """Buffered tuples -> normalized records -> one InferenceBatch."""
-        return InferenceBatch.from_records(self._records(rows))
+        return InferenceBatch.from_records(self._mon_norm.records(rows))
 
     def _records(self, rows: list) -> list[dict]:
-        offset = time.time_ns() - _perf_ns()   # perf_counter -> wall clock, now
-        model, variant, endpoint = self._mon_model, self._mon_variant, self._mon_endpoint
-        suffix = ":" + variant
-        out: list[dict] = []
-        slow: list[dict] = []
-        c = self._mon_c
-        errors = feats_dropped = 0
-        for t0, rid, lat_ns, ok, pred, segs, cost, feats, version in rows:
-            ts = (t0 + offset) // 1_000_000
-            eid = rid + suffix
-            if len(eid) > MAX_STR:
-                eid = hashlib.blake2b(eid.encode(), digest_size=16).hexdigest()
-            if feats is not None:
-                feats, d = _features(feats)
-                feats_dropped += d
-            if ok:
-                p = _prediction(pred)
-            else:
-                errors += 1
-                p = (None, None, None, None)
-            s = _segments(segs)
-            co = _cost(cost)
-            if p is _UNSUPPORTED or s is _UNSUPPORTED or co is _UNSUPPORTED:
-                slow.append(self._wire(eid, rid, ts, version, lat_ns, ok, pred, segs, cost, feats))
-                continue
-            out.append({
-                "event_id": eid, "request_id": rid, "ts": ts, "model": model,
-                "model_version": version, "variant": variant, "endpoint": endpoint,
-                "latency_ms": lat_ns / 1e6, "status": "ok" if ok else "error",
-                "pred_label": p[0], "pred_score": p[1], "pred_value": p[2], "ranking": p[3],
-                "segments": s, "cost_usd": co[0], "tokens": co[1], "features": feats})
-        c["error_events"] += errors
-        c["features_dropped"] += feats_dropped
-        if slow:
-            res = validate_rows(slow, now_ms=time.time_ns() // 1_000_000, expect="inference")
-            out.extend(res.inference)
-            if res.rejections:
-                c["invalid"] += len(res.rejections)
-                for r in res.rejections:
-                    self._mon_rejections[(r.field, r.reason)] += 1
-                self._note_error(f"event rejected: {res.rejections[-1].message}")
-        return out
+        return self._mon_norm.records(rows)
 
-    def _wire(self, eid: str, rid: str, ts: int, version: str, lat_ns: int, ok: bool,
-              pred: Any, segs: Any, cost: Any, feats: Any) -> dict:
-        return {"type": "inference", "event_id": eid, "request_id": rid, "ts": ts,
-                "model": self._mon_model, "model_version": version,
-                "variant": self._mon_variant, "endpoint": self._mon_endpoint,
-                "latency_ms": lat_ns / 1e6, "status": "ok" if ok else "error",
-                "prediction": pred if ok else None, "segments": segs, "cost": cost,
-                "features": feats}
+    def _wire(self, *row: Any) -> dict:
+        return self._mon_norm.wire(*row)
 
 
 # ---------------------------------------------------------------------------
@@ -1102,7 +586,7 @@ class AliasFollowingModel(MonitoredModel):
                 "available": cur is not None, "alias_poll_s": self._af_poll_s,
                 "polls": c["polls"], "poll_errors": c["poll_errors"], "loads": c["loads"],
                 "load_errors": c["load_errors"], "swaps": c["swaps"],
-                "unavailable_requests": self._mon_unavailable,
+                "unavailable_requests": self._mon_n["unavailable"],
                 "last_poll_age_s": (None if self._af_last_poll is None
                                     else round(time.monotonic() - self._af_last_poll, 3)),
                 "last_error": self._af_last_error}
@@ -1170,15 +654,15 @@ class AliasFollowingModel(MonitoredModel):
         self._note_error(msg)
 
     def _start_alias_poller(self) -> None:
-        if self._mon_closed or (self._af_task is not None and not self._af_task.done()):
+        if self._mon_emitter.closed or (self._af_task is not None and not self._af_task.done()):
             return
         self._af_task = asyncio.get_running_loop().create_task(
             self._alias_loop(), name="kpistream-alias-poll")
 
     async def _alias_loop(self) -> None:
-        while not self._mon_closed:
+        while not self._mon_emitter.closed:
             await asyncio.sleep(self._af_poll_s)
-            if not self._mon_closed:
+            if not self._mon_emitter.closed:
                 await self.refresh_alias()
 
     async def aclose(self, timeout: float = 5.0) -> None:
@@ -1195,4 +679,4 @@ def _check_name(name: str, v: Any) -> None:
 
 
 __all__ = ["MonitoredModel", "AliasFollowingModel", "ModelUnavailable", "ShardSink",
-           "REQUEST_ID_HEADER", "SHARDS_ENV"]
+           "ShardTransport", "REQUEST_ID_HEADER", "SHARDS_ENV"]

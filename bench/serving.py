@@ -239,7 +239,7 @@ def in_path_cost(n: int = 50_000, rounds: int = 7) -> dict:
         await timed(m)
         await timed(b)
         for r in range(rounds):
-            m._mon_buf.clear()
+            m._mon_emitter.buf.clear()
             for h, out in ((m, mon), (b, base)) if r % 2 == 0 else ((b, base), (m, mon)):
                 out.append(await timed(h))
         await m.aclose(timeout=0.1)

@@ -20,8 +20,9 @@ if a new scanner calibration read them high.  The model, trained before,
 then calls many benign rows malignant: on the held-out rows accuracy falls
 from about 0.96 to about 0.61.
 
-Everything here is stdlib (``urllib``, threads) plus scikit-learn's bundled
-data set, imported lazily: no Ray, no MLflow (the engine's import rule).
+Everything here is stdlib (threads; HTTP through
+:func:`kpistream.wire.client.request`) plus scikit-learn's bundled data set,
+imported lazily: no Ray, no MLflow (the engine's import rule).
 
 Threads: ``n_threads`` senders (each takes the next time slot ``i /
 rate_per_s``, sleeps until it and sends; a slot more than a second late is
@@ -41,14 +42,14 @@ import random
 import sys
 import threading
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence, TextIO
+
+from kpistream.wire.client import Reply, request
 
 __all__ = [
     "DEFAULT_BASE_URL", "REGIONS", "DISPLAY_METRICS", "DISPLAY_WINDOWS", "DRIFT_FEATURES",
@@ -140,53 +141,6 @@ def drift_rows(x, feature_names: Sequence[str], shift: float = 2.0, reference=No
     cols = [i for i, n in enumerate(feature_names) if any(s in n for s in DRIFT_FEATURES)]
     x[..., cols] += shift * ref[:, cols].std(axis=0)
     return x
-
-
-# --------------------------------------------------------------------------- HTTP
-
-_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never via a proxy
-
-
-@dataclass
-class _Resp:
-    status: int                 # 0: no HTTP answer (connection refused, timeout, ...)
-    headers: dict[str, str]
-    body: bytes
-    error: str = ""
-
-    @property
-    def ok(self) -> bool:
-        return 200 <= self.status < 300
-
-    def json(self) -> Any:
-        return json.loads(self.body.decode("utf-8")) if self.body else None
-
-    def reason(self) -> str:
-        if self.status == 0:
-            return self.error
-        text = self.body[:160].decode("utf-8", "replace").strip().replace("\n", " ")
-        return f"HTTP {self.status}" + (f": {text}" if text else "")
-
-
-def _http(method: str, url: str, body: bytes | None = None, *,
-          content_type: str = "application/json", timeout: float = 5.0) -> _Resp:
-    req = urllib.request.Request(url, data=body, method=method)
-    if body is not None:
-        req.add_header("Content-Type", content_type)
-    req.add_header("Accept", "application/json")
-    try:
-        with _OPENER.open(req, timeout=timeout) as r:
-            return _Resp(r.status, {k.lower(): v for k, v in r.headers.items()}, r.read())
-    except urllib.error.HTTPError as e:
-        try:
-            data = e.read()
-        except Exception:  # noqa: BLE001 - the status is what matters
-            data = b""
-        return _Resp(e.code, {k.lower(): v for k, v in (e.headers or {}).items()}, data)
-    except (urllib.error.URLError, OSError, ValueError) as e:  # refused, reset, timeout
-        reason = getattr(e, "reason", e)
-        return _Resp(0, {}, b"", f"{type(reason).__name__}: {reason}" if not isinstance(
-            reason, str) else reason)
 
 
 # ---------------------------------------------------------------------- bookkeeping
@@ -452,11 +406,11 @@ class _Driver:
         feats = {n: round(v, 6) for n, v in zip(self.names, row)}
         return {"features": feats, "region": region}, self.y[i], "after" if drifted else ""
 
-    def send(self, payload: dict) -> _Resp:
+    def send(self, payload: dict) -> Reply:
         body = json.dumps(payload, separators=(",", ":")).encode()
-        return _http("POST", self.model_url, body, timeout=self.timeout)
+        return request("POST", self.model_url, body, timeout=self.timeout)
 
-    def record(self, resp: _Resp, label: int, phase: str, rng: random.Random) -> None:
+    def record(self, resp: Reply, label: int, phase: str, rng: random.Random) -> None:
         s = self.summary
         with self.lock:
             s.sent += 1
@@ -517,7 +471,7 @@ class _Driver:
     # -- feedback
     def post_feedback(self, events: list[dict]) -> bool:
         body = ("\n".join(json.dumps(e, separators=(",", ":")) for e in events) + "\n").encode()
-        resp = _http("POST", self.base + "/v1/feedback", body,
+        resp = request("POST", self.base + "/v1/feedback", body,
                      content_type="application/x-ndjson", timeout=self.timeout)
         if not resp.ok:
             with self.lock:
@@ -616,7 +570,7 @@ class _Driver:
                  "start": str(now_ms - 1000 * _LOOKBACK_S.get(win, 120))}
             if self.model:
                 q["model"] = self.model
-            resp = _http("GET", f"{self.base}/v1/series?{urllib.parse.urlencode(q)}",
+            resp = request("GET", f"{self.base}/v1/series?{urllib.parse.urlencode(q)}",
                          timeout=min(self.timeout, 3.0))
             if not resp.ok:
                 return out, f"KPI series unavailable ({resp.reason()})"
@@ -651,7 +605,7 @@ class _Driver:
 
     def alert_lines(self) -> list[str]:
         """Firing / pending alerts and detectors in drift, from ``GET /v1/alerts``."""
-        resp = _http("GET", f"{self.base}/v1/alerts", timeout=min(self.timeout, 3.0))
+        resp = request("GET", f"{self.base}/v1/alerts", timeout=min(self.timeout, 3.0))
         if not resp.ok:
             return [f"  alerts unavailable ({resp.reason()})"]
         try:

@@ -362,13 +362,36 @@ def concat_feedback(batches: Sequence[FeedbackBatch]) -> FeedbackBatch:
 __all__ = [
     "InferenceBatch", "FeedbackBatch", "concat_inference", "concat_feedback", "hash_ids",
     "hash_id", "canonical_label", "series_key", "series_labels", "SeriesKey", "FEEDBACK_KINDS",
-    "KIND_CODE", "BASE_LABELS",
+    "KIND_CODE", "BASE_LABELS", "shard_of", "route", "split_by_shard",
 ]
 
 
 def shard_of(request_id_hashes: np.ndarray, n_shards: int) -> np.ndarray:
     """The shard of each request: ``hash(request_id) % n_shards`` (stable everywhere)."""
     return (request_id_hashes % np.uint64(n_shards)).astype(np.int64)
+
+
+def route(batch: "InferenceBatch | FeedbackBatch", n_shards: int) -> list:
+    """Shard routing (the one place, for the wrapper, the HTTP API and the shard transport):
+    ``(shard, row positions, rows)`` for each shard that gets rows, in shard order.
+
+    A batch whose rows all go to one shard is passed on as it is.
+    """
+    n = len(batch)
+    if n == 0:
+        return []
+    if n_shards == 1:
+        return [(0, np.arange(n), batch)]
+    owner = shard_of(batch.request_id, n_shards)
+    first = int(owner[0])
+    if bool((owner == first).all()):
+        return [(first, np.arange(n), batch)]
+    out = []
+    for s in range(n_shards):
+        rows = np.flatnonzero(owner == s)
+        if len(rows):
+            out.append((s, rows, batch.take(rows)))
+    return out
 
 
 def split_by_shard(batch: "InferenceBatch | FeedbackBatch", n_shards: int) -> list:

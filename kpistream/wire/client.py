@@ -1,7 +1,7 @@
 """A small Python client for servers outside Ray: log inferences and feedback to the sidecar.
 
-Standard library only (``urllib`` for the address, ``http.client`` for
-keep-alive connections, ``threading``), so any Python server can use it::
+Standard library only (``http.client`` keep-alive connections, ``threading``,
+``asyncio``), so any Python server can use it::
 
     from kpistream.wire.client import KpiClient
 
@@ -14,8 +14,9 @@ keep-alive connections, ``threading``), so any Python server can use it::
 
 ``log_*`` only append to an in-memory buffer (they never block on the
 network and never raise for a full buffer: the event is dropped and
-counted).  A background thread posts NDJSON batches of at most
-``batch_rows`` events to ``POST /v1/events`` (inference) and
+counted).  A background thread runs one :class:`~kpistream.wire.emitter.Emitter`
+per kind over the HTTP transport (:class:`HttpTransport`): NDJSON batches of
+at most ``batch_rows`` events go to ``POST /v1/events`` (inference) and
 ``POST /v1/feedback`` when ``batch_rows`` are waiting or every ``flush_s``.
 Connection errors, timeouts, 429 and 5xx replies are retried with
 exponential backoff (``max_retries`` times, then the batch is dropped and
@@ -27,10 +28,15 @@ server, not here.
 
 Missing fields are filled: ``type``, ``ts`` (epoch milliseconds, now) and
 ``event_id`` (unique: a random per-client prefix and a counter).
+
+:func:`request` is the one-shot HTTP helper (any method, no proxy, never
+raises for a failed exchange) for other stdlib callers such as the demo's
+traffic driver.
 """
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import http.client
 import json
@@ -40,9 +46,12 @@ import time
 import urllib.parse
 import weakref
 from collections import deque
+from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["KpiClient"]
+from kpistream.wire.emitter import Emitter
+
+__all__ = ["KpiClient", "HttpTransport", "Reply", "request"]
 
 _PATHS = {"inference": "/v1/events", "feedback": "/v1/feedback"}
 _KINDS = ("inference", "feedback")
@@ -64,6 +73,73 @@ _encode = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",",
                            default=_default).encode
 
 
+# ---------------------------------------------------------------------------
+# HTTP, the one place
+
+
+def _connection(scheme: str, host: str, port: int | None,
+                timeout: float) -> http.client.HTTPConnection:
+    cls = http.client.HTTPSConnection if scheme == "https" else http.client.HTTPConnection
+    return cls(host, port, timeout=timeout)
+
+
+def _exchange(conn: http.client.HTTPConnection, method: str, path: str, body: bytes | None,
+              headers: dict) -> tuple[int, dict[str, str], bytes, bool]:
+    """One request on ``conn``: (status, lower-cased headers, body, the server closes)."""
+    conn.request(method, path, body=body, headers=headers)
+    resp = conn.getresponse()
+    data = resp.read()
+    return resp.status, {k.lower(): v for k, v in resp.getheaders()}, data, resp.will_close
+
+
+@dataclass
+class Reply:
+    """An HTTP answer; ``status`` 0 when there was none (refused, reset, timeout: ``error``)."""
+
+    status: int
+    headers: dict[str, str]
+    body: bytes
+    error: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return 200 <= self.status < 300
+
+    def json(self) -> Any:
+        return json.loads(self.body.decode("utf-8")) if self.body else None
+
+    def reason(self) -> str:
+        if self.status == 0:
+            return self.error
+        text = self.body[:160].decode("utf-8", "replace").strip().replace("\n", " ")
+        return f"HTTP {self.status}" + (f": {text}" if text else "")
+
+
+def request(method: str, url: str, body: bytes | None = None, *,
+            content_type: str = "application/json", timeout: float = 5.0) -> Reply:
+    """One HTTP exchange on a fresh connection (never through a proxy); never raises for a
+    failed exchange (status 0 and ``error``)."""
+    conn = None
+    try:
+        u = urllib.parse.urlsplit(url)
+        if u.scheme not in ("http", "https") or not u.hostname:
+            raise ValueError(f"unknown url type: {url!r}")
+        path = (u.path or "/") + (f"?{u.query}" if u.query else "")
+        headers = {"Accept": "application/json"}
+        if body is not None:
+            headers["Content-Type"] = content_type
+        conn = _connection(u.scheme, u.hostname, u.port, timeout)
+        status, hdrs, data, _ = _exchange(conn, method, path, body, headers)
+        return Reply(status, hdrs, data)
+    except (OSError, http.client.HTTPException, ValueError) as e:  # refused, reset, timeout
+        reason = getattr(e, "reason", e)
+        return Reply(0, {}, b"", reason if isinstance(reason, str)
+                     else f"{type(reason).__name__}: {reason}")
+    finally:
+        if conn is not None:
+            conn.close()
+
+
 class _HTTPError(Exception):
     def __init__(self, status: int, body: bytes) -> None:
         self.status = status
@@ -71,173 +147,55 @@ class _HTTPError(Exception):
         super().__init__(f"HTTP {status}: {body[:200].decode('utf-8', 'replace')}")
 
 
-class KpiClient:
-    """Buffers events and posts them to the kpistream sidecar from a background thread."""
+# ---------------------------------------------------------------------------
+# the HTTP transport
 
-    def __init__(self, base_url: str = "http://127.0.0.1:8000", batch_rows: int = 500,
-                 flush_s: float = 0.5, max_buffer: int = 100_000, timeout_s: float = 5,
-                 max_retries: int = 5, backoff_s: float = 0.1, max_backoff_s: float = 5.0,
-                 headers: dict[str, str] | None = None, keep_rejections: int = 100) -> None:
+
+class HttpTransport:
+    """The emitter's HTTP transport: posts NDJSON batches of wire events to the sidecar.
+
+    ``send(kind, rows)`` posts at once (blocking, on one keep-alive
+    connection), retrying as the module says, and counts the outcome; it
+    never raises.  ``on_settled(n)`` hears of every batch sent or given up on.
+    """
+
+    def __init__(self, base_url: str, timeout_s: float = 5, max_retries: int = 5,
+                 backoff_s: float = 0.1, max_backoff_s: float = 5.0,
+                 headers: dict[str, str] | None = None, keep_rejections: int = 100,
+                 on_settled: Any = None) -> None:
         u = urllib.parse.urlsplit(base_url)
         if u.scheme not in ("http", "https") or not u.hostname:
             raise ValueError(f"base_url must be an http(s) URL, got {base_url!r}")
-        if batch_rows < 1 or max_buffer < 1:
-            raise ValueError("batch_rows and max_buffer must be >= 1")
-        if not flush_s > 0:
-            raise ValueError(f"flush_s must be > 0, got {flush_s}")
-        self.base_url = base_url.rstrip("/")
         self._scheme, self._host, self._port = u.scheme, u.hostname, u.port
         self._prefix = u.path.rstrip("/")
-        self.batch_rows = int(batch_rows)
-        self.flush_s = float(flush_s)
-        self.max_buffer = int(max_buffer)
         self.timeout_s = float(timeout_s)
         self.max_retries = int(max_retries)
         self.backoff_s = float(backoff_s)
         self.max_backoff_s = float(max_backoff_s)
         self._headers = {"Content-Type": "application/x-ndjson", **(headers or {})}
-        self._id_prefix = secrets.token_hex(8) + "-"
-        self._ids = 0
-        self._bufs: dict[str, deque] = {k: deque() for k in _KINDS}
-        self._n_buffered = 0
-        self._lock = threading.Lock()
-        self._cond = threading.Condition(self._lock)
-        self._enqueued = 0      # events accepted into the buffer, ever
-        self._settled = 0       # events sent, or given up on
-        self._flush_wanted = False
-        self._closed = False
-        self._stop = False
+        self._on_settled = on_settled
         self._conn: http.client.HTTPConnection | None = None
+        self._lock = threading.Lock()
+        self.stopping = False            # closing: back off briefly
         self.rejections: deque = deque(maxlen=keep_rejections)
-        self._stats = {"sent_batches": 0, "sent_rows": 0, "accepted": 0, "rejected": 0,
-                       "late": 0, "duplicates": 0, "dropped": 0, "failed_rows": 0,
-                       "failed_batches": 0, "retries": 0, "unserializable": 0}
+        self.counts = {"sent_batches": 0, "sent_rows": 0, "accepted": 0, "rejected": 0,
+                       "late": 0, "duplicates": 0, "failed_rows": 0, "failed_batches": 0,
+                       "retries": 0, "unserializable": 0}
         self.last_error: str | None = None
-        self._thread = threading.Thread(target=self._run, name="kpistream-client", daemon=True)
-        self._thread.start()
-        ref = weakref.ref(self)
-        self._atexit = lambda: (lambda c: c is not None and c.close(timeout=2.0))(ref())
-        atexit.register(self._atexit)
 
-    # ------------------------------------------------------------------ logging
-    def log_inference(self, **fields: Any) -> bool:
-        """Buffer one inference event (the wire fields of DESIGN.md); False if dropped."""
-        return self._put("inference", fields)
-
-    def log_feedback(self, request_id: str, kind: str, value: Any = None, **fields: Any) -> bool:
-        """Buffer one feedback event for ``request_id``; False if dropped.
-
-        ``value`` may be omitted for clicks and conversions (it means true).
-        """
-        fields["request_id"] = request_id
-        fields["kind"] = kind
-        if value is not None:
-            fields["value"] = value
-        return self._put("feedback", fields)
-
-    def _put(self, kind: str, ev: dict) -> bool:
-        ev.setdefault("type", kind)
-        if "ts" not in ev:
-            ev["ts"] = time.time_ns() // 1_000_000
-        with self._lock:
-            if self._closed or self._n_buffered >= self.max_buffer:
-                self._stats["dropped"] += 1
-                return False
-            if "event_id" not in ev:
-                self._ids += 1
-                ev["event_id"] = f"{self._id_prefix}{self._ids}"
-            self._bufs[kind].append(ev)
-            self._n_buffered += 1
-            self._enqueued += 1
-            if len(self._bufs[kind]) == self.batch_rows:
-                self._cond.notify_all()
-        return True
-
-    # ------------------------------------------------------------- flush/close
-    def flush(self, timeout: float | None = None) -> bool:
-        """Send everything buffered now; True when it was sent (or given up on) in time."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        with self._cond:
-            target = self._enqueued
-            self._flush_wanted = True
-            self._cond.notify_all()
-            while self._settled < target and self._thread.is_alive():
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    return False
-                self._cond.wait(left)
-            return self._settled >= target
-
-    def close(self, timeout: float | None = 30.0) -> None:
-        """Flush, then stop the background thread. Later events are dropped and counted."""
-        if self._closed:
-            return
-        self.flush(timeout)
-        with self._cond:
-            self._closed = True
-            self._stop = True
-            self._cond.notify_all()
-        self._thread.join(timeout)
-        if self._conn is not None:
-            self._conn.close()
+    def send(self, kind: str, rows: list[dict]) -> None:
         try:
-            atexit.unregister(self._atexit)
-        except Exception:  # pragma: no cover
-            pass
-
-    def __enter__(self) -> "KpiClient":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
+            self._post_batch(kind, rows)
+        finally:
+            if self._on_settled is not None:
+                self._on_settled(len(rows))
 
     def stats(self) -> dict:
-        """Counters: buffered, sent (batches, rows), accepted, rejected, late, duplicates,
-        dropped (buffer full or closed), failed (given up after retries), retries."""
         with self._lock:
-            st = dict(self._stats)
-            st["buffered"] = self._n_buffered
-        st["last_error"] = self.last_error
-        return st
+            return dict(self.counts)
 
-    # -------------------------------------------------------- background thread
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                deadline = time.monotonic() + self.flush_s
-                while not (self._stop or self._flush_wanted
-                           or any(len(b) >= self.batch_rows for b in self._bufs.values())):
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        break
-                    self._cond.wait(left)
-                stop = self._stop
-                # woken early by a full batch: send the full batches, the rest waits its age
-                full_only = not (stop or self._flush_wanted) and time.monotonic() < deadline
-                self._flush_wanted = False
-            self._send_all(full_only)
-            if stop:
-                return
-
-    def _send_all(self, full_only: bool = False) -> None:
-        """Post the buffered events, batch by batch (inference first)."""
-        for kind in _KINDS:
-            while True:
-                with self._lock:
-                    buf = self._bufs[kind]
-                    n = min(len(buf), self.batch_rows)
-                    if full_only and n < self.batch_rows:
-                        n = 0
-                    batch = [buf.popleft() for _ in range(n)]
-                    self._n_buffered -= n
-                if not batch:
-                    break
-                try:
-                    self._post_batch(kind, batch)
-                finally:
-                    with self._cond:
-                        self._settled += len(batch)
-                        self._cond.notify_all()
+    def close(self) -> None:
+        self._reset_conn()
 
     def _post_batch(self, kind: str, batch: list[dict]) -> None:
         lines: list[str] = []
@@ -273,12 +231,12 @@ class KpiClient:
             self._sleep(delay)
             delay = min(delay * 2, self.max_backoff_s)
         with self._lock:
-            self._stats["failed_batches"] += 1
-            self._stats["failed_rows"] += len(lines)
+            self.counts["failed_batches"] += 1
+            self.counts["failed_rows"] += len(lines)
 
     def _sleep(self, s: float) -> None:
         """Back off ``s`` seconds (shortened to 0.05 s once closing)."""
-        time.sleep(min(s, 0.05) if self._stop else s)
+        time.sleep(min(s, 0.05) if self.stopping else s)
 
     def _record(self, reply: bytes, n: int, ids: list) -> None:
         try:
@@ -290,7 +248,7 @@ class KpiClient:
         rejected = rep.get("rejected") or []
         accepted = rep.get("accepted", n - len(rejected))
         with self._lock:
-            st = self._stats
+            st = self.counts
             st["sent_batches"] += 1
             st["sent_rows"] += n
             st["accepted"] += int(accepted or 0)
@@ -305,15 +263,7 @@ class KpiClient:
 
     def _count(self, key: str, n: int) -> None:
         with self._lock:
-            self._stats[key] += n
-
-    # -------------------------------------------------------------------- HTTP
-    def _connection(self) -> http.client.HTTPConnection:
-        if self._conn is None:
-            cls = (http.client.HTTPSConnection if self._scheme == "https"
-                   else http.client.HTTPConnection)
-            self._conn = cls(self._host, self._port, timeout=self.timeout_s)
-        return self._conn
+            self.counts[key] += n
 
     def _reset_conn(self) -> None:
         if self._conn is not None:
@@ -324,16 +274,195 @@ class KpiClient:
             self._conn = None
 
     def _request(self, path: str, body: bytes) -> bytes:
-        conn = self._connection()
+        if self._conn is None:
+            self._conn = _connection(self._scheme, self._host, self._port, self.timeout_s)
         try:
-            conn.request("POST", self._prefix + path, body=body, headers=self._headers)
-            resp = conn.getresponse()
-            data = resp.read()
+            status, _, data, will_close = _exchange(self._conn, "POST", self._prefix + path,
+                                                    body, self._headers)
         except BaseException:
             self._reset_conn()
             raise
-        if resp.will_close:
+        if will_close:
             self._reset_conn()
-        if resp.status >= 300:
-            raise _HTTPError(resp.status, data)
+        if status >= 300:
+            raise _HTTPError(status, data)
         return data
+
+
+# ---------------------------------------------------------------------------
+# the client: emitters over the HTTP transport, in a background thread
+
+
+class KpiClient:
+    """Buffers events and posts them to the kpistream sidecar from a background thread."""
+
+    def __init__(self, base_url: str = "http://127.0.0.1:8000", batch_rows: int = 500,
+                 flush_s: float = 0.5, max_buffer: int = 100_000, timeout_s: float = 5,
+                 max_retries: int = 5, backoff_s: float = 0.1, max_backoff_s: float = 5.0,
+                 headers: dict[str, str] | None = None, keep_rejections: int = 100) -> None:
+        if batch_rows < 1 or max_buffer < 1:
+            raise ValueError("batch_rows and max_buffer must be >= 1")
+        if not flush_s > 0:
+            raise ValueError(f"flush_s must be > 0, got {flush_s}")
+        self.transport = HttpTransport(base_url, timeout_s, max_retries, backoff_s,
+                                       max_backoff_s, headers, keep_rejections,
+                                       on_settled=self._settle)
+        self.base_url = base_url.rstrip("/")
+        self.batch_rows = int(batch_rows)
+        self.flush_s = float(flush_s)
+        self.max_buffer = int(max_buffer)
+        self.timeout_s = float(timeout_s)
+        self.max_retries = int(max_retries)
+        self.backoff_s = float(backoff_s)
+        self.max_backoff_s = float(max_backoff_s)
+        self._id_prefix = secrets.token_hex(8) + "-"
+        self._ids = 0
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        # one emitter per kind; posts happen one at a time in the background thread
+        self._em = {k: Emitter(self.transport, kind=k, buffer_rows=self.max_buffer,
+                               flush_rows=self.batch_rows, flush_s=self.flush_s,
+                               max_in_flight=1, send_timeout_s=None,
+                               batch_rows=self.batch_rows, lock=self._lock,
+                               label=f"client {k}")
+                    for k in _KINDS}
+        self._enqueued = 0      # events accepted into the buffer, ever
+        self._settled = 0       # events sent, or given up on
+        self._dropped = 0
+        self._closed = False
+        self._loop = asyncio.new_event_loop()
+        started = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(started,),
+                                        name="kpistream-client", daemon=True)
+        self._thread.start()
+        started.wait()
+        ref = weakref.ref(self)
+        self._atexit = lambda: (lambda c: c is not None and c.close(timeout=2.0))(ref())
+        atexit.register(self._atexit)
+
+    @property
+    def rejections(self) -> deque:
+        """The most recent rejections (with the ``event_id`` of the rejected row)."""
+        return self.transport.rejections
+
+    @property
+    def last_error(self) -> str | None:
+        return self.transport.last_error
+
+    # ------------------------------------------------------------------ logging
+    def log_inference(self, **fields: Any) -> bool:
+        """Buffer one inference event (the wire fields of DESIGN.md); False if dropped."""
+        return self._put("inference", fields)
+
+    def log_feedback(self, request_id: str, kind: str, value: Any = None, **fields: Any) -> bool:
+        """Buffer one feedback event for ``request_id``; False if dropped.
+
+        ``value`` may be omitted for clicks and conversions (it means true).
+        """
+        fields["request_id"] = request_id
+        fields["kind"] = kind
+        if value is not None:
+            fields["value"] = value
+        return self._put("feedback", fields)
+
+    def _put(self, kind: str, ev: dict) -> bool:
+        ev.setdefault("type", kind)
+        if "ts" not in ev:
+            ev["ts"] = time.time_ns() // 1_000_000
+        em = self._em[kind]
+        with self._lock:
+            if self._closed or self._buffered() >= self.max_buffer:
+                self._dropped += 1
+                return False
+            if "event_id" not in ev:
+                self._ids += 1
+                ev["event_id"] = f"{self._id_prefix}{self._ids}"
+            buf = em.buf
+            buf.append(ev)
+            self._enqueued += 1
+            full = len(buf) == self.batch_rows
+        if full:
+            self._loop.call_soon_threadsafe(em.wake.set)
+        return True
+
+    def _buffered(self) -> int:
+        return sum(len(em.buf) for em in self._em.values())
+
+    # ------------------------------------------------------------- flush/close
+    def flush(self, timeout: float | None = None) -> bool:
+        """Send everything buffered now; True when it was sent (or given up on) in time."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            target = self._enqueued
+        if self._thread.is_alive():
+            asyncio.run_coroutine_threadsafe(self._flush_all(), self._loop)
+        with self._cond:
+            while self._settled < target and self._thread.is_alive():
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                self._cond.wait(left)
+            return self._settled >= target
+
+    def close(self, timeout: float | None = 30.0) -> None:
+        """Flush, then stop the background thread. Later events are dropped and counted."""
+        if self._closed:
+            return
+        self.flush(timeout)
+        with self._cond:
+            self._closed = True
+        self.transport.stopping = True
+        if self._thread.is_alive():
+            asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop)
+        self._thread.join(timeout)
+        self.transport.close()
+        try:
+            atexit.unregister(self._atexit)
+        except Exception:  # pragma: no cover
+            pass
+
+    def __enter__(self) -> "KpiClient":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def stats(self) -> dict:
+        """Counters: buffered, sent (batches, rows), accepted, rejected, late, duplicates,
+        dropped (buffer full or closed), failed (given up after retries), retries."""
+        st = self.transport.stats()
+        with self._lock:
+            st["dropped"] = self._dropped
+            st["buffered"] = self._buffered()
+        st["last_error"] = self.transport.last_error
+        return st
+
+    # -------------------------------------------------------- background thread
+    def _settle(self, n: int) -> None:
+        with self._cond:
+            self._settled += n
+            self._cond.notify_all()
+
+    def _run(self, started: threading.Event) -> None:
+        loop = self._loop
+        asyncio.set_event_loop(loop)
+
+        def begin() -> None:
+            for em in self._em.values():
+                em.start()
+            started.set()
+
+        loop.call_soon(begin)
+        try:
+            loop.run_forever()
+        finally:
+            loop.close()
+
+    async def _flush_all(self) -> None:
+        for kind in _KINDS:   # inference first
+            await self._em[kind].flush_once()
+
+    async def _shutdown(self) -> None:
+        for kind in _KINDS:
+            await self._em[kind].aclose(timeout=self.timeout_s)
+        asyncio.get_running_loop().stop()

@@ -288,3 +288,85 @@ def test_bad_arguments():
         KpiClient("ftp://x")
     with pytest.raises(ValueError):
         KpiClient(batch_rows=0)
+
+
+# ---------------------------------------------------------------------------
+# the HTTP helper and the HTTP transport on their own
+
+
+def test_request_helper_answers_and_never_raises(server):
+    from kpistream.wire.client import request
+
+    r = request("POST", server.url + "/v1/events", b'{"a":1}\n',
+                content_type="application/x-ndjson")
+    assert r.ok and r.status == 200 and r.json()["accepted"] == 1
+    assert r.headers["content-type"] == "application/json"
+    assert server.posts[-1] == ("/v1/events", [{"a": 1}])
+    server.fail_next, server.fail_status = 1, 503
+    r = request("POST", server.url + "/x", b"{}")
+    assert not r.ok and r.reason() == 'HTTP 503: {"error": "try again"}'
+    srv = Recorder()          # bound, then closed: refused
+    url = srv.url
+    srv.server_close()
+    r = request("GET", url + "/v1/health", timeout=1)
+    assert r.status == 0 and not r.ok and r.reason().startswith("ConnectionRefusedError")
+    assert request("GET", "ftp://nowhere/").status == 0
+
+
+def test_http_transport_under_an_emitter_in_an_event_loop(server):
+    import asyncio
+
+    from kpistream.wire.client import HttpTransport
+    from kpistream.wire.emitter import Emitter
+
+    settled = []
+    tr = HttpTransport(server.url, on_settled=settled.append)
+
+    async def go():
+        em = Emitter(tr, kind="feedback", flush_s=60, batch_rows=2)
+        for i in range(5):
+            em.put({"type": "feedback", "request_id": f"r{i}", "kind": "click",
+                    "event_id": f"e{i}", "bad": i == 4})
+        await em.aclose()
+        return em.stats()
+
+    st = asyncio.run(go())
+    assert [len(rows) for _, rows in server.posts] == [2, 2, 1]
+    assert {p for p, _ in server.posts} == {"/v1/feedback"} and settled == [2, 2, 1]
+    assert st["sent_rows"] == 5 and st["accepted"] == 0   # the HTTP transport counts replies
+    assert tr.stats()["accepted"] == 4 and tr.stats()["rejected"] == 1
+    assert tr.rejections[0]["event_id"] == "e4"
+    tr.close()
+
+
+def test_the_client_imports_only_the_standard_library():
+    import subprocess
+    import sys
+
+    code = ("import sys, kpistream.wire.client\n"
+            "print(sorted(m for m in ('numpy', 'pandas', 'pydantic', 'ray') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=__file__.rsplit("/tests/", 1)[0])
+    assert out.stdout.strip() == "[]"
+
+
+def test_many_threads_logging_lose_and_repeat_nothing(server):
+    with KpiClient(server.url, batch_rows=50, flush_s=0.01) as kpi:
+        def log(t):
+            for i in range(300):
+                kpi.log_inference(**inference(i, request_id=f"t{t}-{i}"))
+                if i % 3 == 0:
+                    kpi.log_feedback(f"t{t}-{i}", "click")
+
+        threads = [threading.Thread(target=log, args=(t,)) for t in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert kpi.flush(timeout=30)
+        st = kpi.stats()
+    ids = [r["request_id"] for r in server.rows("/v1/events")]
+    assert len(ids) == len(set(ids)) == 1200
+    assert len(server.rows("/v1/feedback")) == 4 * 100
+    assert all(len(rows) <= 50 for _, rows in server.posts)
+    assert st["sent_rows"] == 1200 + 4 * 100 and st["dropped"] == 0 and st["buffered"] == 0
