@@ -70,6 +70,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response
 
+from actors.registry import Registry
 from actors.transport import SHARDS_ENV, ShardSink, ShardTransport
 from kpistream.wire.batch import InferenceBatch
 from kpistream.wire.emitter import Emitter
@@ -527,32 +528,14 @@ class AliasFollowingModel(MonitoredModel):
     def resolve_alias(self) -> str | None:
         """The version the alias points to now, or None if the model or the alias does not
         exist.  Blocking (called in a thread); raises on other errors (counted, retried)."""
-        from mlflow.exceptions import MlflowException
-
         if self._af_client is None:
-            from mlflow import MlflowClient
-
-            self._af_client = MlflowClient(tracking_uri=self._af_uri,
-                                           registry_uri=self._af_uri)
-        try:
-            return str(self._af_client.get_model_version_by_alias(self._af_name,
-                                                                  self._af_alias).version)
-        except MlflowException as e:
-            if e.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE",
-                                "NOT_FOUND"):
-                return None
-            raise
+            self._af_client = Registry(self._af_uri)
+        return self._af_client.alias_version(self._af_name, self._af_alias)
 
     def load_version(self, version: str) -> Any:
         """Load ``models:/<registered_model>/<version>`` (blocking; called in a thread).
         By default an MLflow pyfunc model; override for a flavor's native object."""
-        import mlflow
-        import mlflow.pyfunc
-
-        if self._af_uri:
-            mlflow.set_tracking_uri(self._af_uri)
-            mlflow.set_registry_uri(self._af_uri)
-        return mlflow.pyfunc.load_model(f"models:/{self._af_name}/{version}")
+        return Registry(self._af_uri).load_model(self._af_name, version)
 
     # --------------------------------------------------------------- serving
     def loaded(self) -> Any:
