@@ -103,6 +103,7 @@ import numpy as np
 from kpistream.alerts.rules import (AlertEngine, AlertRule, Notification, QUALITY_KPIS, KPI_NAMES, RATE_KPIS,
                      _num, _str_map, rules_from_dict)
 from kpistream.clock import Clock
+from kpistream.windows.catalogue import HIGHER_IS_BETTER
 from kpistream.spec.metrics import EngineConfig, _check_keys, _int, parse_duration, read_yaml
 from kpistream.alerts.detectors import Adwin, Cusum, Ewma, PageHinkley, PsiTest, TwoSidedCusum, feature_drift
 from kpistream.errors import ConfigError
@@ -110,12 +111,6 @@ from kpistream.errors import ConfigError
 __all__ = ["DetectorSpec", "InputDriftSpec", "WebhookSpec", "AlertsConfig", "load_alerts",
            "alerts_from_dict", "DetectorBank", "InputDriftBank", "Watcher", "HIGHER_IS_BETTER"]
 
-#: KPIs where a drop is bad (detectors watch the down side by default).
-HIGHER_IS_BETTER = frozenset(
-    ("accuracy", "precision", "recall", "f1", "precision_at_k", "recall_at_k", "ndcg_at_k",
-     "mrr", "thumbs_up_rate", "ctr", "conversion_rate", "dwell_mean", "reward_mean",
-     "label_coverage", "precision_macro", "recall_macro", "f1_macro", "precision_micro",
-     "recall_micro", "f1_micro", "precision_weighted", "recall_weighted", "f1_weighted"))
 _TYPES = ("cusum", "ewma", "page_hinkley", "adwin")
 _DAY = 86_400_000
 
