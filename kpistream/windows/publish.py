@@ -49,6 +49,9 @@ class PublishStep:
        touched (provisional and final), drift detectors the final ones,
        input-drift tests each closed window's sampled features.
 
+    Without a store or a watcher those steps are skipped (replay: feed the
+    engine's partials, keep :attr:`final_rows` after each round).
+
     ``snapshot``: ``{(window, ((label, value), ...), metric): (value, count,
     labelled, provisional, window start, processing time seen)}``.  Not
     thread-safe: the caller serialises calls.
@@ -73,6 +76,8 @@ class PublishStep:
         self.ticks = 0
         self.last_tick_ms = 0
         self.watch_s = 0.0
+        #: the rows of the windows that became final in the last round (replay keeps these)
+        self.final_rows: list[dict] = []
         self._retention_every_ms = retention_every_ms
         self._running_every_ms = running_every_ms
         self._last_retention = 0
@@ -109,6 +114,7 @@ class PublishStep:
         current = self.agg.current_rows({k[0] for k in touched})
         self._refresh_snapshot(final_rows, current, now)
         self._watch(final_rows, current, features)
+        self.final_rows = final_rows
         self.ticks += 1
         self.last_tick_ms = now
         return n
