@@ -57,7 +57,7 @@ def _batches(events):
         yield kind, (InferenceBatch if kind == "inference" else FeedbackBatch).from_records(recs)
 
 
-def _scenario_events(n=400):
+def _scenario_events(n=160):
     rng = np.random.default_rng(5)
     return [e for i in range(n) for e in _events_at(i, rng)]
 
@@ -87,7 +87,7 @@ def test_step_without_store_or_watcher_gives_replays_rows():
 
 
 def test_step_with_two_sources_waits_for_both_watermarks():
-    events = _scenario_events(200)
+    events = _scenario_events(80)
     engines = [Engine(CFG), Engine(CFG)]
     for kind, b in _batches(events):
         for s, eng in enumerate(engines):
