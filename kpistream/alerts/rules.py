@@ -78,6 +78,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
 from kpistream.clock import Clock
+from kpistream.windows import catalogue as _catalogue
 from kpistream.errors import ConfigError
 from kpistream.spec.alerts import Kpis, RuleModel, RulesFile
 from kpistream.spec.common import MISSING, NAME, format_duration, parse, parse_duration, read_yaml
@@ -87,56 +88,16 @@ __all__ = [
     "AlertEngine", "load_rules", "rules_from_dict", "to_prometheus_rules",
 ]
 
-_BASE_KPIS = (
-    "requests", "error_rate", "latency_mean", "latency_p50", "latency_p90", "latency_p99",
-    "latency_p999", "accuracy", "precision", "recall", "f1", "mae", "rmse", "precision_at_k",
-    "recall_at_k", "ndcg_at_k", "mrr", "thumbs_up_rate", "ctr", "conversion_rate",
-    "dwell_mean", "reward_mean", "cost_per_1k", "tokens_mean", "label_coverage")
-_AVG_KPIS = tuple(f"{m}_{a}" for a in ("macro", "micro", "weighted")
-                  for m in ("precision", "recall", "f1"))
-KPI_NAMES: tuple[str, ...] = _BASE_KPIS + _AVG_KPIS
-
+# The KPI tables come from the catalogue (kpistream.windows.catalogue); these
+# names stay importable from here.
+KPI_NAMES = _catalogue.KPI_NAMES
 #: KPIs computed on labelled requests (``labelled`` is set on their rows).
-QUALITY_KPIS: frozenset[str] = frozenset(
-    ("accuracy", "precision", "recall", "f1", "mae", "rmse", "precision_at_k", "recall_at_k",
-     "ndcg_at_k", "mrr") + _AVG_KPIS)
-
+QUALITY_KPIS = _catalogue.QUALITY_KPIS
 #: KPI name -> (exported Prometheus gauge, scale from the KPI's unit to the gauge's).
-#: Mirrors the exporter (actors/publisher.py PROM_KPIS) and README's "Prometheus" section.
-PROM_METRICS: dict[str, tuple[str, float]] = {
-    "requests": ("kpistream_window_requests", 1.0),
-    "error_rate": ("kpistream_error_ratio", 1.0),
-    "latency_mean": ("kpistream_latency_mean_seconds", 1e-3),
-    "latency_p50": ("kpistream_latency_p50_seconds", 1e-3),
-    "latency_p90": ("kpistream_latency_p90_seconds", 1e-3),
-    "latency_p99": ("kpistream_latency_p99_seconds", 1e-3),
-    "latency_p999": ("kpistream_latency_p999_seconds", 1e-3),
-    "accuracy": ("kpistream_accuracy_ratio", 1.0),
-    "precision": ("kpistream_precision_ratio", 1.0),
-    "recall": ("kpistream_recall_ratio", 1.0),
-    "f1": ("kpistream_f1_ratio", 1.0),
-    "mae": ("kpistream_mae", 1.0),
-    "rmse": ("kpistream_rmse", 1.0),
-    "precision_at_k": ("kpistream_precision_at_k_ratio", 1.0),
-    "recall_at_k": ("kpistream_recall_at_k_ratio", 1.0),
-    "ndcg_at_k": ("kpistream_ndcg_at_k_ratio", 1.0),
-    "mrr": ("kpistream_mrr_ratio", 1.0),
-    "thumbs_up_rate": ("kpistream_thumbs_up_ratio", 1.0),
-    "ctr": ("kpistream_ctr_ratio", 1.0),
-    "conversion_rate": ("kpistream_conversion_ratio", 1.0),
-    "dwell_mean": ("kpistream_dwell_mean_seconds", 1.0),
-    "reward_mean": ("kpistream_reward_mean", 1.0),
-    "cost_per_1k": ("kpistream_cost_per_1k_usd", 1.0),
-    "tokens_mean": ("kpistream_tokens_mean", 1.0),
-    "label_coverage": ("kpistream_label_coverage_ratio", 1.0),
-    **{k: (f"kpistream_{k}_ratio", 1.0) for k in _AVG_KPIS},
-}
-
+PROM_METRICS = _catalogue.PROM_METRICS
 #: KPIs that are shares of events (Bernoulli rates): binomial tests apply.
-RATE_KPIS: frozenset[str] = frozenset(
-    ("error_rate", "accuracy", "thumbs_up_rate", "ctr", "conversion_rate", "label_coverage"))
-
-_QUANTILES = frozenset(("latency_p50", "latency_p90", "latency_p99", "latency_p999"))
+RATE_KPIS = _catalogue.RATE_KPIS
+_QUANTILES = _catalogue.QUANTILE_KPIS
 _OPS: dict[str, Callable[[float, float], bool]] = {
     "<": lambda a, b: a < b, "<=": lambda a, b: a <= b, ">": lambda a, b: a > b,
     ">=": lambda a, b: a >= b, "==": lambda a, b: a == b, "!=": lambda a, b: a != b}

@@ -105,18 +105,13 @@ from kpistream.clock import Clock
 from kpistream.spec.alerts import AlertsFile, Kpis
 from kpistream.spec.common import parse, read_yaml
 from kpistream.spec.metrics import EngineConfig
+from kpistream.windows.catalogue import HIGHER_IS_BETTER
 from kpistream.alerts.detectors import Adwin, Cusum, Ewma, PageHinkley, PsiTest, TwoSidedCusum, feature_drift
 from kpistream.errors import ConfigError
 
 __all__ = ["DetectorSpec", "InputDriftSpec", "WebhookSpec", "AlertsConfig", "load_alerts",
            "alerts_from_dict", "DetectorBank", "InputDriftBank", "Watcher", "HIGHER_IS_BETTER"]
 
-#: KPIs where a drop is bad (detectors watch the down side by default).
-HIGHER_IS_BETTER = frozenset(
-    ("accuracy", "precision", "recall", "f1", "precision_at_k", "recall_at_k", "ndcg_at_k",
-     "mrr", "thumbs_up_rate", "ctr", "conversion_rate", "dwell_mean", "reward_mean",
-     "label_coverage", "precision_macro", "recall_macro", "f1_macro", "precision_micro",
-     "recall_micro", "f1_micro", "precision_weighted", "recall_weighted", "f1_weighted"))
 _DAY = 86_400_000
 
 

@@ -1,2 +1,3 @@
-"""Windows over the engine's panes: merged partials, tumbling / sliding / count
-windows, and the tidy rows every consumer reads (:mod:`.aggregate`)."""
+"""Windows over the engine's panes (:mod:`.aggregate`), the KPI catalogue
+(:mod:`.catalogue`), and the Ray-free publish step the publisher runs
+(:mod:`.publish`, with :mod:`.paired_summary` and :mod:`.exposition`)."""

@@ -81,8 +81,27 @@ class WindowAggregator:
             return np.iinfo(np.int64).min
         return min(self.watermarks.values())
 
-    def _horizon(self, family: str) -> int:
+    def horizon(self, family: str) -> int:
+        """How long after a pane's end its ``family`` state may still change (the
+        label delay for quality families, 0 for operational ones)."""
         return self.cfg.label_delay_ms if FAMILY_CLASSES[family].horizon == "label" else 0
+
+    def is_final(self, family: str, end_ms: int) -> bool:
+        """Whether a ``family`` pane or window ending at ``end_ms`` is final now."""
+        return self.watermark >= end_ms + self.horizon(family)
+
+    def merged_pane(self, pane_start: int, series: SeriesKey, family: str,
+                    default: MetricState | None = None) -> MetricState | None:
+        """One state for a time pane: the latest state of every source, merged (a
+        source that sent nothing new for the pane still counts with what it sent
+        before); a copy, so the caller may keep it.  ``default`` if no source has it."""
+        states = list(self.panes.get((pane_start, series, family), {}).values())
+        if not states:
+            return None if default is None else default.copy()
+        st = states[0].copy()
+        for other in states[1:]:
+            st.merge(other)
+        return st
 
     # ------------------------------------------------------------- windows
     @staticmethod
@@ -116,7 +135,7 @@ class WindowAggregator:
         sizes = {w.name: w.size for w in self.time_windows}
         for (wname, start, series, family), st in merged.items():
             end = start + sizes[wname]
-            prov = (not final) and wm < end + self._horizon(family)
+            prov = (not final) and wm < end + self.horizon(family)
             labels = _label_cols(series)
             for metric, (value, count, labelled) in st.value().items():
                 rows.append({"window": wname, "window_start": start, "window_end": end,
@@ -170,7 +189,7 @@ class WindowAggregator:
 
         def select(w: WindowSpec, start: int, fam: str) -> bool:
             return fam == family and (names is None or w.name in names) \
-                and lo < start + w.size + self._horizon(fam) <= wm
+                and lo < start + w.size + self.horizon(fam) <= wm
 
         return {(k[0], k[1], k[2]): st for k, st in self._merged_windows(select).items()}
 
@@ -180,7 +199,7 @@ class WindowAggregator:
         lo = self._emitted_wm
 
         def newly_final(w: WindowSpec, start: int, family: str) -> bool:
-            t = start + w.size + self._horizon(family)
+            t = start + w.size + self.horizon(family)
             return lo < t <= wm
 
         rows = self._rows(self._merged_windows(newly_final), wm, final=True)
