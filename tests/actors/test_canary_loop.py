@@ -13,6 +13,8 @@ from actors.trigger import Trigger
 from kpistream.clock import ManualClock
 from kpistream.errors import ConfigError
 
+pytestmark = pytest.mark.mlflow
+
 T0 = 1_767_225_600_000
 METRICS = {"version": 1, "time": {"lateness": "1s", "label_delay": "5s", "max_future": "1h"},
            "windows": [{"name": "10s", "type": "tumbling", "size": "10s"}],

@@ -20,6 +20,8 @@ from actors.registry import (TAG_MAX, Registry, RunRecord, artifact_location,  #
 from kpistream.errors import (KpistreamError, RegistryConflict, RegistryError,  # noqa: E402
                               RegistryNotFound)
 
+pytestmark = pytest.mark.mlflow
+
 
 # ------------------------------------------------------------------------- URIs
 

@@ -15,6 +15,8 @@ from actors.trigger import Trigger  # noqa: E402
 from kpistream.wire.batch import FeedbackBatch, InferenceBatch, shard_of  # noqa: E402
 from app.demo.traffic import demo_split  # noqa: E402
 
+pytestmark = pytest.mark.mlflow
+
 T0 = 1_767_225_600_000
 NAME = "kpistream-demo"
 

@@ -15,6 +15,8 @@ from mlflow import MlflowClient  # noqa: E402
 from actors.trigger import Trigger  # noqa: E402
 from kpistream.clock import ManualClock  # noqa: E402
 
+pytestmark = pytest.mark.mlflow
+
 T0 = 1_767_225_600_000
 
 

@@ -22,6 +22,8 @@ import pytest
 from app.demo.traffic import (TrafficSummary, demo_dataset, demo_split, drift_rows,
                                     run_traffic)
 
+pytestmark = pytest.mark.mlflow
+
 # --------------------------------------------------------------------- the data set
 
 

@@ -34,7 +34,7 @@ from kpistream.wire.batch import hash_ids  # noqa: E402
 # the classes below travel to Serve replicas and actors by value (tests/ is not importable there)
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.ray, pytest.mark.mlflow]
 
 TEST_NS = "kpistream-test-ingress"
 

@@ -25,7 +25,7 @@ from kpistream.wire.schema import validate_rows
 
 from conftest import deploy_sidecar, free_port, remove_sidecar, wait_healthy
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.ray, pytest.mark.prometheus]
 ROOT = Path(__file__).resolve().parents[2]
 
 

@@ -21,6 +21,8 @@ pytest.importorskip("matplotlib")
 from kpistream.demo_store import build_demo_store  # noqa: E402
 from kpistream.store.series import open_store  # noqa: E402
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOK = ROOT / "notebooks" / "kpis.ipynb"
 KERNEL = "kpistream-test"

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -79,15 +77,3 @@ def test_yaml_errors(tmp_path):
         load_config(p)
     with pytest.raises(ConfigError, match="file not found"):
         load_config(tmp_path / "missing.yaml")
-
-
-def test_engine_imports_no_ray_mlflow_or_prometheus():
-    """The engine stays Ray-free: importing every kpistream module pulls none of them in."""
-    code = (
-        "import sys, pkgutil, importlib, kpistream\n"
-        "for m in pkgutil.iter_modules(kpistream.__path__):\n"
-        "    importlib.import_module('kpistream.' + m.name)\n"
-        "bad = [m for m in ('ray', 'mlflow', 'prometheus_client') if m in sys.modules]\n"
-        "print(bad); sys.exit(1 if bad else 0)\n")
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
-    assert p.returncode == 0, p.stdout + p.stderr
