@@ -242,6 +242,7 @@ def _events(i0: int, n: int, correct: float, t_ms: int, rng) -> list[dict]:
     return out
 
 
+@pytest.mark.slow
 def test_publisher_fires_alert_and_detector_and_posts_each_transition_once(tmp_path):
     rec = _Receiver(fail_first=1)       # the first post fails: retried with backoff
     clock = ManualClock(T0)

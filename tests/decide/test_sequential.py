@@ -86,6 +86,7 @@ def test_asymptotic_cs_matches_the_vectorized_formula():
     assert lo[0] == -np.inf and hi[0] == np.inf and np.isfinite(lo[1]) and np.isfinite(hi[1])
 
 
+@pytest.mark.slow
 def test_two_sample_cs_coverage_under_continuous_peeking():
     """Canary mode: each unit goes to arm 1 with probability 0.3; normal outcomes, unequal variances."""
     rng = np.random.default_rng(12)
@@ -153,6 +154,7 @@ def _runs_checkpoints(nz: np.ndarray) -> np.ndarray:
     return keep
 
 
+@pytest.mark.slow
 def test_paired_binary_cs_coverage_under_continuous_peeking():
     rng = np.random.default_rng(13)
     p = np.array([0.04, 0.94, 0.02])               # d = -1, 0, +1: a 2-point accuracy drop
@@ -214,6 +216,7 @@ def test_bounded_log_evalue_edges_and_validation():
     assert len(BET_GRID) == 48 and BET_GRID.max() < 1
 
 
+@pytest.mark.slow
 def test_randomized_binary_coverage_under_continuous_peeking():
     """Canary mode, 0/1 outcomes, 10 % of units to the challenger (arm 0 here), exact by design."""
     rng = np.random.default_rng(14)
@@ -250,6 +253,7 @@ def test_srm_bayes_factor_matches_numerical_integration():
     assert float(srm_log_evalue(x, n, share, k)) == pytest.approx(math.log(bf), abs=1e-8)
 
 
+@pytest.mark.slow
 def test_srm_type_one_error_under_continuous_peeking_and_power():
     rng = np.random.default_rng(15)
     steps = np.arange(1, STEPS + 1)

@@ -60,6 +60,7 @@ def test_replay_file_formats_equal_the_columnar_path(tmp_path, stream, expected,
     assert summary.rejected[("ts", "future")] == stream.n_future
 
 
+@pytest.mark.slow
 def test_replay_cli_writes_csv_and_parquet_and_reports(tmp_path, stream, expected):
     src = tmp_path / "events.ndjson"
     stream.to_ndjson(src)
@@ -99,6 +100,7 @@ def test_replay_values_are_sane(expected):
     assert cov["labelled"].notna().all() and ((cov["value"] > 0.5) & (cov["value"] <= 1)).all()
 
 
+@pytest.mark.slow
 def test_missing_file_and_bad_config_are_clear_errors(tmp_path):
     p = subprocess.run([sys.executable, "-m", "kpistream.cli", "replay", str(tmp_path / "nope.ndjson")],
                        capture_output=True, text=True)
@@ -110,6 +112,7 @@ def test_missing_file_and_bad_config_are_clear_errors(tmp_path):
     assert p.returncode == 2 and "windows[0].size" in p.stderr
 
 
+@pytest.mark.slow
 def test_demo_command_runs(tmp_path):
     p = subprocess.run([sys.executable, "-m", "kpistream.cli", "demo", "--requests", "3000",
                         "--out-dir", str(tmp_path)], capture_output=True, text=True, check=True)

@@ -169,6 +169,7 @@ def test_shadow_scores_the_same_requests(small):
         assert p["event_id"] != s["event_id"] and p["segments"] == s["segments"]
 
 
+@pytest.mark.slow
 def test_disorder_counts_match_the_records():
     s = generate_stream(50_000, seed=11)
     recs = list(s.records())
@@ -204,6 +205,7 @@ def test_disorder_counts_match_the_records():
     assert inversions > 0.01 * len(recs)
 
 
+@pytest.mark.slow
 def test_rates_near_the_requested_fractions():
     s = generate_stream(1_000_000, seed=1)
     n_inf_rows, n_fb_rows = len(s.inf_ts), len(s.fb_ts)
@@ -236,6 +238,7 @@ def test_rates_near_the_requested_fractions():
         assert np.mean(s.inf_label[rows] == y[s.inf_req[rows]]) == pytest.approx(acc, abs=0.005)
 
 
+@pytest.mark.slow
 def test_generation_speed(capsys):
     t = time.perf_counter()
     s = generate_stream(1_000_000, seed=2)
@@ -270,6 +273,7 @@ def _agg(frame, window, model, variant, metric):
     return float((d.value * d["count"]).sum()), int(d["count"].sum()), d
 
 
+@pytest.mark.slow
 def test_baseline_counters(baseline_run):
     s, res = baseline_run
     c = res.counters

@@ -21,6 +21,7 @@ def _psi_first(expected: list, got: list) -> bool:
         and expected[1].startswith("input_drift[") and ".psi." not in expected[1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fn", ["config_from_dict", "rules_from_dict", "alerts_from_dict",
                                 "policy_from_dict", "load_canary_config"])
 def test_same_result_as_the_hand_written_loaders(fn):

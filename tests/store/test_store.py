@@ -98,6 +98,7 @@ def _assert_rows_equal(got, want):
 
 # ----------------------------------------------------------------- roll-ups
 
+@pytest.mark.slow
 def test_rollup_equals_the_aggregators_windows(run, filled):
     """10 s panes rolled up to 1 m give exactly the engine's 1 m tumbling windows."""
     _, want, _ = run
@@ -125,6 +126,7 @@ def test_rollup_equals_the_aggregators_windows(run, filled):
         assert p99["value"].tolist() == [merged.value()["latency_p99"][0]]
 
 
+@pytest.mark.slow
 def test_running_buckets_match_the_live_view(run, tmp_path):
     """Mid-stream, base and provisional 1 m rows equal the aggregator's current rows, flags too."""
     steps, _, snaps = run
@@ -148,6 +150,7 @@ def test_running_buckets_match_the_live_view(run, tmp_path):
         assert checked >= 4
 
 
+@pytest.mark.slow
 def test_rollup_is_idempotent(run, filled, tmp_path):
     steps, _, _ = run
     with SeriesStore(filled, CFG) as store:
@@ -170,6 +173,7 @@ def _requests(store, resolution, start, end):
     return q.groupby(LABELS)["count"].sum().sort_index()
 
 
+@pytest.mark.slow
 def test_rewrite_of_a_settled_pane_rolls_up_again(run, tmp_path):
     """A final pane written again (a re-publish) re-rolls its minute and the running hour,
     also when the hour's settled minutes are cached."""
@@ -273,6 +277,7 @@ def test_watermark_makes_rows_final(run, tmp_path):
 
 # ----------------------------------------------------------------- retention
 
+@pytest.mark.slow
 def test_retention_per_resolution(run, tmp_path):
     steps, _, _ = run
     res = [Resolution("10s", 10_000, 120_000), Resolution("1m", 60_000, 4_200_000),
@@ -417,6 +422,7 @@ def test_reopen_sees_data_and_config(filled, tmp_path):
 
 # ---------------------------------------------------------------- concurrency
 
+@pytest.mark.slow
 def test_reader_queries_while_writer_writes(run, tmp_path):
     steps, _, _ = run
     writer = SeriesStore(tmp_path, CFG, timeout=5.0)
@@ -464,6 +470,7 @@ def test_reader_queries_while_writer_writes(run, tmp_path):
 
 # -------------------------------------------------------------- throughput
 
+@pytest.mark.slow
 def test_write_throughput(run, tmp_path):
     """Figures only; no timing asserts.  10,000 distinct pane states (the run's final
     states, repeated at later pane starts), in one call and in calls of 1,000."""

@@ -585,6 +585,7 @@ _fields = ["type", "event_id", "request_id", "ts", "model", "model_version", "va
            "kind", "value", "schema_version", "latency"]
 
 
+@pytest.mark.slow
 @settings(max_examples=300, deadline=None)
 @given(st.lists(st.tuples(st.booleans(), st.dictionaries(st.sampled_from(_fields), _json,
                                                          max_size=3)), max_size=8))
