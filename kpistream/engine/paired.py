@@ -83,7 +83,7 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 from numba import njit
 
-from kpistream.engine.states import FAMILY_CLASSES, SeriesFlags, SumsState, Value
+from kpistream.engine.states import SeriesFlags, SumsState, Value
 
 #: Latency floor (ms) before the log: a zero latency is a clock artefact, not a speed-up.
 MIN_LATENCY_MS = 1e-3
@@ -721,8 +721,6 @@ class PairedTable(SeriesFlags):
     def nbytes(self) -> int:
         return self.arms.nbytes + self.role.nbytes + self.flags.nbytes + self.pairs.nbytes
 
-
-FAMILY_CLASSES[PairedState.family] = PairedState
 
 __all__ = ["PairedState", "PairedTable", "merge_summaries", "comparison", "empty_summary",
            "ARM", "PAIR", "MIN_LATENCY_MS"]

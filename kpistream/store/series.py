@@ -92,7 +92,8 @@ from kpistream.wire.batch import BASE_LABELS, SeriesKey, series_labels
 from kpistream.spec.metrics import EngineConfig, WindowSpec, format_duration, parse_duration
 from kpistream.engine import Partial
 from kpistream.errors import ConfigError
-from kpistream.engine.states import FAMILY_CLASSES, MetricState
+from kpistream.engine.families import FAMILY_CLASSES
+from kpistream.engine.states import MetricState
 
 __all__ = ["DB_NAME", "Resolution", "SeriesStore", "StoredState", "default_resolutions",
            "load_series", "open_store"]
