@@ -46,7 +46,7 @@ feedback to every inference of a request, so in shadow mode the challenger
 arm's ``reward`` is the primary's reward; it means something in canary mode
 only, where each request is served by one arm.)
 
-**Pairing in the engine** (:class:`~kpistream.engine.engine.Engine`, time panes
+**Pairing in the engine** (:class:`~kpistream.engine.pairing.Pairing`, time panes
 only; count windows have no paired state).  Each accepted challenger
 inference gets a record in a bounded table keyed by request id
 (``join.max_paired``); it looks for the primary's inference in the join
