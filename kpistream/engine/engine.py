@@ -103,9 +103,7 @@ class Engine:
         if not len(idx):
             return rep
         # 4. the accepted rows in engine codes (series, task, class prediction)
-        used = np.zeros(len(batch.series_keys), dtype=bool)
-        used[batch.series[idx]] = True
-        smap = self.vocab.series_map(batch.series_keys, used)
+        smap = self.vocab.batch_series(batch, idx)
         if len(idx) == n:
             b, slots = batch, slots_all
         else:

@@ -79,6 +79,12 @@ class Vocab:
             out[i] = sid
         return out
 
+    def batch_series(self, batch: InferenceBatch, rows: np.ndarray) -> np.ndarray:
+        """:meth:`series_map` of the batch vocabulary entries that rows ``rows`` use."""
+        used = np.zeros(len(batch.series_keys), dtype=bool)
+        used[batch.series[rows]] = True
+        return self.series_map(batch.series_keys, used)
+
     def _new_series(self, proj: SeriesKey) -> int:
         sid = len(self.series_keys)
         self.series_keys.append(proj)

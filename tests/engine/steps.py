@@ -37,7 +37,7 @@ def add_inferences(join: Join, recs: list[dict]) -> tuple[int, int]:
     ok = np.ones(len(b), dtype=bool)
     slots, ndup = join.insert_inferences(b, ok)
     idx = np.flatnonzero(ok)
-    smap = join.vocab.series_map(b.series_keys, np.ones(len(b.series_keys), dtype=bool))
+    smap = join.vocab.batch_series(b, idx)
     b, slots = b.take(idx), slots[idx]
     prior = join.wm.observe(b.ts)
     series, task, pred = join.vocab.inference_codes(b, smap)

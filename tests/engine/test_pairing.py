@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
-
 from kpistream.engine.paired import ARM_INFERENCE_COLS, ROLE_CHALLENGER, ROLE_PRIMARY, PairedTable
 from kpistream.engine.pairing import R_HASP
 from kpistream.engine.panes import TIME

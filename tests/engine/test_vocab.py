@@ -96,3 +96,14 @@ def test_inference_codes_task_and_predictions():
     assert v.counters["series_overflow"] == 1
     assert pred.tolist() == [0, -1, -1, -1, 1, 0]
     assert v.classes[0] == ["a", "b"] and v.classes[1] == ["a"]
+
+
+def test_batch_series_registers_only_rows_used():
+    v = _vocab()
+    b = InferenceBatch.from_records([
+        {"event_id": f"e{i}", "request_id": f"r{i}", "ts": 1000 + i, "model": m,
+         "model_version": "1", "variant": "primary", "endpoint": "p", "latency_ms": 1.0,
+         "status": "ok"} for i, m in enumerate(["a", "b", "a", "c"])])
+    smap = v.batch_series(b, np.array([2, 3]))
+    assert [v.series_keys[s][0] for s in smap[b.series[[2, 3]]]] == ["a", "c"]
+    assert smap[b.series[1]] == -1 and len(v.series_keys) == 2
