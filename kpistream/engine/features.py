@@ -35,7 +35,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from kpistream.engine.states import FAMILY_CLASSES, MetricState, Value
+from kpistream.engine.states import MetricState, Value
 
 _EMPTY_H = np.zeros(0, dtype=np.uint64)
 
@@ -256,7 +256,5 @@ class FeatureSampleState(MetricState):
         return (f"FeatureSampleState(k={self.k}, seen={self.n_seen}, sampled={len(self.hashes)}, "
                 f"features={self.names})")
 
-
-FAMILY_CLASSES[FeatureSampleState.family] = FeatureSampleState
 
 __all__ = ["FeatureSampleState"]

@@ -46,7 +46,7 @@ feedback to every inference of a request, so in shadow mode the challenger
 arm's ``reward`` is the primary's reward; it means something in canary mode
 only, where each request is served by one arm.)
 
-**Pairing in the engine** (:class:`~kpistream.engine.engine.Engine`, time panes
+**Pairing in the engine** (:class:`~kpistream.engine.pairing.Pairing`, time panes
 only; count windows have no paired state).  Each accepted challenger
 inference gets a record in a bounded table keyed by request id
 (``join.max_paired``); it looks for the primary's inference in the join
@@ -83,7 +83,7 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 from numba import njit
 
-from kpistream.engine.states import FAMILY_CLASSES, SeriesFlags, SumsState, Value
+from kpistream.engine.states import SeriesFlags, SumsState, Value
 
 #: Latency floor (ms) before the log: a zero latency is a clock artefact, not a speed-up.
 MIN_LATENCY_MS = 1e-3
@@ -721,8 +721,6 @@ class PairedTable(SeriesFlags):
     def nbytes(self) -> int:
         return self.arms.nbytes + self.role.nbytes + self.flags.nbytes + self.pairs.nbytes
 
-
-FAMILY_CLASSES[PairedState.family] = PairedState
 
 __all__ = ["PairedState", "PairedTable", "merge_summaries", "comparison", "empty_summary",
            "ARM", "PAIR", "MIN_LATENCY_MS"]

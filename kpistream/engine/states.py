@@ -597,12 +597,3 @@ def _grow_rows(a: np.ndarray, n: int) -> np.ndarray:
 def sums_for(cls: type[SumsState], gid: np.ndarray, n_groups: int, cols, observe: bool) -> np.ndarray:
     """(n_groups, n_stats) sums of a batch for a sums family (``observe``: inference side)."""
     return _group_sums(gid, n_groups, cls.observe_weights(cols) if observe else cls.weights(cols))
-
-
-FAMILY_CLASSES: dict[str, type[MetricState]] = {
-    c.family: c for c in (TrafficState, LatencyState, CostState, ClassificationState,
-                          RegressionState, RankingState, FeedbackState)}
-
-# Families defined in modules of their own register themselves in FAMILY_CLASSES
-# on import; importing them here makes every family known wherever states is.
-from kpistream.engine import features as _features, paired as _paired  # noqa: E402,F401

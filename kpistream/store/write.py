@@ -6,7 +6,8 @@ from __future__ import annotations
 from typing import Callable, Iterable, Sequence
 
 from kpistream.engine import Partial
-from kpistream.engine.states import FAMILY_CLASSES, MetricState
+from kpistream.engine.families import FAMILY_CLASSES
+from kpistream.engine.states import MetricState
 from kpistream.store.catalog import SeriesCatalog
 from kpistream.store.codec import encode_state
 from kpistream.store.db import I64_MIN, MAX_IN, StoreDB, clamp

@@ -31,7 +31,8 @@ import pandas as pd
 from kpistream.wire.batch import BASE_LABELS, SeriesKey
 from kpistream.spec.metrics import EngineConfig, WindowSpec
 from kpistream.engine import Partial
-from kpistream.engine.states import FAMILY_CLASSES, MetricState
+from kpistream.engine.families import FAMILY_CLASSES
+from kpistream.engine.states import MetricState
 
 _FAR = np.iinfo(np.int64).max
 ROW_COLUMNS = ("window", "window_start", "window_end", "metric", "value", "count", "labelled",

@@ -14,7 +14,7 @@ from sklearn.metrics import (
 
 from kpistream.wire.batch import (KIND_CLICK, KIND_CONVERSION, KIND_DWELL, KIND_LABEL, KIND_REWARD,
                              KIND_THUMBS)
-from kpistream.engine.engine import ranking_metrics
+from kpistream.engine.join import ranking_metrics
 from kpistream.engine.states import (
     ClassificationState, CostState, FeedbackState, LatencyState, RankingState, RegressionState,
     TrafficState,
