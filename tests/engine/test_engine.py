@@ -154,6 +154,7 @@ def _oracle(infs, truths, window_start, window_end, model, region):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1])
 def test_windows_equal_oracle(seed):
     events, infs, truths = _random_stream(seed)
@@ -194,6 +195,7 @@ def test_batch_size_does_not_change_results(batch):
     pd.testing.assert_frame_equal(ref, got, check_exact=False, rtol=1e-12)
 
 
+@pytest.mark.slow
 def test_shards_merged_equal_one_engine():
     """hash(request_id) % 3 shards, merged by the aggregator == one engine over everything."""
     events, _, _ = _random_stream(4, n=1500)

@@ -272,7 +272,8 @@ def assert_states_match(states: dict, exp: dict):
 
 # ------------------------------------------------------------------ tests
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("seed", [0, pytest.param(1, marks=pytest.mark.slow),
+                                  pytest.param(2, marks=pytest.mark.slow)])
 def test_summary_equals_oracle(seed):
     events = random_stream(seed)
     states, eng = run_engine(events, seed=seed)
@@ -291,6 +292,7 @@ def test_summary_equals_oracle(seed):
     assert eng.stats()["paired_kept"] == 0    # flushed: every record expired
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sizes", [(1,), (2, 5), (1000,)])
 def test_batch_sizes_do_not_change_the_states(sizes):
     events = random_stream(3, n=500)
@@ -301,6 +303,7 @@ def test_batch_sizes_do_not_change_the_states(sizes):
         assert_summary_equal(got[k].summary(), ref[k].summary(), str(k))
 
 
+@pytest.mark.slow
 def test_three_engines_merged_equal_one_engine_and_the_oracle():
     events = random_stream(4)
     one, _ = run_engine(events)
@@ -320,6 +323,7 @@ def test_three_engines_merged_equal_one_engine_and_the_oracle():
         assert_summary_equal(merge_summaries(lst), merged[key].summary(), str(key))
 
 
+@pytest.mark.slow
 def test_states_and_engine_survive_pickling():
     events = random_stream(5, n=600)
     half = len(events) // 2
