@@ -20,7 +20,7 @@ from kpistream.alerts.rules import load_rules, to_prometheus_rules
 from conftest import WebhookReceiver as _Receiver
 from conftest import deploy_sidecar, free_port, remove_sidecar, wait_healthy
 
-pytestmark = [pytest.mark.ray, pytest.mark.prometheus]
+pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.prometheus]
 ROOT = Path(__file__).resolve().parents[2]
 RULE = "LiveAccuracyLow"
 

@@ -12,7 +12,7 @@ import pytest
 
 from conftest import deploy_sidecar, remove_sidecar
 
-pytestmark = [pytest.mark.ray, pytest.mark.mlflow]
+pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.mlflow]
 ROOT = Path(__file__).resolve().parents[2]
 
 

@@ -17,7 +17,7 @@ from ray import serve
 
 from conftest import deploy_sidecar, remove_sidecar, wait_healthy
 
-pytestmark = [pytest.mark.ray, pytest.mark.mlflow]
+pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.mlflow]
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = "e2e-model"
 
