@@ -11,7 +11,9 @@ def test_int_keys_match_the_formula():
     v = np.concatenate([rng.lognormal(0, 3, 1000), [0.0, 1e-10, 1e-9]])
     a = 0.02
     gamma = (1 + a) / (1 - a)
-    want = np.where(v > sk.MIN_POSITIVE, np.ceil(np.log(v) / np.log(gamma)), 0).astype(np.int64)
+    want = np.ceil(np.log(np.maximum(v, 1.0)) / np.log(gamma)).astype(np.int64)
+    pos = v > sk.MIN_POSITIVE
+    want[pos] = np.ceil(np.log(v[pos]) / np.log(gamma))
     want[v <= sk.MIN_POSITIVE] = sk.ZERO_KEY
     assert np.array_equal(sk._int_keys(v, a), want)
 
