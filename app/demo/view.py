@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 import urllib.parse
 from collections import defaultdict
 from datetime import datetime, timezone

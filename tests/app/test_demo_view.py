@@ -44,3 +44,8 @@ def test_alert_lines_when_the_sidecar_is_down():
     fired = {}
     lines = view.alert_lines("http://127.0.0.1:9", 0.5, lambda: 1.0, fired)
     assert lines[0].startswith("  alerts unavailable") and fired == {}
+
+
+def test_fetch_rows_when_the_sidecar_is_down():
+    rows, problem = view.fetch_rows("http://127.0.0.1:9", "kpistream-demo", 0.5)
+    assert rows == {} and problem.startswith("KPI series unavailable")
