@@ -28,7 +28,7 @@ class WindowAggregator:
     """Merges pane states into the configured windows and their tidy rows.
 
     :class:`WindowAggregator` receives cumulative partial states
-    (:class:`kpistream.engine.engine.Partial`) from one engine or from many shards,
+    (:class:`kpistream.engine.Partial`) from one engine or from many shards,
     keeps the latest state per (source, pane, series, family), and builds the
     configured windows by merging pane states: a 10 s tumbling window is one
     pane, a 60 s window hopping by 10 s merges six.  Merging sufficient
