@@ -1,55 +1,6 @@
-"""The raw event archive: what a shard accepted, as Parquet files, for replay and retraining.
-
-A plain class (no Ray import), owned by one shard (:class:`actors.shard.Shard`
-with ``archive_dir``).  :meth:`EventArchive.append` is the only call in the
-ingest path and only keeps a reference to the columnar batch (O(1), no copy,
-no conversion); :meth:`EventArchive.maybe_flush` (called by the shard's
-``collect``, i.e. on every publisher tick) converts and writes when the
-buffer holds ``max_rows`` rows or its oldest row is ``max_age_s`` old.
-
-Layout (Hive-style partitions, readable by ``ray.data.read_parquet``,
-``pyarrow.dataset`` and pandas)::
-
-    <root>/inference/date=YYYY-MM-DD/shard-<i>-<seq>.parquet
-    <root>/feedback/date=YYYY-MM-DD/shard-<i>-<seq>.parquet
-
-``date`` is the UTC day of the events' event time (a flush that spans
-midnight writes one file per day).  ``seq`` (8+ digits, zero-padded) grows
-per shard across the whole archive, also across restarts (the first flush
-finds the largest one on disk), and a file never holds more than
-``max_rows`` rows.  A file appears atomically: it is written as
-``.shard-<i>-<seq>.parquet.tmp`` in the same folder (hidden, and without the
-``.parquet`` extension, so readers skip it) and then hard-linked to its final
-name, which fails rather than overwrites if that name exists.
-
-Columns are the batch columns (:mod:`kpistream.wire.batch`), so a replay rebuilds
-exactly the live batches (:func:`inference_batch_from_table`,
-:func:`feedback_batch_from_table`): identifiers are the 64-bit hashes the
-engine joins and deduplicates on (``event_id_hash``, ``request_id_hash``,
-uint64; the original strings never reach a shard), time is ``ts`` (epoch ms,
-event time), and ``arrival`` (int64) orders the rows of one shard in the
-order the shard received them (``seq << 24`` of the flush's first file plus
-the position in the flush).  Variable fields are JSON text (``segments``,
-``features``), as in :func:`kpistream.replay.write_events_parquet`.
-
-inference: ``event_id_hash, request_id_hash, ts, model, model_version,
-variant, endpoint, segments, latency_ms, status ("ok" | "error"),
-pred_label, pred_score, pred_value, ranking (list<uint64> item hashes),
-cost_usd, tokens, features, arrival``
-
-feedback: ``event_id_hash, request_id_hash, ts, kind, label, value,
-relevance_items (list<uint64>), relevance_grades (list<double>), arrival``
-
-A batch the engine accepted in part (late rows, re-delivered duplicates,
-invalid rows) is archived whole; a batch it accepted nothing of is not
-archived.  Readers deduplicate by ``event_id_hash`` when it matters.
-
-Failure: nothing here raises into the caller.  A failed conversion or write
-is counted (``errors``, ``last_error``), the unwritten rows stay buffered
-and are retried (no sooner than ``retry_s`` later); past ``2 * max_rows``
-buffered rows the oldest are dropped and counted (``dropped``), so memory
-stays bounded whatever the disk does.  Rows still buffered when the process
-dies are lost (at most ``max_age_s`` of traffic): :meth:`flush` on shutdown.
+"""The raw event archive (:class:`EventArchive`): what a shard accepted, as Parquet files, for
+replay and retraining (:func:`read_archive`, :func:`inference_batch_from_table`,
+:func:`feedback_batch_from_table`).
 """
 
 from __future__ import annotations
@@ -139,7 +90,7 @@ def _lists(offsets: np.ndarray, values: np.ndarray, value_type):
 
 
 def inference_table(b: InferenceBatch, arrival: np.ndarray | None = None):
-    """An :class:`InferenceBatch` as an Arrow table (module docstring's columns)."""
+    """An :class:`InferenceBatch` as an Arrow table (columns: :class:`EventArchive`)."""
     import pyarrow as pa
 
     keys = b.series_keys
@@ -171,7 +122,7 @@ def inference_table(b: InferenceBatch, arrival: np.ndarray | None = None):
 
 
 def feedback_table(b: FeedbackBatch, arrival: np.ndarray | None = None):
-    """A :class:`FeedbackBatch` as an Arrow table (module docstring's columns)."""
+    """A :class:`FeedbackBatch` as an Arrow table (columns: :class:`EventArchive`)."""
     import pyarrow as pa
 
     col = {
@@ -277,12 +228,63 @@ def read_archive(root: str | os.PathLike, kind: str, *, columns: list[str] | Non
 # ------------------------------------------------------------------------ archive
 
 class EventArchive:
-    """One shard's archive writer (module docstring).
+    """One shard's archive writer.
 
     ``background=True`` converts and writes in a daemon thread of its own:
     :meth:`maybe_flush` then only hands the buffer over (the Parquet encoder
     releases the GIL, so ingest goes on meanwhile); :meth:`flush` always
     writes before it returns.
+
+    A plain class (no Ray import), owned by one shard (:class:`actors.shard.Shard`
+    with ``archive_dir``).  :meth:`EventArchive.append` is the only call in the
+    ingest path and only keeps a reference to the columnar batch (O(1), no copy,
+    no conversion); :meth:`EventArchive.maybe_flush` (called by the shard's
+    ``collect``, i.e. on every publisher tick) converts and writes when the
+    buffer holds ``max_rows`` rows or its oldest row is ``max_age_s`` old.
+
+    Layout (Hive-style partitions, readable by ``ray.data.read_parquet``,
+    ``pyarrow.dataset`` and pandas)::
+
+        <root>/inference/date=YYYY-MM-DD/shard-<i>-<seq>.parquet
+        <root>/feedback/date=YYYY-MM-DD/shard-<i>-<seq>.parquet
+
+    ``date`` is the UTC day of the events' event time (a flush that spans
+    midnight writes one file per day).  ``seq`` (8+ digits, zero-padded) grows
+    per shard across the whole archive, also across restarts (the first flush
+    finds the largest one on disk), and a file never holds more than
+    ``max_rows`` rows.  A file appears atomically: it is written as
+    ``.shard-<i>-<seq>.parquet.tmp`` in the same folder (hidden, and without the
+    ``.parquet`` extension, so readers skip it) and then hard-linked to its final
+    name, which fails rather than overwrites if that name exists.
+
+    Columns are the batch columns (:mod:`kpistream.wire.batch`), so a replay rebuilds
+    exactly the live batches (:func:`inference_batch_from_table`,
+    :func:`feedback_batch_from_table`): identifiers are the 64-bit hashes the
+    engine joins and deduplicates on (``event_id_hash``, ``request_id_hash``,
+    uint64; the original strings never reach a shard), time is ``ts`` (epoch ms,
+    event time), and ``arrival`` (int64) orders the rows of one shard in the
+    order the shard received them (``seq << 24`` of the flush's first file plus
+    the position in the flush).  Variable fields are JSON text (``segments``,
+    ``features``), as in :func:`kpistream.replay.write_events_parquet`.
+
+    inference: ``event_id_hash, request_id_hash, ts, model, model_version,
+    variant, endpoint, segments, latency_ms, status ("ok" | "error"),
+    pred_label, pred_score, pred_value, ranking (list<uint64> item hashes),
+    cost_usd, tokens, features, arrival``
+
+    feedback: ``event_id_hash, request_id_hash, ts, kind, label, value,
+    relevance_items (list<uint64>), relevance_grades (list<double>), arrival``
+
+    A batch the engine accepted in part (late rows, re-delivered duplicates,
+    invalid rows) is archived whole; a batch it accepted nothing of is not
+    archived.  Readers deduplicate by ``event_id_hash`` when it matters.
+
+    Failure: nothing here raises into the caller.  A failed conversion or write
+    is counted (``errors``, ``last_error``), the unwritten rows stay buffered
+    and are retried (no sooner than ``retry_s`` later); past ``2 * max_rows``
+    buffered rows the oldest are dropped and counted (``dropped``), so memory
+    stays bounded whatever the disk does.  Rows still buffered when the process
+    dies are lost (at most ``max_age_s`` of traffic): :meth:`flush` on shutdown.
     """
 
     def __init__(self, root: str | os.PathLike, shard_index: int, max_rows: int = 50_000,

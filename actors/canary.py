@@ -1,64 +1,5 @@
-"""The canary controller: experiments, decisions, traffic steps and retraining triggers.
-
-A plain class (no Ray import); :mod:`actors.remote` makes it the named actor
-``kpistream-canary`` that the experiment ingress polls for its traffic and
-``GET /v1/canary`` reads.  Everything it needs comes in as callables, so a
-test can wire it to a plain publisher and trigger.
-
-Config: ``configs/canary.yaml`` -- the decision policy
-(:mod:`kpistream.decide.policy`) plus::
-
-    experiments:
-      - name: demo                   # the ingress's `experiment`
-        model: kpistream-demo        # the events' model name
-        registered_model: kpistream-demo   # in MLflow (default: model)
-        primary_variant: primary
-        challenger_variant: shadow
-        mode: shadow                 # shadow | canary
-        steps: [0.05, 0.25, 0.5, 1.0]  # canary: challenger weights, one analysis each
-        settle: 5s                   # canary: data of a new step counts after this
-        interval: 5s                 # how often to decide
-    retrain:
-      on_alerts: [DemoAccuracyLow]   # a transition to firing of these rules launches it
-      every_labelled: null           # or: after N new labelled requests
-      model: kpistream-demo          # registered model to retrain (default: the first
-                                     # experiment's)
-    actions:                         # the trigger (actors/trigger.py), one per registered model
-      mode: auto                     # auto | dry_run | approval
-      cooldown: 10m                  # no second champion move within this
-      retrain_cooldown: 1h
-
-**An experiment run** starts when the registered model's ``challenger``
-alias points to a version the controller has not run yet (a retraining
-registers one; so can a person) and the champion exists.  Each ``interval``
-it asks the publisher for the paired summary since the run (shadow) or the
-step (canary) started and asks the policy for a decision.  ``wait`` keeps
-going.  In canary mode a ``promote`` before the last step moves to the next
-weight (recorded, no MLflow action) and starts that step's analysis after
-``settle`` (the ingress polls every second); each step is its own analysis,
-with the policy's minimum and maximum durations and samples.  Anything else goes to the
-trigger (:class:`actors.trigger.Trigger`): a decision run in MLflow, the
-aliases moved (promote) or the challenger marked (rollback, halt), and the
-run ends -- except ``cooldown`` (tried again next interval) and
-``awaiting_approval`` (until someone approves or rejects it through the API).
-The decision id is ``<experiment>/v<challenger>-vs-v<champion>/step<i>/<action>``:
-a retried or restarted controller sends the same id, and the trigger acts at
-most once per id.  A restarted controller does not run a version again that
-MLflow says was decided (its ``kpistream.decision`` tag), and picks up a
-decision still awaiting approval.  A run ends when the ``challenger`` alias
-moves away, or when the champion moves (the primary arm would mix versions:
-a new run starts against the new champion); a decision it left waiting for
-approval is withdrawn (rejected).
-
-**Traffic** (:meth:`traffic`): what the ingress routes -- the current step's
-weight while a canary runs, 0 after a rollback, halt or inconclusive end
-(everything to the primary), and after a promotion too (the primary serves
-the promoted version once its replicas follow the ``champion`` alias).
-
-**Retraining**: the controller polls the publisher's alert transitions; a
-rule named in ``on_alerts`` entering ``firing``, or ``every_labelled`` new
-labelled requests, calls the trigger's ``maybe_retrain`` (which has its own
-cooldown and launches the training job on Ray).
+"""The canary controller (:class:`Canary`): experiments, decisions, traffic steps and retraining
+triggers.  Its ``configs/canary.yaml`` keys: README, "Configuration".
 """
 
 from __future__ import annotations
@@ -164,7 +105,47 @@ _FINAL = {"promote": "promoted", "rollback": "rolled_back", "halt": "halted",
 
 
 class Canary:
-    """Runs every configured experiment; see the module docstring."""
+    """Runs every configured experiment.
+
+    A plain class (no Ray import); :mod:`actors.remote` makes it the named actor
+    ``kpistream-canary`` that the experiment ingress polls for its traffic and
+    ``GET /v1/canary`` reads.  Everything it needs comes in as callables, so a
+    test can wire it to a plain publisher and trigger.
+
+    **An experiment run** starts when the registered model's ``challenger``
+    alias points to a version the controller has not run yet (a retraining
+    registers one; so can a person) and the champion exists.  Each ``interval``
+    it asks the publisher for the paired summary since the run (shadow) or the
+    step (canary) started and asks the policy for a decision.  ``wait`` keeps
+    going.  In canary mode a ``promote`` before the last step moves to the next
+    weight (recorded, no MLflow action) and starts that step's analysis after
+    ``settle`` (the ingress polls every second); each step is its own analysis,
+    with the policy's minimum and maximum durations and samples.  Anything else
+    goes to the trigger (:class:`actors.trigger.Trigger`): a decision run in
+    MLflow, the aliases moved (promote) or the challenger marked (rollback,
+    halt), and the run ends -- except ``cooldown`` (tried again next interval)
+    and ``awaiting_approval`` (until someone approves or rejects it through the
+    API).  The decision id is
+    ``<experiment>/v<challenger>-vs-v<champion>/step<i>/<action>``: a retried or
+    restarted controller sends the same id, and the trigger acts at most once
+    per id.  A restarted controller does not run a version again that MLflow
+    says was decided (its ``kpistream.decision`` tag), and picks up a decision
+    still awaiting approval.  A run ends when the ``challenger`` alias moves
+    away, or when the champion moves (the primary arm would mix versions: a new
+    run starts against the new champion); a decision it left waiting for
+    approval is withdrawn (rejected).
+
+    **Traffic** (:meth:`traffic`): what the ingress routes -- the current step's
+    weight while a canary runs, 0 after a rollback, halt or inconclusive end
+    (everything to the primary), and after a promotion too (the primary serves
+    the promoted version once its replicas follow the ``champion`` alias).
+
+    **Retraining**: the controller polls the publisher's alert transitions; a
+    rule named in ``retrain.on_alerts`` entering ``firing``, or
+    ``every_labelled`` new labelled requests, calls the trigger's
+    ``maybe_retrain`` (which has its own cooldown and launches the training
+    job on Ray).
+    """
 
     def __init__(self, config: CanaryConfig | str | Path | Mapping[str, Any] | None, *,
                  summary: Callable[[ExperimentSpec, str, int, str | None], dict],

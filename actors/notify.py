@@ -1,27 +1,5 @@
-"""Alert notifications out of the pipeline: log lines, webhooks, and a pollable log.
-
-A plain module (no Ray).  :class:`Notifier` takes each
-:class:`kpistream.alerts.rules.Notification` from the publisher's tick and returns
-at once: webhooks are posted by one background thread per URL from a bounded
-queue, so a slow or dead receiver never blocks the pipeline (a full queue
-drops the oldest and counts it).
-
-Webhook delivery: ``POST`` of the notification as JSON (the
-:meth:`Notification.as_dict` body plus ``id``, ``kind`` and ``sent_at``), with
-headers ``content-type: application/json``, ``x-kpistream-notification-id``
-(stable per transition: receivers can deduplicate on it) and
-``x-kpistream-attempt``.  A 2xx answer is a delivery; a 4xx other than 408 /
-429 is final (counted as ``rejected``, not retried: the receiver said no); a
-connection error, a timeout, 408, 429 or a 5xx is retried up to ``retries``
-times, waiting ``backoff * 2**attempt`` seconds (at most ``max_backoff``)
-with +-20 % jitter.  Each transition is posted until one attempt succeeds, so
-a receiver that answers gets it exactly once (unless it times out after
-accepting, which the id header lets it detect).
-
-The notification log (:meth:`Notifier.since`) is the hook for later actions
-(retraining, canary): an actor polls ``since(seq)`` and gets every
-notification after ``seq`` with its sequence number, bounded to the latest
-``log_size``.
+"""Alert notifications out of the pipeline (:class:`Notifier`, :class:`WebhookSender`): log
+lines, webhooks, and a pollable log.
 """
 
 from __future__ import annotations
@@ -171,7 +149,31 @@ class WebhookSender:
 
 
 class Notifier:
-    """Fans notifications out to the log, webhooks and the pollable notification log."""
+    """Fans notifications out to the log, webhooks and the pollable notification log.
+
+    A plain module (no Ray).  :class:`Notifier` takes each
+    :class:`kpistream.alerts.rules.Notification` from the publisher's tick and returns
+    at once: webhooks are posted by one background thread per URL from a bounded
+    queue, so a slow or dead receiver never blocks the pipeline (a full queue
+    drops the oldest and counts it).
+
+    Webhook delivery: ``POST`` of the notification as JSON (the
+    :meth:`Notification.as_dict` body plus ``id``, ``kind`` and ``sent_at``), with
+    headers ``content-type: application/json``, ``x-kpistream-notification-id``
+    (stable per transition: receivers can deduplicate on it) and
+    ``x-kpistream-attempt``.  A 2xx answer is a delivery; a 4xx other than 408 /
+    429 is final (counted as ``rejected``, not retried: the receiver said no); a
+    connection error, a timeout, 408, 429 or a 5xx is retried up to ``retries``
+    times, waiting ``backoff * 2**attempt`` seconds (at most ``max_backoff``)
+    with +-20 % jitter.  Each transition is posted until one attempt succeeds, so
+    a receiver that answers gets it exactly once (unless it times out after
+    accepting, which the id header lets it detect).
+
+    The notification log (:meth:`Notifier.since`) is the hook for later actions
+    (retraining, canary): an actor polls ``since(seq)`` and gets every
+    notification after ``seq`` with its sequence number, bounded to the latest
+    ``log_size``.
+    """
 
     def __init__(self, webhooks: Iterable[WebhookSpec] = (), log_transitions: bool = True,
                  log_size: int = 1000) -> None:

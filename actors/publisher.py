@@ -1,16 +1,4 @@
-"""The publisher: a thin actor around the Ray-free publish step.
-
-A plain class (no Ray import): :mod:`actors.remote` makes it a Ray actor and
-gives it a ``pull`` function that collects from every shard in one round
-trip; tests give it plain shards.  Each :meth:`Publisher.tick` pulls
-``(partials, watermark, stats)`` from every shard and runs one
-:meth:`kpistream.windows.publish.PublishStep.run` under the lock (merge ->
-store -> snapshot -> watch); the watcher's transitions go to the notifier
-(log, webhooks, the pollable log that later actions subscribe to).  The
-actor adds the ticker, the lock, the queries Ray callers make and the
-Prometheus rendering of ``/metrics`` (families from
-:mod:`kpistream.windows.exposition`).
-"""
+"""The publisher (:class:`Publisher`): a thin actor around the Ray-free publish step."""
 
 from __future__ import annotations
 
@@ -36,6 +24,20 @@ Pull = Callable[[], Sequence[tuple[list[Partial], int, dict]]]
 
 
 class Publisher:
+    """The publisher actor.
+
+    A plain class (no Ray import): :mod:`actors.remote` makes it a Ray actor and
+    gives it a ``pull`` function that collects from every shard in one round
+    trip; tests give it plain shards.  Each :meth:`Publisher.tick` pulls
+    ``(partials, watermark, stats)`` from every shard and runs one
+    :meth:`kpistream.windows.publish.PublishStep.run` under the lock (merge ->
+    store -> snapshot -> watch); the watcher's transitions go to the notifier
+    (log, webhooks, the pollable log that later actions subscribe to).  The
+    actor adds the ticker, the lock, the queries Ray callers make and the
+    Prometheus rendering of ``/metrics`` (families from
+    :mod:`kpistream.windows.exposition`).
+    """
+
     def __init__(self, config: EngineConfig | Mapping[str, Any] | None, store_path: str | Path,
                  pull: Pull | None = None, clock: Clock | None = None,
                  retention_every_s: float = 60.0, snapshot_ttl_s: float = 900.0,

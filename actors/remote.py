@@ -1,9 +1,5 @@
-"""The one place where kpistream's plain classes become Ray actors.
-
-Actors are named (``kpistream-shard-<i>``, ``kpistream-publisher``,
-``kpistream-canary``) in the ``kpistream`` namespace, so the Ray dashboard
-says what each one is, and any Serve replica can find them by name.  :func:`ensure_actors` creates them if
-they do not exist yet (idempotent: every replica may call it).
+"""The one place where kpistream's plain classes become Ray actors (:func:`ensure_actors`,
+:func:`ensure_canary`).
 """
 
 from __future__ import annotations
@@ -81,6 +77,11 @@ def ensure_actors(config: Mapping[str, Any], n_shards: int, store_path: str,
 
     The shards archive the raw events they accept under ``archive_dir``
     (None: ``<store_path>/archive``; ``""``: no archive).
+
+    Actors are named (``kpistream-shard-<i>``, ``kpistream-publisher``,
+    ``kpistream-canary``) in the ``kpistream`` namespace, so the Ray dashboard
+    says what each one is, and any Serve replica can find them by name.  :func:`ensure_actors` creates them if
+    they do not exist yet (idempotent: every replica may call it).
     """
     if archive_dir is None:
         archive_dir = os.path.join(store_path, "archive")

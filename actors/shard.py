@@ -1,20 +1,5 @@
-"""The shard: one engine over the events whose ``hash(request_id) % N`` is its index.
-
-A plain class (no Ray import): :mod:`actors.remote` makes it a Ray actor, and
-tests drive it directly.  An inference, its feedback and the shadow's
-prediction for the same request all arrive at the same shard, so the join
-needs no shuffle.
-
-Live, event time and processing time meet here: when no event has arrived
-for ``lateness`` (processing time, an idle source), :meth:`Shard.collect`
-moves the watermark to ``now - lateness`` so that windows close when
-traffic stops; while events flow, event time alone drives it.  It returns
-the cumulative partial states of every pane touched since the last call,
-for the publisher to merge.
-
-With ``archive_dir`` every batch the engine accepted rows of is also kept
-for the raw event archive (:class:`actors.archive.EventArchive`: Parquet
-under ``archive_dir``); ``collect`` writes the files by size or age.
+"""The shard (:class:`Shard`): one engine over the events whose ``hash(request_id) % N`` is its
+index.
 """
 
 from __future__ import annotations
@@ -31,6 +16,25 @@ from kpistream.wire.schema import validate_rows
 
 
 class Shard:
+    """One engine over one shard of the requests.
+
+    A plain class (no Ray import): :mod:`actors.remote` makes it a Ray actor, and
+    tests drive it directly.  An inference, its feedback and the shadow's
+    prediction for the same request all arrive at the same shard, so the join
+    needs no shuffle.
+
+    Live, event time and processing time meet here: when no event has arrived
+    for ``lateness`` (processing time, an idle source), :meth:`Shard.collect`
+    moves the watermark to ``now - lateness`` so that windows close when
+    traffic stops; while events flow, event time alone drives it.  It returns
+    the cumulative partial states of every pane touched since the last call,
+    for the publisher to merge.
+
+    With ``archive_dir`` every batch the engine accepted rows of is also kept
+    for the raw event archive (:class:`actors.archive.EventArchive`: Parquet
+    under ``archive_dir``); ``collect`` writes the files by size or age.
+    """
+
     def __init__(self, index: int, config: EngineConfig | Mapping[str, Any] | None = None,
                  clock: Clock | None = None, processing_time_watermark: bool = True,
                  archive_dir: str | None = None, archive_options: Mapping[str, Any] | None = None,

@@ -64,80 +64,17 @@ def _num(x: Any) -> float | None:
 class Trigger:
     """Decisions and retraining requests -> MLflow.
 
-    A plain class (no module-level Ray import); :mod:`actors.remote` (or a test)
-    makes it an actor.  MLflow is both the place the actions land and the
-    trigger's memory, so a restarted trigger neither repeats nor forgets one.
+    A plain class (no module-level Ray import; :mod:`actors.remote` makes it an
+    actor).  MLflow is both where the actions land and the trigger's memory, so
+    a restarted trigger neither repeats nor forgets one; what lands where:
+    README, "Shadow, canary and MLflow actions".
 
-    **Decisions** (:meth:`Trigger.apply`): every decision except ``wait`` becomes
-    a run in the ``kpistream-decisions`` experiment:
-
-    - params: the policy, flattened (``policy.<key>``);
-    - metrics: ``<metric>.estimate``, ``.lower``, ``.upper``, ``.margin``,
-      ``.harm``, ``.n`` per compared metric, and numeric ``srm.<key>``;
-    - tags: ``kpistream.decision`` (the action), ``kpistream.decision_id``,
-      ``kpistream.model``, ``kpistream.experiment``, ``kpistream.primary_version``,
-      ``kpistream.challenger_version``, ``kpistream.verdict.<metric>``,
-      ``kpistream.mode``, ``kpistream.status`` (the outcome), ``kpistream.dry_run``,
-      ``kpistream.alias_before`` / ``kpistream.alias_after`` (the champion's
-      version), and the reason as the run's description (``mlflow.note.content``);
-    - artifacts: ``decision.json`` (the decision as received) and
-      ``outcome.json`` (the record :meth:`apply` returned).
-
-    The challenger's model version gets ``kpistream.decision``,
-    ``kpistream.decision_id``, ``kpistream.decision_run`` (the run id) and
-    ``kpistream.decision_reason``, so the registry page says why.
-
-    **Actions** (``mode="auto"``):
-
-    - ``promote``: alias ``champion`` moves to the challenger's version.  The
-      version it leaves gets alias ``previous-champion`` (moved there from any
-      older one) and tags ``kpistream.replaced_by`` / ``kpistream.demoted_by_run``,
-      so a manual rollback is ``set_registered_model_alias(name, "champion",
-      get_model_version_by_alias(name, "previous-champion").version)``.  Alias
-      ``challenger`` is removed when it points to the promoted version (the
-      challenger is the champion now; a canary left comparing a version with
-      itself would be meaningless), kept when it already points elsewhere.
-    - ``rollback`` / ``halt``: ``champion`` untouched; the challenger version is
-      tagged ``kpistream.rolled_back=true`` and ``kpistream.rollback_reason``,
-      and alias ``challenger`` is removed if it still points to it.
-    - ``inconclusive``: recorded (run + version tag), nothing moves.
-    - ``wait``: ignored (no run; the canary says "keep looking" every tick).
-
-    Outcomes (``status`` of the returned record): ``applied``, ``dry_run``,
-    ``awaiting_approval``, ``cooldown``, ``stale``, ``rejected``, and for a
-    decision id seen before ``duplicate`` (with the first outcome as
-    ``first_status``); ``ignored`` for ``wait``.
-
-    **Idempotency.**  The decision id is looked up by tag
-    (``kpistream.decision_key``, a hash of the model name and the id) before
-    anything happens.  A finished decision (applied, dry_run, stale, rejected)
-    is never acted on again.  The champion's version before the move is tagged on the run
-    (``kpistream.moving_from``) before the alias moves, and each step checks the registry before it writes, so a
-    trigger that dies between steps and sees the same decision again finishes
-    it without moving anything twice.  A decision whose ``primary_version`` is
-    no longer the champion (someone or something moved it) is ``stale``.
-    ``cooldown`` and ``awaiting_approval`` are not final: the same id applied
-    after the cooldown proceeds (in the same run); an awaiting one proceeds only
-    through :meth:`approve`.
-
-    **Options.**  ``cooldown_s``: after a champion move, a promote within
-    ``cooldown_s`` is recorded as ``cooldown`` and nothing moves (the last move
-    time survives restarts: it is a tag on the run).  Rollback and halt are
-    never held back by the cooldown: removing a harmful challenger should not
-    wait.  ``mode="dry_run"``: the run is recorded (tag ``kpistream.dry_run=true``,
-    with the alias it would have set) and nothing in the registry changes.
-    ``mode="approval"``: promote / rollback / halt wait (:meth:`pending`) until
-    :meth:`approve` (then applied, with the stale and cooldown checks made at
-    that time) or :meth:`reject`; inconclusive is recorded at once.
-
-    **Retraining** (:meth:`maybe_retrain`): with its own cooldown
-    (``retrain_cooldown_s``) and at most one job at a time, records why (a run
-    tagged ``kpistream.decision=retrain`` with the evidence as ``evidence.json``)
-    and launches :func:`actors.retrain.launch_retrain` (or the ``launch``
-    callable given), which registers a new version under alias ``challenger``.
-    In dry-run mode nothing is launched (status ``dry_run``).  A trigger acts on
-    its own registered model (``model_name``); a decision's ``model`` is kept
-    in the record and the artifact only.
+    :meth:`apply` returns a record whose ``status`` is ``applied``,
+    ``dry_run``, ``awaiting_approval``, ``cooldown``, ``stale``, ``rejected``,
+    ``duplicate`` (a decision id seen before; ``first_status`` says how it
+    ended) or ``ignored`` (``wait``).  It acts at most once per decision id,
+    also across a crash between steps.  It acts on its own registered model
+    (``model_name``); a decision's ``model`` is kept in the record only.
     """
 
     def __init__(self, tracking_uri: str, model_name: str, *, champion_alias: str = "champion",

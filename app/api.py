@@ -1,27 +1,5 @@
-"""The sidecar's HTTP face (Ray Serve + FastAPI): ingest, query, health, /metrics.
-
-Thin on purpose: it decodes and validates request bodies, routes rows to the
-shard actors by ``hash(request_id) % N``, and forwards queries to the
-publisher actor.  Everything stateful lives in :mod:`actors`.
-
-Routes (DESIGN.md's HTTP contract):
-
-- ``POST /v1/events``   — inference (and feedback) events: one JSON object, a
-  JSON array or NDJSON; at most ``max_body_bytes``.
-- ``POST /v1/feedback`` — feedback events only (``type`` may be omitted).
-  Both reply ``{"accepted", "late", "duplicates", "rejected": [{"index",
-  "field", "reason", "message"}]}``; one bad row never sinks the batch.
-- ``GET /v1/series``    — tidy rows from the store: ``metric`` (repeat or
-  comma-separate), ``start``, ``end`` (RFC 3339 or epoch ms),
-  ``resolution``, and any series label as a filter (``model=churn``).
-- ``GET /v1/alerts``    — pending and firing alerts with their evidence, the
-  drift detectors and input-drift tests, webhook counters; ``?since=<seq>``
-  adds the transition log after that sequence number.
-- ``GET /v1/canary``    — shadow / canary experiments: the latest decision
-  with its evidence, the traffic step, outcomes, decisions awaiting approval;
-  ``POST /v1/canary/approve`` / ``reject`` with ``{"decision_id", "by"}``.
-- ``GET /metrics``      — Prometheus text exposition.
-- ``GET /v1/health``    — publisher and shard status.
+"""The sidecar's HTTP face (:class:`SidecarAPI`, Ray Serve + FastAPI): ingest, query, health,
+/metrics.
 """
 
 import asyncio
@@ -64,6 +42,32 @@ _QUERY_KEYS = {"metric", "start", "end", "resolution"}
 @serve.deployment(ray_actor_options={"num_cpus": 0})
 @serve.ingress(api)
 class SidecarAPI:
+    """The sidecar's HTTP routes (README, "HTTP API").
+
+    Thin on purpose: it decodes and validates request bodies, routes rows to the
+    shard actors by ``hash(request_id) % N``, and forwards queries to the
+    publisher actor.  Everything stateful lives in :mod:`actors`.
+
+    Routes (DESIGN.md's HTTP contract):
+
+    - ``POST /v1/events``   — inference (and feedback) events: one JSON object, a
+      JSON array or NDJSON; at most ``max_body_bytes``.
+    - ``POST /v1/feedback`` — feedback events only (``type`` may be omitted).
+      Both reply ``{"accepted", "late", "duplicates", "rejected": [{"index",
+      "field", "reason", "message"}]}``; one bad row never sinks the batch.
+    - ``GET /v1/series``    — tidy rows from the store: ``metric`` (repeat or
+      comma-separate), ``start``, ``end`` (RFC 3339 or epoch ms),
+      ``resolution``, and any series label as a filter (``model=churn``).
+    - ``GET /v1/alerts``    — pending and firing alerts with their evidence, the
+      drift detectors and input-drift tests, webhook counters; ``?since=<seq>``
+      adds the transition log after that sequence number.
+    - ``GET /v1/canary``    — shadow / canary experiments: the latest decision
+      with its evidence, the traffic step, outcomes, decisions awaiting approval;
+      ``POST /v1/canary/approve`` / ``reject`` with ``{"decision_id", "by"}``.
+    - ``GET /metrics``      — Prometheus text exposition.
+    - ``GET /v1/health``    — publisher and shard status.
+    """
+
     def __init__(self, config: dict, n_shards: int, store_path: str,
                  max_body_bytes: int = 8 << 20, publish_interval_s: float = 0.25,
                  alerts: dict | None = None, archive_dir: str | None = None,

@@ -1,65 +1,6 @@
-"""The traffic layer of a shadow or canary experiment: one Serve ingress in front of two models.
-
-:class:`ExperimentIngress` (a Ray Serve deployment with a FastAPI ingress)
-stands in front of a *primary* and a *challenger* deployment, both
-:class:`~app.monitor.MonitoredModel` s (handles passed at bind time), and
-calls them with :meth:`~app.monitor.MonitoredModel.infer`, giving both the
-request's id: so the primary's and the challenger's inference events carry
-the **same** ``request_id`` with their own ``variant``, and meet in one shard.
-
-Routes (relative to the app's ``route_prefix``):
-
-- ``POST /`` — a JSON body, passed as is to the model's ``predict``; reply
-  ``{"request_id", "prediction", "variant", "model_version"}`` with headers
-  ``x-request-id`` and ``x-kpistream-variant`` (the variant that answered).
-  400 when the body is not JSON, 500 ``{"request_id", "error"}`` when the model
-  raised, 503 when it has no model (its MLflow alias does not exist).
-- ``GET /v1/experiment`` — the live config (mode, weight, step, state, what
-  the controller said last) and this replica's counters.
-
-Modes:
-
-- ``shadow`` — the primary answers.  A request is mirrored to the challenger
-  when ``bucket(request_id) < mirror_fraction * 10000`` (a keyed hash of the
-  request id, so which requests are mirrored is reproducible), as a task of
-  its own: the reply never waits for it and its failures are only counted
-  (``mirror_errors``; ``mirror_timeouts`` past ``mirror_timeout_s``).  At most
-  ``max_mirror_in_flight`` mirrors are outstanding per ingress replica; above
-  that the mirror is dropped and counted (``mirror_dropped``), never queued.
-  A challenger that answers "unavailable" (no ``challenger`` alias yet) is not
-  sent mirrors for ``unavailable_backoff_s``; those requests are counted as
-  ``mirror_unavailable``.
-- ``canary`` — a weighted split, sticky on ``sticky_key`` (a payload field, or
-  else a header of that name; else the request id): the challenger answers
-  when ``bucket(key) < weight * 10000``, so a key that reached the canary at
-  one weight stays there at every larger weight.  The weight is
-  ``weights[initial_step]`` until a controller says otherwise.  If the
-  challenger is unavailable the primary answers (``canary_fallbacks``).
-
-The controller: every ``control_poll_s`` seconds a background task (never the
-request path) looks up the named Ray actor ``controller`` (default
-``kpistream-canary``, namespace ``kpistream``) and, if it exists, calls
-``traffic(experiment) -> {"mode", "weight", "step", "state"}``.  Its answer
-replaces mode and weight (``weight`` wins; a ``step`` alone indexes
-``weights``); ``state`` ``"rollback"`` or ``"halt"`` sends everything to the
-primary and stops mirroring.  Without a controller (or while it fails) the
-last known traffic stays; errors are counted.
-
-Counters are per ingress replica (``GET /v1/experiment`` answers from the
-replica it reaches).  :func:`build_experiment_app` is the typed app builder
-for ``serve run`` (see :class:`ExperimentAppArgs`)::
-
-    applications:
-      - name: experiment
-        route_prefix: /experiment
-        import_path: app.ingress:build_experiment_app
-        args:
-          experiment: demo-shadow
-          mode: shadow
-          mirror_fraction: 1.0
-          shared_init_args: {tracking_uri: sqlite:///data/mlflow.db, n_shards: 2}
-          primary: {variant: primary, init_args: {alias: champion}}
-          challenger: {variant: shadow, init_args: {alias: challenger}}
+"""The traffic layer of a shadow or canary experiment: one Serve ingress
+(:class:`ExperimentIngress`) in front of two models, built by :func:`build_experiment_app`
+(its ``serve.yaml`` args: README, "Configuration").
 """
 
 # no `from __future__ import annotations`: FastAPI must see the real Request annotation in
@@ -262,6 +203,51 @@ class ExperimentIngress:
     ``primary`` and ``challenger`` are DeploymentHandles of MonitoredModel
     deployments (bound applications at build time); ``config`` an
     :class:`ExperimentConfig` or its dict.
+
+    Both arms are :class:`~app.monitor.MonitoredModel` s called with
+    :meth:`~app.monitor.MonitoredModel.infer` and the request's id, so the
+    primary's and the challenger's inference events carry the **same**
+    ``request_id`` with their own ``variant``, and meet in one shard.
+
+    Routes (relative to the app's ``route_prefix``):
+
+    - ``POST /`` -- a JSON body, passed as is to the model's ``predict``; reply
+      ``{"request_id", "prediction", "variant", "model_version"}`` with headers
+      ``x-request-id`` and ``x-kpistream-variant`` (the variant that answered).
+      400 when the body is not JSON, 500 ``{"request_id", "error"}`` when the
+      model raised, 503 when it has no model (its MLflow alias does not exist).
+    - ``GET /v1/experiment`` -- the live config (mode, weight, step, state, what
+      the controller said last) and this replica's counters (counters are per
+      ingress replica).
+
+    Modes:
+
+    - ``shadow`` -- the primary answers.  A request is mirrored to the
+      challenger when ``bucket(request_id) < mirror_fraction * 10000`` (a keyed
+      hash of the request id, so which requests are mirrored is reproducible),
+      as a task of its own: the reply never waits for it and its failures are
+      only counted (``mirror_errors``; ``mirror_timeouts`` past
+      ``mirror_timeout_s``).  At most ``max_mirror_in_flight`` mirrors are
+      outstanding per ingress replica; above that the mirror is dropped and
+      counted (``mirror_dropped``), never queued.  A challenger that answers
+      "unavailable" (no ``challenger`` alias yet) is not sent mirrors for
+      ``unavailable_backoff_s``; those requests are counted as
+      ``mirror_unavailable``.
+    - ``canary`` -- a weighted split, sticky on ``sticky_key`` (a payload field,
+      or else a header of that name; else the request id): the challenger
+      answers when ``bucket(key) < weight * 10000``, so a key that reached the
+      canary at one weight stays there at every larger weight.  The weight is
+      ``weights[initial_step]`` until a controller says otherwise.  If the
+      challenger is unavailable the primary answers (``canary_fallbacks``).
+
+    The controller: every ``control_poll_s`` seconds a background task (never
+    the request path) looks up the named Ray actor ``controller`` (default
+    ``kpistream-canary``, namespace ``kpistream``) and, if it exists, calls
+    ``traffic(experiment) -> {"mode", "weight", "step", "state"}``.  Its answer
+    replaces mode and weight (``weight`` wins; a ``step`` alone indexes
+    ``weights``); ``state`` ``"rollback"`` or ``"halt"`` sends everything to the
+    primary and stops mirroring.  Without a controller (or while it fails) the
+    last known traffic stays; errors are counted.
     """
 
     def __init__(self, primary, challenger, config: dict | ExperimentConfig | None = None

@@ -1,58 +1,5 @@
-"""The monitoring wrapper for a user's Ray Serve deployment (DESIGN.md, data path step 1, "Emit").
-
-Users subclass :class:`MonitoredModel` and implement ``async predict(payload)``;
-the model code stays theirs::
-
-    from ray import serve
-    from app.monitor import MonitoredModel
-
-    @serve.deployment
-    class Churn(MonitoredModel):
-        def __init__(self):
-            super().__init__(model="churn", model_version="7")
-            self.clf = load_model()
-
-        async def predict(self, payload: dict):
-            p = float(self.clf.predict_proba([payload["x"]])[0, 1])
-            return {"label": int(p >= 0.5), "score": p}
-
-        def segments(self, payload):            # optional: series labels
-            return {"region": payload.get("region", "unknown")}
-
-Each HTTP request (``__call__``) gets a request id (the caller's
-``x-request-id`` header if it is 1..256 characters, else a per-replica random
-prefix plus a counter), is timed around ``predict`` and answered with
-``{"request_id": ..., "prediction": ...}`` and the header ``x-request-id``
-(500 and ``{"request_id", "error"}`` when ``predict`` raises; 400 when the body
-is not JSON, which is not an inference and records nothing).  Behind Ray
-Serve's HTTP proxy every request already carries ``x-request-id`` (the
-caller's, or one the proxy made) and the proxy puts it on the reply, so there
-the wrapper uses that id and adds no second header.  The body's
-``request_id`` is always the id the events carry.
-
-A caller that already has a request id (the experiment ingress, :mod:`app.ingress`,
-through a Serve DeploymentHandle) calls ``await handle.infer.remote(payload,
-request_id)``: the same event, the same labels (this replica's ``variant``
-and ``model_version``), and ``{"request_id", "prediction", "variant",
-"model_version"}`` back, so a primary and a shadow scoring one request emit
-events with the same ``request_id``.  ``predict`` raising
-:class:`ModelUnavailable` (no model to answer with) is a 503 on HTTP, re-raised
-by ``infer``, and records no event.  :class:`AliasFollowingModel` serves an
-MLflow registered model's alias (``champion``, ``challenger``) and swaps in the
-version the alias moves to, live.
-
-What the request path does for monitoring is one tuple appended to the
-emitter's buffer (:class:`kpistream.wire.emitter.Emitter`): no validation, no
-hashing, no dicts.  The reply never waits on kpistream; a full buffer
-(``buffer_rows``) drops the event and counts it.  The emitter's flush task
-(in the replica's event loop, started on the first request) turns the rows
-into normalized records (:mod:`kpistream.wire.normalize`, the same results as
-:mod:`kpistream.wire.schema`), one
-:class:`~kpistream.wire.batch.InferenceBatch` split by shard, and sends each
-part through its transport, by default the shard actors
-(:class:`actors.transport.ShardTransport`, Ray imported only there).
-Any object with ``send(kind, batch)`` can be the ``sink`` instead (see
-:mod:`kpistream.wire.emitter`), so the wrapper is testable without a cluster.
+"""The monitoring wrapper for a user's Ray Serve deployment (DESIGN.md, data path step 1, "Emit"):
+subclass :class:`MonitoredModel` (or :class:`AliasFollowingModel` to serve an MLflow alias).
 """
 
 from __future__ import annotations
@@ -144,6 +91,60 @@ class MonitoredModel:
     actors (tests, other transports); ``send_timeout_s`` gives up on a send
     that long outstanding when the flush task must wait for it (counted as a
     send error).
+
+    Users subclass it and implement ``async predict(payload)``;
+    the model code stays theirs::
+
+        from ray import serve
+        from app.monitor import MonitoredModel
+
+        @serve.deployment
+        class Churn(MonitoredModel):
+            def __init__(self):
+                super().__init__(model="churn", model_version="7")
+                self.clf = load_model()
+
+            async def predict(self, payload: dict):
+                p = float(self.clf.predict_proba([payload["x"]])[0, 1])
+                return {"label": int(p >= 0.5), "score": p}
+
+            def segments(self, payload):            # optional: series labels
+                return {"region": payload.get("region", "unknown")}
+
+    Each HTTP request (``__call__``) gets a request id (the caller's
+    ``x-request-id`` header if it is 1..256 characters, else a per-replica random
+    prefix plus a counter), is timed around ``predict`` and answered with
+    ``{"request_id": ..., "prediction": ...}`` and the header ``x-request-id``
+    (500 and ``{"request_id", "error"}`` when ``predict`` raises; 400 when the body
+    is not JSON, which is not an inference and records nothing).  Behind Ray
+    Serve's HTTP proxy every request already carries ``x-request-id`` (the
+    caller's, or one the proxy made) and the proxy puts it on the reply, so there
+    the wrapper uses that id and adds no second header.  The body's
+    ``request_id`` is always the id the events carry.
+
+    A caller that already has a request id (the experiment ingress, :mod:`app.ingress`,
+    through a Serve DeploymentHandle) calls ``await handle.infer.remote(payload,
+    request_id)``: the same event, the same labels (this replica's ``variant``
+    and ``model_version``), and ``{"request_id", "prediction", "variant",
+    "model_version"}`` back, so a primary and a shadow scoring one request emit
+    events with the same ``request_id``.  ``predict`` raising
+    :class:`ModelUnavailable` (no model to answer with) is a 503 on HTTP, re-raised
+    by ``infer``, and records no event.  :class:`AliasFollowingModel` serves an
+    MLflow registered model's alias (``champion``, ``challenger``) and swaps in the
+    version the alias moves to, live.
+
+    What the request path does for monitoring is one tuple appended to the
+    emitter's buffer (:class:`kpistream.wire.emitter.Emitter`): no validation, no
+    hashing, no dicts.  The reply never waits on kpistream; a full buffer
+    (``buffer_rows``) drops the event and counts it.  The emitter's flush task
+    (in the replica's event loop, started on the first request) turns the rows
+    into normalized records (:mod:`kpistream.wire.normalize`, the same results as
+    :mod:`kpistream.wire.schema`), one
+    :class:`~kpistream.wire.batch.InferenceBatch` split by shard, and sends each
+    part through its transport, by default the shard actors
+    (:class:`actors.transport.ShardTransport`, Ray imported only there).
+    Any object with ``send(kind, batch)`` can be the ``sink`` instead (see
+    :mod:`kpistream.wire.emitter`), so the wrapper is testable without a cluster.
     """
 
     def __init__(self, *, model: str, model_version: str, variant: str = "primary",

@@ -1,10 +1,5 @@
-"""The sidecar application builder: ``serve run configs/serve.yaml`` imports this.
-
-``build_app(args)`` takes typed arguments (pydantic) from the Serve config:
-the metrics config file, the number of shards, the store directory and the
-MLflow tracking URI.  Relative paths are resolved against the directory
-``serve run`` was started from, so replicas (whose working directory may
-differ) see absolute paths.
+"""The sidecar application builder (:func:`build_app`): ``serve run configs/serve.yaml`` imports
+this.  Its args: README, "Configuration".
 """
 
 from __future__ import annotations
@@ -52,6 +47,12 @@ def load_alerts_config(path: str | None, metrics: dict) -> dict | None:
 
 
 def build_app(args: dict):
+    """The sidecar app from typed :class:`SidecarArgs` (the Serve config's ``args``).
+
+    Relative paths are resolved against the directory ``serve run`` was
+    started from, so replicas (whose working directory may differ) see
+    absolute paths.
+    """
     from app.api import SidecarAPI
 
     a = SidecarArgs(**(args or {}))

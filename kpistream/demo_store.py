@@ -1,18 +1,5 @@
-"""A demo time-series store, built from the demo stream without Ray.
-
-:func:`build_demo_store` runs :func:`kpistream.synthetic.generate_stream` through the
-engine and writes every collect into a :class:`~kpistream.store.series.SeriesStore`
-the way the live publisher does (10 s panes with :meth:`SeriesStore.write`,
-then :meth:`SeriesStore.rollup` to ``1m`` and ``1h``).  It is what
-``notebooks/kpis.ipynb`` reads when no sidecar has written a store yet::
-
-    python -m kpistream.demo_store data/store            # every window final
-    python -m kpistream.demo_store data/store --live     # the tail still provisional
-
-or in Python::
-
-    from kpistream.demo_store import build_demo_store
-    build_demo_store("data/store", n_requests=20_000)
+"""A demo time-series store, built from the demo stream without Ray (:func:`build_demo_store`,
+``python -m kpistream.demo_store``).
 """
 
 from __future__ import annotations
@@ -52,6 +39,20 @@ def build_demo_store(path: str | Path, n_requests: int = 20_000, *, seed: int = 
     the input (every window final), ``final=False`` stops there, leaving the
     last panes and the running minute and hour provisional, as a live store
     looks.  An existing store at ``path`` is an error unless ``overwrite``.
+
+    :func:`build_demo_store` runs :func:`kpistream.synthetic.generate_stream` through the
+    engine and writes every collect into a :class:`~kpistream.store.series.SeriesStore`
+    the way the live publisher does (10 s panes with :meth:`SeriesStore.write`,
+    then :meth:`SeriesStore.rollup` to ``1m`` and ``1h``).  It is what
+    ``notebooks/kpis.ipynb`` reads when no sidecar has written a store yet::
+
+        python -m kpistream.demo_store data/store            # every window final
+        python -m kpistream.demo_store data/store --live     # the tail still provisional
+
+    or in Python::
+
+        from kpistream.demo_store import build_demo_store
+        build_demo_store("data/store", n_requests=20_000)
     """
     cfg = config or DEMO_CONFIG
     file = db_file(path)

@@ -1,21 +1,5 @@
-"""Every exception kpistream raises, in one module.
-
-The tree::
-
-    KpistreamError                 base of everything below
-    ├── ConfigError                a config file or option is wrong (names the key path)
-    ├── EventError                 one wire event is bad (names the field and the reason)
-    │                              never raised out of a batch: bad rows are returned
-    │                              as ``Rejection`` records and counted
-    ├── StateError                 two metric states cannot be merged (different specs)
-    ├── InputError                 a file given to the CLI cannot be read
-    └── RegistryError              the model registry / tracking store failed (``code`` says how)
-        ├── RegistryNotFound       the model, version, alias, run or experiment does not exist
-        └── RegistryConflict       it exists already (created meanwhile by someone else)
-
-Bad input inside a batch is never an exception that escapes: the batch
-validators return the good rows and a list of ``Rejection`` (row index,
-field, reason) so one bad row cannot sink a batch or crash a shard.
+"""Every exception kpistream raises, in one module (:class:`KpistreamError` and its subclasses),
+and :class:`Rejection`, a bad row of a batch.
 """
 
 from __future__ import annotations
@@ -24,7 +8,25 @@ from dataclasses import dataclass
 
 
 class KpistreamError(Exception):
-    """Base class of every kpistream error."""
+    """Base class of every kpistream error.
+
+    The tree::
+
+        KpistreamError                 base of everything below
+        ├── ConfigError                a config file or option is wrong (names the key path)
+        ├── EventError                 one wire event is bad (names the field and the reason)
+        │                              never raised out of a batch: bad rows are returned
+        │                              as ``Rejection`` records and counted
+        ├── StateError                 two metric states cannot be merged (different specs)
+        ├── InputError                 a file given to the CLI cannot be read
+        └── RegistryError              the model registry / tracking store failed (``code`` says how)
+            ├── RegistryNotFound       the model, version, alias, run or experiment does not exist
+            └── RegistryConflict       it exists already (created meanwhile by someone else)
+
+    Bad input inside a batch is never an exception that escapes: the batch
+    validators return the good rows and a list of ``Rejection`` (row index,
+    field, reason) so one bad row cannot sink a batch or crash a shard.
+    """
 
 
 class ConfigError(KpistreamError):

@@ -1,11 +1,5 @@
-"""Replay: an events file through the same engine as the live path, to tidy windows.
-
-Input: JSON (one object or an array), NDJSON (``.ndjson`` / ``.jsonl``, also
-gzip-compressed), or Parquet (one row per wire event; nested fields as
-structs or JSON strings).  Rows are validated with the wire schema, kept in
-arrival order (runs of inference and feedback rows go to the engine in the
-order they came), and windowed in event time.  Far-future rows are judged
-against the wall clock (schema) and against stream time (engine).
+"""Replay: an events file through the same engine as the live path, to tidy windows
+(:func:`replay_file`).
 """
 
 from __future__ import annotations
@@ -207,7 +201,15 @@ def replay_batches(batches: Iterable[tuple[str, Any]], config: EngineConfig,
 def replay_file(path: str | Path, config: EngineConfig, *, batch_rows: int = 50_000,
                 clock: Clock | None = None, progress: Callable[[str], None] | None = None,
                 ) -> tuple[pd.DataFrame, ReplaySummary]:
-    """An events file → (tidy DataFrame of final windows, summary)."""
+    """An events file → (tidy DataFrame of final windows, summary).
+
+    Input: JSON (one object or an array), NDJSON (``.ndjson`` / ``.jsonl``, also
+    gzip-compressed), or Parquet (one row per wire event; nested fields as
+    structs or JSON strings).  Rows are validated with the wire schema, kept in
+    arrival order (runs of inference and feedback rows go to the engine in the
+    order they came), and windowed in event time.  Far-future rows are judged
+    against the wall clock (schema) and against stream time (engine).
+    """
     summary = ReplaySummary()
     t0 = time.perf_counter()
     wall = SystemClock()

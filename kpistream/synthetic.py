@@ -1,29 +1,5 @@
-"""A realistic synthetic event stream: inference and feedback events, out of order.
-
-:func:`generate_stream` draws, with vectorized numpy code, the traffic of one
-small serving deployment (millions of events in a few seconds):
-
-* ``("churn", "3", "primary")``: a binary classifier (labels ``0`` / ``1`` on the
-  wire, ``"0"`` / ``"1"`` canonical) with a score, about 85 % accurate;
-* ``("churn", "4", "shadow")``: a shadow that scores the *same* requests (same
-  ``request_id``, its own ``event_id``) 5-50 ms after the primary, about 87 %
-  accurate, its errors correlated with the primary's;
-* ``("recs", "7", "primary")``: a ranker, ``{"ranking": [10-20 item ids]}`` from a
-  catalogue of 500 items with a mild popularity skew;
-* ``("eta", "2", "primary")``: a regressor (prediction a JSON float).
-
-Every inference has endpoint ``"predict"``, a ``region`` segment (eu / us /
-apac), a lognormal latency, a status (``"error"`` for about 2 %, still with a
-prediction) and a cost ``{"usd", "tokens"}``.  Feedback follows 1-30 s after the
-inference (event time), with the request's id and its own event id.
-
-Events are emitted in *arrival* order (event time plus a transport delay), with
-the kinds of disorder a live system sees: ordinary jitter, duplicates,
-late inferences, feedback arriving before its inference, and a few bad clocks.
-
-:class:`DemoStream` gives the same events as wire dicts (:meth:`DemoStream.records`,
-:meth:`DemoStream.to_ndjson`) or as columnar batches (:meth:`DemoStream.batches`).
-No Ray here.
+"""A realistic synthetic event stream, out of order (:func:`generate_stream` ->
+:class:`DemoStream`): inference and feedback events of a small serving deployment.
 """
 
 from __future__ import annotations
@@ -441,6 +417,31 @@ def generate_stream(
     recs and eta.  The disorder rates are fractions of events: ``duplicate_rate``
     of all events, ``late_rate`` and ``future_rate`` of inferences, ``early_rate``
     of feedback.  Deterministic for a given ``seed``.
+
+    Drawn with vectorized numpy code: the traffic of one
+    small serving deployment (millions of events in a few seconds):
+
+    * ``("churn", "3", "primary")``: a binary classifier (labels ``0`` / ``1`` on the
+      wire, ``"0"`` / ``"1"`` canonical) with a score, about 85 % accurate;
+    * ``("churn", "4", "shadow")``: a shadow that scores the *same* requests (same
+      ``request_id``, its own ``event_id``) 5-50 ms after the primary, about 87 %
+      accurate, its errors correlated with the primary's;
+    * ``("recs", "7", "primary")``: a ranker, ``{"ranking": [10-20 item ids]}`` from a
+      catalogue of 500 items with a mild popularity skew;
+    * ``("eta", "2", "primary")``: a regressor (prediction a JSON float).
+
+    Every inference has endpoint ``"predict"``, a ``region`` segment (eu / us /
+    apac), a lognormal latency, a status (``"error"`` for about 2 %, still with a
+    prediction) and a cost ``{"usd", "tokens"}``.  Feedback follows 1-30 s after the
+    inference (event time), with the request's id and its own event id.
+
+    Events are emitted in *arrival* order (event time plus a transport delay), with
+    the kinds of disorder a live system sees: ordinary jitter, duplicates,
+    late inferences, feedback arriving before its inference, and a few bad clocks.
+
+    :class:`DemoStream` gives the same events as wire dicts (:meth:`DemoStream.records`,
+    :meth:`DemoStream.to_ndjson`) or as columnar batches (:meth:`DemoStream.batches`).
+    No Ray here.
     """
     if n_requests < 0:
         raise ValueError("n_requests must be >= 0")

@@ -1,35 +1,5 @@
-"""The live demo's traffic driver and terminal view.
-
-:func:`run_traffic` plays the role of the users of a deployed model: it sends
-prediction requests to the demo model behind the sidecar (``POST /demo``),
-remembers each reply's ``x-request-id`` together with the true label of the
-row it sent, and posts that label as feedback (``POST /v1/feedback``, NDJSON)
-a few seconds later, as a real label source would.  At ``drift_at_s`` it
-injects a covariate drift, so the live accuracy visibly drops, and every
-``display_every_s`` it prints the latest KPI windows read back from
-``GET /v1/series``.
-
-The rows are the held-out test rows of the model (:func:`demo_dataset`, the
-same deterministic split the demo model is trained on in
-:mod:`app.demo.model`), so the true labels are known.
-
-The drift: from ``drift_at_s`` on, the texture and area features
-(``DRIFT_FEATURES``) of the rows sent to ``drift_regions`` (default: every
-region) are shifted up by ``drift_shift`` (default 2) standard deviations, as
-if a new scanner calibration read them high.  The model, trained before,
-then calls many benign rows malignant: on the held-out rows accuracy falls
-from about 0.96 to about 0.61.
-
-Everything here is stdlib (threads; HTTP through
-:func:`kpistream.wire.client.request`) plus scikit-learn's bundled data set,
-imported lazily: no Ray, no MLflow (the engine's import rule).
-
-Threads: ``n_threads`` senders (each takes the next time slot ``i /
-rate_per_s``, sleeps until it and sends; a slot more than a second late is
-skipped and counted, so a slow server never causes a burst), one feedback
-poster (every ``feedback_every_s`` it posts the labels that are due), and the
-calling thread, which prints the live view and handles Ctrl-C.
-"""
+"""The live demo's traffic driver: :func:`run_traffic` sends predictions and delayed labels
+to the sidecar and injects a drift (the terminal view is :mod:`app.demo.view`)."""
 
 from __future__ import annotations
 
@@ -42,13 +12,13 @@ import random
 import sys
 import threading
 import time
-import urllib.parse
-from collections import Counter, defaultdict
+from collections import Counter
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence, TextIO
 
+from app.demo.view import (DISPLAY_METRICS, DISPLAY_WINDOWS, alert_lines, fetch_rows, kpi_table,
+                           summary_lines)
 from kpistream.wire.client import Reply, request
 
 __all__ = [
@@ -59,13 +29,9 @@ __all__ = [
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8000"
 REGIONS: tuple[str, ...] = ("eu", "us", "apac")
-DISPLAY_METRICS: tuple[str, ...] = ("requests", "error_rate", "latency_p99", "accuracy", "f1",
-                                    "label_coverage")
-DISPLAY_WINDOWS: tuple[str, ...] = ("10s", "1m")
 #: substrings of the feature names the drift shifts
 DRIFT_FEATURES: tuple[str, ...] = ("texture", "area")
 DEMO_TEST_SIZE = 0.3
-_LOOKBACK_S = {"10s": 60, "1m": 180}
 _MAX_FEEDBACK_BATCH = 1000
 _FEEDBACK_ATTEMPTS = 3
 _MAX_LAG_S = 1.0
@@ -209,134 +175,21 @@ def _feedback_event(request_id: str, label: Any) -> dict:
             "ts": int(time.time() * 1000), "kind": "label", "value": label}
 
 
-# ---------------------------------------------------------------------- live view
-
-def _num(x: Any) -> float | None:
-    if x is None or isinstance(x, bool):
-        return None
-    try:
-        v = float(x)
-    except (TypeError, ValueError):
-        return None
-    return v if math.isfinite(v) else None
-
-
-def _ms(x: Any) -> int | None:
-    if isinstance(x, (int, float)) and not isinstance(x, bool):
-        return int(x)
-    if isinstance(x, str):
-        s = x.strip()
-        if s.lstrip("-").isdigit():
-            return int(s)
-        try:
-            dt = datetime.fromisoformat(s.replace("Z", "+00:00"))
-        except ValueError:
-            return None
-        if dt.tzinfo is None:
-            dt = dt.replace(tzinfo=timezone.utc)
-        return int(dt.timestamp() * 1000)
-    return None
-
-
-_ROW_COLUMNS = {"window", "window_start", "window_end", "metric", "value", "count", "labelled",
-                "provisional", "model", "model_version", "variant", "endpoint"}
-
-
-def _combine(metric: str, rows: list[dict]) -> float | None:
-    """One value for a metric over several series (segments, versions) of one window.
-
-    Sums for ``requests``; ratios weighted by their ``count`` (the events
-    behind them: exact for accuracy, error rate and label coverage); a
-    weighted mean for F1 and the
-    maximum for latency quantiles (approximations: the exact values need the
-    merged states, which the store has; one segment-free series is exact).
-    """
-    vals = [(v, r) for r in rows if (v := _num(r.get("value"))) is not None]
-    if not vals:
-        return None
-    if len(vals) == 1:
-        return vals[0][0]
-    if metric == "requests":
-        return sum(v for v, _ in vals)
-    if metric.startswith("latency_p"):
-        return max(v for v, _ in vals)
-    tot = wsum = 0.0
-    for v, r in vals:   # count = the value's denominator (requests, labelled requests)
-        w = _num(r.get("count"))
-        w = _num(r.get("labelled")) if w is None else w
-        w = w or 0.0
-        tot += w
-        wsum += w * v
-    return wsum / tot if tot else sum(v for v, _ in vals) / len(vals)
-
-
-def _fmt(metric: str, v: float | None) -> str:
-    if v is None:
-        return "-"
-    if metric == "requests":
-        return f"{v:.0f}"
-    if metric.startswith("latency"):
-        return f"{v:.1f}"
-    if metric in ("error_rate", "label_coverage"):
-        return f"{100 * v:.1f}%"
-    return f"{v:.3f}"
-
-
-_HEAD = {"requests": "requests", "error_rate": "errors", "latency_p99": "p99 ms",
-         "accuracy": "accuracy", "f1": "f1", "label_coverage": "labelled"}
-
-
-def _table(rows_by_window: dict[str, list[dict]], now_ms: int) -> list[str]:
-    """The compact KPI table: one line per (window, variant)."""
-    metrics = DISPLAY_METRICS
-    lines = ["  " + f"{'window':<7}{'variant':<10}{'start':>9}  "
-             + "".join(f"{_HEAD.get(m, m):>10}" for m in metrics)]
-    segs_line: list[str] = []
-    for win in DISPLAY_WINDOWS:
-        rows = rows_by_window.get(win) or []
-        by_variant: dict[str, list[dict]] = defaultdict(list)
-        for r in rows:
-            by_variant[str(r.get("variant", "?"))].append(r)
-        for variant in sorted(by_variant):
-            vrows = by_variant[variant]
-            spans = {(s, _ms(r.get("window_end"))) for r in vrows
-                     if (s := _ms(r.get("window_start"))) is not None}
-            if not spans:
-                continue
-            closed = [s for s, e in spans if e is not None and e <= now_ms]
-            start = max(closed) if closed else max(s for s, _ in spans)
-            at = [r for r in vrows if _ms(r.get("window_start")) == start]
-            prov = any(bool(r.get("provisional")) for r in at)
-            cells = []
-            for m in metrics:
-                cells.append(_fmt(m, _combine(m, [r for r in at if r.get("metric") == m])))
-            hhmmss = datetime.fromtimestamp(start / 1000, timezone.utc).strftime("%H:%M:%S")
-            lines.append("  " + f"{win:<7}{variant[:9]:<10}{hhmmss:>9}{'*' if prov else ' '} "
-                         + "".join(f"{c:>10}" for c in cells))
-            if win == DISPLAY_WINDOWS[-1]:
-                # accuracy per segment value (e.g. region) of the same window
-                seg_keys = sorted({k for r in at for k in r if k not in _ROW_COLUMNS
-                                   and r.get(k) is not None})
-                for key in seg_keys:
-                    per: dict[str, list[dict]] = defaultdict(list)
-                    for r in at:
-                        if r.get("metric") == "accuracy":
-                            per[str(r.get(key))].append(r)
-                    parts = [f"{val} {_fmt('accuracy', _combine('accuracy', rs))}"
-                             for val, rs in sorted(per.items())]
-                    if parts:
-                        segs_line.append(f"  accuracy by {key} ({win}, {variant}): "
-                                         + "  ".join(parts))
-    if len(lines) == 1:
-        return ["  (no KPI windows yet: they appear once the sidecar has published the "
-                "first window)"]
-    return lines + segs_line + ["  (* provisional: the window may still change; labelled = "
-                                "label coverage)"]
-
-
 # ---------------------------------------------------------------------- the driver
 
 class _Driver:
+    """One :func:`run_traffic` run.
+
+    Threads: ``n_threads`` senders (each takes the next time slot ``i /
+    rate_per_s``, sleeps until it and sends; a slot more than a second late is
+    skipped and counted, so a slow server never causes a burst), one feedback
+    poster (every ``feedback_every_s`` it posts the labels that are due), and
+    the calling thread, which prints the live view and handles Ctrl-C.
+    Everything is stdlib (threads; HTTP through
+    :func:`kpistream.wire.client.request`) plus scikit-learn's bundled data
+    set, imported lazily: no Ray, no MLflow.
+    """
+
     def __init__(self, *, base_url: str, model_path: str, rate_per_s: float,
                  duration_s: float | None, drift_at_s: float | None,
                  label_delay_s: tuple[float, float], seed: int, display_every_s: float | None,
@@ -561,28 +414,9 @@ class _Driver:
                 return False
             time.sleep(min(0.05, left))
 
-    # -- live view
-    def fetch_rows(self) -> tuple[dict[str, list[dict]], str]:
-        now_ms = int(time.time() * 1000)
-        out: dict[str, list[dict]] = {}
-        for win in DISPLAY_WINDOWS:
-            q = {"metric": ",".join(DISPLAY_METRICS), "resolution": win,
-                 "start": str(now_ms - 1000 * _LOOKBACK_S.get(win, 120))}
-            if self.model:
-                q["model"] = self.model
-            resp = request("GET", f"{self.base}/v1/series?{urllib.parse.urlencode(q)}",
-                         timeout=min(self.timeout, 3.0))
-            if not resp.ok:
-                return out, f"KPI series unavailable ({resp.reason()})"
-            try:
-                data = resp.json()
-            except (ValueError, UnicodeDecodeError) as e:
-                return out, f"KPI series unreadable ({e})"
-            if isinstance(data, dict):
-                data = data.get("rows") or data.get("data") or []
-            out[win] = [r for r in data if isinstance(r, dict)
-                        and r.get("window", win) == win]
-        return out, ""
+    # -- live view (app.demo.view)
+    def elapsed(self) -> float:
+        return self.clock() - self.t0 if self.t0 else 0.0
 
     def status_line(self) -> str:
         s = self.summary
@@ -603,51 +437,15 @@ class _Driver:
         return (f"[{el:6.1f}s] sent {sent} ({sent / rate_el:.1f}/s)  ok {ok}  errors {err}  | "
                 f"feedback posted {posted}, pending {pending}{extra}  | {drift}")
 
-    def alert_lines(self) -> list[str]:
-        """Firing / pending alerts and detectors in drift, from ``GET /v1/alerts``."""
-        resp = request("GET", f"{self.base}/v1/alerts", timeout=min(self.timeout, 3.0))
-        if not resp.ok:
-            return [f"  alerts unavailable ({resp.reason()})"]
-        try:
-            body = resp.json()
-        except (ValueError, UnicodeDecodeError) as e:
-            return [f"  alerts unreadable ({e})"]
-        el = self.clock() - self.t0 if self.t0 else 0.0
-        lines = []
-        grouped: dict[tuple[str, str], list[dict]] = defaultdict(list)
-        for a in body.get("alerts") or []:
-            rule, state = a.get("rule", "?"), a.get("state", "?")
-            grouped[(state, rule)].append(a)
-            if state == "firing" and rule not in self.summary.alerts_fired:
-                self.summary.alerts_fired[rule] = round(el, 1)
-        for (state, rule), items in sorted(grouped.items()):
-            # one line per rule and state: the instances (version/variant/region) and the
-            # first one's summary
-            where = ", ".join("/".join(str((a.get("series") or {})[k])
-                                       for k in ("model_version", "variant", "region")
-                                       if k in (a.get("series") or {})) for a in items)
-            note = (items[0].get("annotations") or {}).get("summary", "")
-            lines.append(f"  ALERT {state:<8}{rule} [{where}] {note}")
-        drifting: dict[str, list[str]] = defaultdict(list)
-        for d in [*(body.get("detectors") or []), *(body.get("input_drift") or [])]:
-            if d.get("drift"):
-                labels = d.get("series") or d.get("group") or {}
-                drifting[d.get("detector", "?")].append(
-                    str(labels.get("region") or labels.get("model_version") or "*"))
-                if d.get("detector") not in self.summary.alerts_fired:
-                    self.summary.alerts_fired[d.get("detector")] = round(el, 1)
-        for name, where in sorted(drifting.items()):
-            lines.append(f"  DRIFT {name} ({', '.join(sorted(set(where)))})")
-        return lines or ["  alerts: none pending or firing; no detector in drift"]
-
     def display(self) -> None:
-        rows, problem = self.fetch_rows()
+        rows, problem = fetch_rows(self.base, self.model, self.timeout)
         lines = [self.status_line()]
         if problem:
             lines.append("  " + problem)
         else:
-            lines.extend(_table(rows, int(time.time() * 1000)))
-            lines.extend(self.alert_lines())
+            lines.extend(kpi_table(rows, int(time.time() * 1000)))
+            lines.extend(alert_lines(self.base, self.timeout, self.elapsed,
+                                     self.summary.alerts_fired))
         self.say("\n".join(lines))
 
     # -- the whole run
@@ -675,32 +473,7 @@ class _Driver:
         s.elapsed_s = self.clock() - self.t0 if self.t0 else 0.0
         if self.t0 and not s.sending_s:
             s.sending_s = s.elapsed_s
-        el = max(1e-9, s.sending_s)
-        how = "stopped" if s.interrupted else "finished"
-        reasons = ", ".join(f"{k}: {v}" for k, v in s.error_reasons.most_common(4) if v)
-        lines = [
-            f"{how} after {s.elapsed_s:.1f} s: sent {s.sent} ({s.sent / el:.1f}/s), ok {s.ok}, "
-            f"errors {s.errors}" + (f" ({reasons})" if reasons else "")
-            + (f", {s.skipped} slots skipped (server too slow)" if s.skipped else ""),
-            f"feedback: posted {s.feedback_posted}, rejected {s.feedback_rejected}, "
-            f"failed {s.feedback_failed}, not yet due at stop {s.feedback_dropped}"
-            + (f", replies without x-request-id {s.no_request_id}" if s.no_request_id else ""),
-        ]
-        if s.feedback_post_errors:
-            lines.append(f"  {s.feedback_post_errors} feedback posts failed; the last: "
-                         f"{s.last_feedback_error}")
-        if s.last_rejection:
-            lines.append(f"  a rejected feedback row: {s.last_rejection}")
-        b, a = s.accuracy("before"), s.accuracy("after")
-        acc = [f"before drift {b:.3f} (n={s.correct['before'][1]})" if b is not None else None,
-               f"after drift {a:.3f} (n={s.correct['after'][1]})" if a is not None else None]
-        acc = [x for x in acc if x]
-        if acc:
-            lines.append("client-side accuracy of the replies: " + ", ".join(acc))
-        if s.alerts_fired:
-            lines.append("alerts and detectors that fired (seconds into the run): " + ", ".join(
-                f"{k} at {v:g} s" for k, v in sorted(s.alerts_fired.items(), key=lambda kv: kv[1])))
-        self.say("\n".join(lines))
+        self.say("\n".join(summary_lines(s)))
 
     def run(self) -> TrafficSummary:
         self.banner()
@@ -783,11 +556,20 @@ def run_traffic(base_url: str = DEFAULT_BASE_URL, model_path: str = "/demo",
     ``n_threads`` concurrent senders, remembers each reply's ``x-request-id``
     and the row's true label, and posts one ``label`` feedback event per reply
     after a uniform random delay in ``label_delay_s`` (NDJSON batches to
-    ``/v1/feedback`` every ``feedback_every_s``).  From ``drift_at_s`` (None:
-    never) the inputs of ``drift_regions`` (None: all) drift (module
-    docstring).  Every ``display_every_s`` (None: never) it prints the latest
-    ``10s`` and ``1m`` KPI windows of ``model`` per variant from
-    ``/v1/series`` with the counts so far.
+    ``/v1/feedback`` every ``feedback_every_s``), as a real label source would.
+    The rows are the model's held-out test rows (:func:`demo_dataset`, the
+    split :mod:`app.demo.model` trains on), so the true labels are known.
+
+    The drift: from ``drift_at_s`` (None: never) the texture and area features
+    (``DRIFT_FEATURES``) of the rows sent to ``drift_regions`` (None: every
+    region) are shifted up by ``drift_shift`` standard deviations, as if a new
+    scanner calibration read them high.  The model, trained before, then calls
+    many benign rows malignant: on the held-out rows accuracy falls from about
+    0.96 to about 0.61.
+
+    Every ``display_every_s`` (None: never) it prints the latest ``10s`` and
+    ``1m`` KPI windows of ``model`` per variant from ``/v1/series`` with the
+    counts so far (:mod:`app.demo.view`).
 
     Runs ``duration_s`` seconds (None: until Ctrl-C or ``stop_event``).  At a
     natural end it waits for the labels still due; on Ctrl-C / ``stop_event``

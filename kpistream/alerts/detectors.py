@@ -1,107 +1,9 @@
 """Change and drift detectors on KPI streams, tuned by a false-alarm budget.
 
-Two families live here (no Ray, no Prometheus; numpy, scipy and River only):
-
-**Change detectors on one KPI series** (one detector per series).  Each is a
-small class with ``update(x) -> bool`` (``True`` when it signals a change at
-this point; after a signal it resets itself and starts over) and read-only
-results: ``n`` (samples seen), ``detections`` (0-based indices of the samples
-at which it signalled) and ``state`` (a dict snapshot).  All are picklable.
-
-* :class:`Cusum` / :class:`TwoSidedCusum` -- Page's CUSUM for a mean shift of
-  ``shift``, with the decision threshold ``h`` set from the in-control average
-  run length ``arl0`` (mean number of samples between false alarms) by
-  Siegmund's approximation.
-* :class:`Ewma` -- EWMA control chart whose limit width ``L`` is set from
-  ``arl0`` by the Brook-Evans Markov-chain approximation.
-* :class:`PageHinkley`, :class:`Adwin` -- thin wrappers of River's detectors.
-
-Both :class:`Cusum` and :class:`Ewma` accept **per-window aggregates**: for an
-error rate, feed ``update(errors, trials=requests)`` once per window instead
-of one 0/1 value per request; the per-window variance ``sigma**2 / trials``
-is used (normal approximation of the binomial).  A "sample" is then a window
-and ``arl0`` counts windows.
-
-**Input drift on sampled features**: :func:`psi` and :class:`PsiTest` (PSI
-with a threshold calibrated for the sample sizes plus an effect-size floor),
-:func:`ks_test` (numeric), :func:`chi2_test` (categorical) and
-:func:`feature_drift` (all features, Holm-corrected).
-
-Formulas
---------
-CUSUM (upper side; the lower side mirrors it).  With target mean ``mu0``,
-per-sample standard deviation ``sd`` and shift ``d > 0`` to detect,
-standardize ``z = (x - mu0) / sd`` and use the reference value
-``k = d / (2 sd)``::
-
-    S_0 = 0,   S_t = max(0, S_{t-1} + z_t - k),   signal when S_t > h.
-
-Siegmund's approximation of the in-control ARL (``z ~ N(0, 1)``)::
-
-    ARL0(h) ~= (exp(2 k h') - 2 k h' - 1) / (2 k**2),   h' = h + 1.166
-
-and ``h`` is the root of ``ARL0(h) = arl0`` (``scipy.optimize.brentq``).
-The two-sided CUSUM runs an upper and a lower chart, each calibrated to
-``2 * arl0`` (``1/ARL = 1/ARL_up + 1/ARL_down``).
-
-Per-window aggregates with a varying number of trials ``n_t`` (nominal
-``n0``, the one used for the calibration; ``sd = sigma / sqrt(n0)``): the
-increment is the log-likelihood ratio of ``N(mu0 + d, sigma**2/n_t)`` against
-``N(mu0, sigma**2/n_t)`` expressed in nominal standardized units::
-
-    S_t = max(0, S_{t-1} + (n_t / n0) * (xbar_t - mu0 - d/2) / sd)
-
-which equals ``z_t - k`` when ``n_t = n0`` (Page's CUSUM with known,
-varying variance).
-
-Bernoulli / rate streams (``sigma=None``, ``0 < target_mean < 1``): the
-normal approximation above gets the centre right but not the upper tail of a
-binomial (at 200 requests and 10 % errors, a normal-calibrated chart for
-ARL0 = 10,000 gives about 3,900 in simulation), so the increment is the exact
-binomial log-likelihood ratio of ``p1 = p0 +- d`` against ``p0`` for ``e``
-successes out of ``n_t`` trials::
-
-    S_t = max(0, S_{t-1} + e ln(p1/p0) + (n_t - e) ln((1-p1)/(1-p0))),  signal when S_t > A
-
-and ``A`` solves ``(exp(A') - A' - 1) / KL0 = arl0`` with ``KL0`` the
-expected LLR drift per nominal window under ``p0`` and ``A' = A + c
-delta`` (``delta = d / sd``); for a normal LLR with ``c = 1.166`` this is
-exactly Siegmund's formula; for binomial steps ``c = 1.0`` is used, chosen
-by simulation (see :func:`bernoulli_cusum_threshold`).  This is the Bernoulli CUSUM of Reynolds and Stoumbos; varying
-``n_t`` needs no rescaling (the LLR already weighs each window).
-
-EWMA.  ``Z_0 = 0``, ``Z_t = (1 - lam) Z_{t-1} + lam z_t`` on the standardized
-values ``z_t`` (for aggregates each window is standardized by its own
-``sd_t = sigma / sqrt(n_t)``, so the in-control law of ``z_t`` and the ARL0
-do not depend on ``n_t``).  Rate windows (``sigma=None``) use the arcsine
-square-root transform ``z_t = 2 sqrt(n_t) (asin sqrt(p_hat) - asin sqrt(p0))``
-instead: its upper tail is close to the normal one, where the plain
-standardized binomial's is heavy (at 200 requests and 10 % errors a chart
-calibrated for 1 false alarm per 10k windows gave 2.05 per 10k with the plain
-standardization, 0.68 with the transform; ``bench/drift_eval.py``).  Signal when ``|Z_t| > L sqrt(lam / (2 - lam))``
-(asymptotic limits; ``side="up"`` uses only the upper limit with a
-reflecting barrier at the target, ``Z_t = max(0, ...)``, as in Crowder and
-Hamilton's one-sided EWMA).  ``L`` is the root of ``ARL0(L) = arl0`` where
-``ARL0`` comes from the Brook-Evans Markov chain: the in-control interval is
-cut into ``m`` (= 201) cells, ``Q[i, j] = P(next in cell j | now at midpoint
-i)``, and ``ARL = ((I - Q)^-1 1)`` at the cell holding the start ``0``.
-Results are cached per ``(lam, arl0, side)``; the tests check them against a
-vectorized Monte Carlo simulation.
-
-PSI.  ``PSI = sum_b (c_b - r_b) ln(c_b / r_b)`` over ``B`` bins (cut at the
-reference quantiles; counts get +0.5 each so empty bins do not blow up).
-With no drift, PSI is (to first order) a chi-square statistic scaled by the
-sample sizes: ``PSI ~ (1/n_ref + 1/n_cur) chi2_{B-1}``, so
-``E[PSI] ~ (B - 1)(1/n_ref + 1/n_cur)``.  :class:`PsiTest` flags drift when
-``PSI > max(floor, (1/n_ref + 1/n_cur) chi2.ppf(1 - alpha, B - 1))``: the
-quantile keeps noise on small samples from firing, the floor (0.1 by
-default) keeps negligible-but-significant shifts on huge samples quiet.
-
-Where River fits and where it does not: River's ``ADWIN`` and
-``PageHinkley`` are good generic detectors and are reused here as is, but
-River has no CUSUM or EWMA calibrated to an ARL0 budget (its thresholds are
-raw tuning constants) and no input for per-window aggregates (every update is
-one value of unit weight), hence :class:`Cusum` and :class:`Ewma`.
+Change detectors on one KPI series (:class:`Cusum`, :class:`TwoSidedCusum`, :class:`Ewma`,
+:class:`PageHinkley`, :class:`Adwin`) and input-drift tests on sampled features (:func:`psi`,
+:class:`PsiTest`, :func:`ks_test`, :func:`chi2_test`, :func:`feature_drift`); numpy, scipy and
+River only.
 """
 
 from __future__ import annotations
@@ -271,7 +173,20 @@ def _window(x: float, trials: float | None) -> tuple[float, float]:
 # --------------------------------------------------------------------------
 
 class _Detector:
-    """Common bookkeeping: sample count and detection indices."""
+    """Common bookkeeping: sample count and detection indices.
+
+    One detector per series.  Each is a small class with ``update(x) -> bool``
+    (``True`` when it signals a change at this point; after a signal it resets
+    itself and starts over) and read-only results: ``n`` (samples seen),
+    ``detections`` (0-based indices of the samples at which it signalled) and
+    ``state`` (a dict snapshot).  All are picklable.
+
+    :class:`Cusum` and :class:`Ewma` accept **per-window aggregates**: for an
+    error rate, feed ``update(errors, trials=requests)`` once per window instead
+    of one 0/1 value per request; the per-window variance ``sigma**2 / trials``
+    is used (normal approximation of the binomial).  A "sample" is then a window
+    and ``arl0`` counts windows.
+    """
 
     def __init__(self) -> None:
         self._n = 0
@@ -312,7 +227,48 @@ class Cusum(_Detector):
 
     ``update(x)`` feeds one observation; ``update(total, trials=n)`` feeds a
     window aggregate (``total`` = sum, e.g. errors; ``n`` = count, e.g. requests).
-    See the module docstring for the formulas.
+
+    Formulas (upper side; the lower side mirrors it).  With target mean
+    ``mu0``, per-sample standard deviation ``sd`` and shift ``d > 0`` to detect,
+    standardize ``z = (x - mu0) / sd`` and use the reference value
+    ``k = d / (2 sd)``::
+
+        S_0 = 0,   S_t = max(0, S_{t-1} + z_t - k),   signal when S_t > h.
+
+    Siegmund's approximation of the in-control ARL (``z ~ N(0, 1)``)::
+
+        ARL0(h) ~= (exp(2 k h') - 2 k h' - 1) / (2 k**2),   h' = h + 1.166
+
+    and ``h`` is the root of ``ARL0(h) = arl0`` (``scipy.optimize.brentq``).
+    The two-sided CUSUM (:class:`TwoSidedCusum`) runs an upper and a lower
+    chart, each calibrated to ``2 * arl0`` (``1/ARL = 1/ARL_up + 1/ARL_down``).
+
+    Per-window aggregates with a varying number of trials ``n_t`` (nominal
+    ``n0``, the one used for the calibration; ``sd = sigma / sqrt(n0)``): the
+    increment is the log-likelihood ratio of ``N(mu0 + d, sigma**2/n_t)`` against
+    ``N(mu0, sigma**2/n_t)`` expressed in nominal standardized units::
+
+        S_t = max(0, S_{t-1} + (n_t / n0) * (xbar_t - mu0 - d/2) / sd)
+
+    which equals ``z_t - k`` when ``n_t = n0`` (Page's CUSUM with known,
+    varying variance).
+
+    Bernoulli / rate streams (``sigma=None``, ``0 < target_mean < 1``): the
+    normal approximation above gets the centre right but not the upper tail of a
+    binomial (at 200 requests and 10 % errors, a normal-calibrated chart for
+    ARL0 = 10,000 gives about 3,900 in simulation), so the increment is the exact
+    binomial log-likelihood ratio of ``p1 = p0 +- d`` against ``p0`` for ``e``
+    successes out of ``n_t`` trials::
+
+        S_t = max(0, S_{t-1} + e ln(p1/p0) + (n_t - e) ln((1-p1)/(1-p0))),  signal when S_t > A
+
+    and ``A`` solves ``(exp(A') - A' - 1) / KL0 = arl0`` with ``KL0`` the
+    expected LLR drift per nominal window under ``p0`` and ``A' = A + c
+    delta`` (``delta = d / sd``); for a normal LLR with ``c = 1.166`` this is
+    exactly Siegmund's formula; for binomial steps ``c = 1.0`` is used, chosen
+    by simulation (see :func:`bernoulli_cusum_threshold`).  This is the
+    Bernoulli CUSUM of Reynolds and Stoumbos; varying ``n_t`` needs no
+    rescaling (the LLR already weighs each window).
     """
 
     def __init__(self, target_mean: float, shift: float, arl0: float,
@@ -434,6 +390,26 @@ class Ewma(_Detector):
 
     ``update(total, trials=n)`` feeds a window aggregate, standardized by its
     own ``sigma / sqrt(n)``.
+
+    Formulas.  ``Z_0 = 0``, ``Z_t = (1 - lam) Z_{t-1} + lam z_t`` on the
+    standardized values ``z_t`` (for aggregates each window is standardized by
+    its own ``sd_t = sigma / sqrt(n_t)``, so the in-control law of ``z_t`` and
+    the ARL0 do not depend on ``n_t``).  Rate windows (``sigma=None``) use the
+    arcsine square-root transform
+    ``z_t = 2 sqrt(n_t) (asin sqrt(p_hat) - asin sqrt(p0))`` instead: its upper
+    tail is close to the normal one, where the plain standardized binomial's is
+    heavy (at 200 requests and 10 % errors a chart calibrated for 1 false alarm
+    per 10k windows gave 2.05 per 10k with the plain standardization, 0.68 with
+    the transform; ``bench/drift_eval.py``).  Signal when
+    ``|Z_t| > L sqrt(lam / (2 - lam))`` (asymptotic limits; ``side="up"`` uses
+    only the upper limit with a reflecting barrier at the target,
+    ``Z_t = max(0, ...)``, as in Crowder and Hamilton's one-sided EWMA).  ``L``
+    is the root of ``ARL0(L) = arl0`` where ``ARL0`` comes from the Brook-Evans
+    Markov chain: the in-control interval is cut into ``m`` (= 201) cells,
+    ``Q[i, j] = P(next in cell j | now at midpoint i)``, and
+    ``ARL = ((I - Q)^-1 1)`` at the cell holding the start ``0``.  Results are
+    cached per ``(lam, arl0, side)``; the tests check them against a vectorized
+    Monte Carlo simulation.
     """
 
     def __init__(self, target_mean: float, sigma: float | None, lam: float, arl0: float,
@@ -489,7 +465,14 @@ class Ewma(_Detector):
 
 
 class _RiverWrapper(_Detector):
-    """Shared code of the River wrappers: River resets itself on the update after a drift."""
+    """Shared code of the River wrappers: River resets itself on the update after a drift.
+
+    Where River fits and where it does not: River's ``ADWIN`` and
+    ``PageHinkley`` are good generic detectors and are reused here as is, but
+    River has no CUSUM or EWMA calibrated to an ARL0 budget (its thresholds are
+    raw tuning constants) and no input for per-window aggregates (every update is
+    one value of unit weight), hence :class:`Cusum` and :class:`Ewma`.
+    """
 
     _river: Any
 
@@ -598,6 +581,14 @@ class PsiTest(_Detector):
     and ``n_cur >= min_samples`` (alerts never fire on thin data).
     ``test(cur)`` returns a :class:`PsiResult`; ``update(cur) -> bool`` does the
     same and records detections like the other detectors (one sample = one batch).
+
+    PSI: ``PSI = sum_b (c_b - r_b) ln(c_b / r_b)`` over ``B`` bins (cut at the
+    reference quantiles; counts get +0.5 each so empty bins do not blow up).
+    With no drift, PSI is (to first order) a chi-square statistic scaled by the
+    sample sizes: ``PSI ~ (1/n_ref + 1/n_cur) chi2_{B-1}``, so
+    ``E[PSI] ~ (B - 1)(1/n_ref + 1/n_cur)``.  The chi-square quantile in the
+    threshold keeps noise on small samples from firing, the floor (0.1 by
+    default) keeps negligible-but-significant shifts on huge samples quiet.
     """
 
     def __init__(self, ref: Any, bins: int | Sequence[float] = 10, alpha: float = 0.01,

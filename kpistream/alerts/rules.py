@@ -1,72 +1,7 @@
-"""Alert rules on the KPI windows: ``configs/alerts.yaml`` -> frozen specs -> an engine.
+"""Alert rules on the KPI windows: the ``rules`` of ``configs/alerts.yaml`` as
+:class:`AlertRule` s, evaluated by :class:`AlertEngine`, exported by :func:`to_prometheus_rules`.
 
-Ray-free (no ray, mlflow or prometheus_client here).  The clock is passed in,
-so with :class:`~kpistream.clock.ManualClock` every transition is exact.
-
-The file::
-
-    version: 1
-    rules:
-      - name: demo_accuracy_low          # [A-Za-z_][A-Za-z0-9_]* (also the Prometheus alert name)
-        metric: accuracy                 # a KPI name (README); not needed for detector rules
-        window: 10s                      # a window name from metrics.yaml
-        match: {model: kpistream-demo}   # label equality filters (optional)
-        condition: {op: "<", value: 0.9}           # threshold, or
-        # condition: {relative_drop: 0.1, baseline: 10m}   # value < (1-0.1) * baseline mean, or
-        # condition: {relative_rise: 0.5, baseline: 10m}   # value > (1+0.5) * baseline mean, or
-        # condition: {detector: psi_inputs}                 # a verdict fed by observe_detector()
-        # condition: {disparity: 0.05, across: region}      # max - min across segments > 0.05
-        for: 30s                         # how long the condition must hold (default 0: fire at once)
-        clear: {op: ">=", value: 0.92}   # hysteresis (default: the negated condition)
-        min_count: 50                    # events behind the value (default 30)
-        min_label_coverage: 0.5          # quality metrics only (default: no floor)
-        severity: warning                # default warning
-        labels: {team: ml}
-        annotations: {summary: "accuracy {value:.3f} on {series}"}
-        group_by: [model, variant]       # default: every series label
-        stale_after: 5m                  # no data this long: a pending or firing alert ends
-
-Semantics (per rule and alert *instance*; an instance is one value of the
-``group_by`` labels, default one series):
-
-- ``observe(rows)`` keeps, per instance, the latest rows of each window; a
-  provisional window observed again replaces its earlier value.  With
-  ``group_by`` narrower than the series, the member series of one window are
-  combined: ``requests`` summed, latency quantiles by max (an upper bound),
-  every other KPI by count-weighted mean (exact for ratios and means).
-- ``evaluate()`` looks at each instance's latest window: inactive -> pending
-  when the condition holds (``for`` > 0), pending -> firing when it has held
-  for ``for`` on the clock, pending -> inactive if it stops holding (a blip
-  resets the timer), firing -> resolved when the clear condition holds (then
-  the instance is inactive again).  Between the condition and the clear
-  condition (hysteresis band) a firing alert stays firing.
-- Thin data (count < ``min_count``, label coverage below the floor or
-  unknown, a relative baseline with fewer than ``min_count`` events, a NaN
-  value) changes nothing: no state starts, advances or resolves; the
-  evidence says why.  Time spent pending on thin data still counts toward
-  ``for`` once the condition holds again on enough data.
-- Each transition yields exactly one :class:`Notification` (deduplicated by
-  rule, series, state and since), carrying its evidence; subscribers get it.
-- Relative conditions compare with the count-weighted mean of the same
-  instance's windows that end at or before the current window's start and
-  start within ``baseline`` of it.
-- Stale data: an instance keeps its last value until new rows come (as a
-  Prometheus gauge does), for at most ``stale_after`` (default 5m) of the
-  clock: a pending or firing instance with no new rows (or verdicts) for
-  longer ends -- firing -> resolved, pending -> inactive -- with the evidence
-  saying so (a retired model version's alert must not fire forever).  An
-  inactive instance silent for an hour is forgotten.
-- Segment disparity (``{disparity: bound, across: label}``): the instance is
-  the series without the ``across`` label (say, one model version across
-  regions); its value is the largest minus the smallest value among the
-  members of the latest window that each have at least ``min_count`` events
-  (and the label-coverage floor).  Fewer than two such members is thin data.
-  With ``alpha`` (rate KPIs only), the gap must also be significantly beyond
-  the bound: ``z = (gap - bound) / se`` between the highest and lowest member
-  (pooled two-proportion standard error), two-sided (the extremes, and so the
-  sign, are picked from the data), at ``alpha`` divided by the number of
-  member pairs (Bonferroni).  ``clear`` may give a
-  smaller bound (hysteresis).
+Keys and semantics: README, "Configuration" and "Alerts and drift".
 """
 
 from __future__ import annotations
@@ -263,7 +198,11 @@ class _Instance:
 
 
 class AlertEngine:
-    """Evaluates alert rules over tidy window rows and detector verdicts."""
+    """Evaluates alert rules over tidy window rows and detector verdicts.
+
+    The clock is passed in (with :class:`~kpistream.clock.ManualClock` every
+    transition is exact); the states: README, "Alerts and drift".
+    """
 
     def __init__(self, rules: Iterable[AlertRule] | str | Path | Mapping[str, Any],
                  clock: Clock) -> None:

@@ -1,93 +1,8 @@
 """The watcher: alert rules, per-series drift detectors and input-drift tests, together.
 
-Ray-free.  The publisher owns one :class:`Watcher` and feeds it what it
-publishes: tidy window rows (provisional and final) and, per closed window,
-the sampled inputs (``features`` family).  The whole of ``configs/alerts.yaml``
-is read here (:func:`load_alerts`); the ``rules`` section is
-:mod:`kpistream.alerts.rules`'s, the other sections are::
-
-    detectors:                       # change detectors on KPI series, one per series
-      - name: accuracy_cusum         # referenced by rules as {detector: accuracy_cusum}
-        type: cusum                  # cusum | ewma | page_hinkley | adwin
-        metric: accuracy
-        window: 10s                  # a *tumbling* window (samples must not overlap)
-        match: {model: kpistream-demo}
-        direction: down              # up | down | both (default: the bad side of the KPI)
-        shift: 0.05                  # cusum / ewma: the change to detect, in KPI units
-        false_alarm_every: 30d       # budget: mean time between false alarms per series
-        target: null                 # in-control mean; null = learned from the warm-up
-        sigma: null                  # per-window spread of a non-rate KPI; null = learned
-        warmup: 30                   # windows (with >= min_count events) to learn from
-        guard: 2                     # the learned target moves this many standard errors
-                                     # away from the watched side
-        min_count: 50                # thinner windows are skipped (never fed)
-        lam: 0.2                     # ewma smoothing
-        delta: 0.002                 # adwin confidence / page_hinkley tolerance
-        threshold: 50                # page_hinkley raw threshold (River's; no budget)
-        hold: 2m                     # a verdict stays "drift" this long after a signal
-
-    input_drift:                     # sampled inputs (``features``) against a reference
-      - name: demo_inputs
-        window: 10s                  # each closed window's sample is tested
-        match: {model: kpistream-demo}
-        group_by: [model, model_version, variant]   # one reference per group
-        reference: 2m                # the first 2m of each group's samples
-        max_reference: 4096          # reference rows kept
-        alpha: 0.01                  # family-wise, Holm across features
-        min_effect: 0.1              # KS D / Cramér's V floor
-        psi: {bins: 10, floor: 0.1}  # PSI with a sample-size-calibrated threshold
-        min_samples: 50              # per side, per feature
-        hold: 1m
-
-    notifications:
-      log: true                      # every transition to the "kpistream.alerts" logger
-      webhooks:
-        - url: http://alert-receiver:9000/hook   # ${ENV_VARS} are expanded
-          states: [firing, resolved]            # which transitions to post
-          timeout: 5s
-          retries: 6                 # attempts after the first
-          backoff: 1s                # doubled per retry, at most 1m, with jitter
-          headers: {Authorization: "Bearer ${HOOK_TOKEN}"}
-
-**Budgets, not magic numbers.**  ``false_alarm_every`` is a mean time
-between false alarms; with tumbling windows of size ``w`` the in-control
-average run length is ``arl0 = false_alarm_every / w`` windows, and CUSUM
-(:class:`~kpistream.alerts.detectors.Cusum`, Siegmund / binomial LLR) and EWMA
-(:class:`~kpistream.alerts.detectors.Ewma`, Brook-Evans) set their thresholds from it.
-Rate KPIs (shares of events: error rate, accuracy, CTR, ...) are fed as
-per-window aggregates ``(successes, trials)`` -- the binomial likelihood
-ratio for CUSUM, a per-window standardization for EWMA -- so a detector costs
-one update per window, whatever the traffic.  Other KPIs (latency quantiles,
-means) are fed one value per window, standardized by the spread of the
-warm-up windows.  River's ADWIN and Page-Hinkley take window values as they
-are: they have no budget calibration (documented in :mod:`kpistream.alerts.detectors`).
-
-**Learned parameters.**  A target (and, for KPIs that are not rates, the
-spread) estimated from ``warmup`` windows is itself uncertain, and a CUSUM
-reads a target that is off by a fraction of a standard deviation as a change
-that never ends.  So the learned target is moved ``guard`` standard errors
-away from the watched side, and a learned spread is the upper 95 % bound
-from the warm-up windows (chi-square).  Measured (budget: 1 false alarm per
-5,000 windows, 40 runs of 5,000 windows): accuracy at 500 requests per
-window, warm-up 6 -- 0.0 false alarms per run for CUSUM and EWMA; latency
-p99 (spread learned), warm-up 30 -- 0.0 per run, warm-up 6 -- 9.9 per run
-(one run 396): give non-rate KPIs at least 30 warm-up windows, or ``sigma``.
-
-**Detector verdicts.**  A change detector signals at a point and restarts
-(keeping its in-control target, so a change that persists keeps signalling).
-The verdict for alert rules is "drift" from a signal until ``hold`` of event
-time passes without another; a rule ``{detector: name}`` fires and resolves
-with it (with the rule's own ``for``).
-
-**Input drift.**  Per group (default one model version of one variant), the
-reference is the samples of the group's first ``reference`` of event time
-(or a sample given to :meth:`Watcher.set_reference`, e.g. logged with the
-model in MLflow).  Each later closed window's sample is tested: KS for
-numeric and chi-square for categorical features, Holm-corrected across
-features at ``alpha``, with an effect-size floor; numeric features must also
-pass PSI's sample-size-calibrated threshold (:class:`~kpistream.alerts.detectors.PsiTest`).
-The verdict is "drift" when any feature drifts; its evidence lists every
-feature.
+:func:`load_alerts` reads the whole of ``configs/alerts.yaml`` (keys: README, "Configuration");
+:class:`Watcher`, owned by the publisher, holds the :class:`~kpistream.alerts.rules.AlertEngine`,
+the :class:`DetectorBank` and the :class:`InputDriftBank`.
 """
 
 from __future__ import annotations
@@ -591,7 +506,11 @@ class InputDriftBank:
 
 # ------------------------------------------------------------------ watcher
 class Watcher:
-    """Alert rules + detectors + input drift over what the publisher publishes."""
+    """Alert rules + detectors + input drift over what the publisher publishes.
+
+    The publisher feeds it what it publishes: tidy window rows (provisional and
+    final) and, per closed window, the sampled inputs (``features`` family).
+    """
 
     def __init__(self, config: AlertsConfig | str | Path | Mapping[str, Any] | None,
                  clock: Clock, engine: EngineConfig | None = None) -> None:

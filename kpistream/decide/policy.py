@@ -1,111 +1,7 @@
 """Shadow / canary decisions: promote, roll back, halt or wait, from anytime-valid tests.
 
-A challenger model runs beside the primary, either in **shadow** mode (both
-score every request, only the primary's answer is served: comparisons are
-paired, per request) or in **canary** mode (each request is served by one
-arm, a share ``expected_share`` of them by the challenger: two independent
-samples).  :meth:`CanaryPolicy.decide` reads the cumulative *paired summary*
-of the experiment (shape below) and returns a :class:`Decision`.  It keeps no
-state and may be called after every batch, as often as one likes: every
-bound is a confidence sequence (:mod:`kpistream.decide.sequential`), valid under
-continuous monitoring.
-
-Actions, in order of precedence
--------------------------------
-1. ``rollback``: some metric is confidently worse than the primary beyond its
-   harm threshold -- the upper end of its oriented interval is below
-   ``-harm`` (the whole interval on the bad side).  Checked from the first
-   request; no minimum sample or duration.
-2. ``halt``: sample-ratio mismatch -- the anytime-valid p-value of the
-   challenger's share of requests against ``expected_share`` is below
-   ``srm.alpha``.  The assignment is broken, so no comparison is trusted.
-3. ``promote``: every applicable metric is non-inferior -- the lower end of
-   its oriented interval is above ``-margin`` -- and at least
-   ``min_samples`` samples and ``min_duration`` have passed.
-4. ``inconclusive``: ``max_duration`` reached without any of the above; the
-   primary stays.
-5. ``wait``.
-
-Orientation: every difference is challenger - primary, multiplied by +1 for
-metrics where higher is better (accuracy, reward) and by -1 where lower is
-better (error_rate, latency, abs_error).  In that oriented scale positive
-means "the challenger is better", a margin of 0.01 on accuracy means "at most
-1 point worse", and for latency (natural log of milliseconds) 0.05 means "at
-most ~5 % slower" (a log-ratio).
-
-Error rates (how alpha is split)
---------------------------------
-With ``K`` applicable metrics (reward does not apply in shadow mode):
-
-* each metric's **lower** bound (promote side) is a one-sided confidence
-  sequence at ``alpha / 2``.  A false promotion needs some metric that is
-  truly worse than its margin to pass, i.e. *that* metric's lower bound to
-  exclude its true value at some time: probability ``<= alpha / 2``
-  (intersection-union: promotion needs every metric to pass, so no split
-  across metrics is needed);
-* each metric's **upper** bound (rollback side) is at ``alpha / (2 K)``.  A
-  false rollback needs some metric that is not worse than its harm threshold
-  to have its upper bound exclude its true value: probability
-  ``<= K * alpha / (2 K) = alpha / 2`` (Bonferroni);
-* so ``P(a wrong promotion or a wrong rollback, ever) <= alpha``, however
-  often ``decide`` is called.  The SRM check has its own level ``srm.alpha``.
-
-Exact vs asymptotic: accuracy and error_rate are exact at every sample
-size -- in shadow mode a betting confidence sequence on the paired 0/1
-differences (only the discordant pairs ``n10`` / ``n01`` move it), in canary
-mode a betting confidence sequence on the inverse-propensity terms of the
-wrong answers / errors, which needs the challenger's assignment probability
-(``expected_share``; without one they fall back to the asymptotic bounds).
-Canary-mode accuracy counts labelled requests, so it assumes a request's
-label arrives independently of the arm that served it.  Latency, abs_error
-and reward use the asymptotic (normal-mixture) confidence sequence of
-Waudby-Smith et al.: valid as the sample grows, infinite until ``min_n``
-observations (per arm in canary mode); see :mod:`kpistream.decide.sequential` for
-its measured small-sample coverage (skewed data need ``min_n`` in the
-hundreds).
-
-Config (``configs/canary.yaml``; every key optional, shown with defaults)::
-
-    version: 1
-    alpha: 0.05            # overall error budget, split as above; in (0, 0.5]
-    mode: shadow           # default mode of decide(): shadow | canary
-    min_samples: 1000      # before promoting: labelled pairs (shadow) or labelled
-                           # requests per arm (canary); requests when no metric
-                           # needs labels (only error_rate / latency / reward)
-    min_duration: 30m      # before promoting (wall-clock since the start)
-    max_duration: 24h      # then "inconclusive": the primary stays
-    target_samples: null   # where the asymptotic bounds are tightest (null = min_samples;
-                           # in canary mode doubled: it counts both arms)
-    min_n: 100             # observations (per arm in canary mode) before an asymptotic
-                           # interval is finite
-    srm:
-      alpha: 0.001         # halt when the anytime-valid SRM p-value is below this
-      expected_share: null # challenger's expected share of requests
-                           # (challenger / (primary + challenger)); null = the caller's
-                           # expected_share argument; neither = SRM not checked
-      concentration: 100   # beta prior strength k of the SRM mixture
-    metrics:               # non-empty; names unique
-      - name: accuracy     # accuracy | error_rate | latency | abs_error | reward
-        margin: 0.01       # non-inferiority margin (required; >= 0; oriented units)
-        harm: 0            # rollback threshold (>= 0; 0 = any significant harm)
-        role: quality      # quality | guardrail (reported; both roles take part in
-                           # both rules)
-
-Input: the paired summary (cumulative; ``d`` = challenger - primary)::
-
-    {"arms": {"primary":    {"requests", "errors", "labelled", "correct",
-                             "log_latency": [n, sum, sumsq], "reward": [...], "abs_error": [...]},
-              "challenger": {... same keys ...}},
-     "paired": {"requests", "labelled",
-                "correct": {"n11", "n10", "n01", "n00"},   # first digit: primary correct
-                "error":   {"n11", "n10", "n01", "n00"},   # status == error, same layout
-                "log_latency": [n, sum_d, sumsq_d], "abs_error": [n, sum_d, sumsq_d]}}
-
-Missing keys count as zero.  Leaves may be numpy arrays (all of one shape):
-:meth:`CanaryPolicy.evaluate` then decides for every element at once (the
-simulation in ``bench/canary_sim.py`` runs thousands of experiments that
-way); :meth:`CanaryPolicy.decide` is the same computation on one summary
-plus the explanation.
+:class:`CanaryPolicy` (read from ``configs/canary.yaml`` by :func:`load_policy`; keys: README,
+"Configuration") turns an experiment's paired summary into a :class:`Decision`.
 """
 
 from __future__ import annotations
@@ -178,7 +74,86 @@ _DEFAULT_METRICS = (
 
 @dataclass(frozen=True, slots=True)
 class CanaryPolicy:
-    """The decision policy (see the module docstring for every field's meaning)."""
+    """The decision policy (every field's meaning: README, "Configuration", ``configs/canary.yaml``).
+
+    A challenger model runs beside the primary, either in **shadow** mode (both
+    score every request, only the primary's answer is served: comparisons are
+    paired, per request) or in **canary** mode (each request is served by one
+    arm, a share ``expected_share`` of them by the challenger: two independent
+    samples).  :meth:`decide` reads the cumulative *paired summary* of the
+    experiment (shape below) and returns a :class:`Decision`.  It keeps no
+    state and may be called after every batch, as often as one likes: every
+    bound is a confidence sequence (:mod:`kpistream.decide.sequential`), valid
+    under continuous monitoring.
+
+    Actions, in order of precedence:
+
+    1. ``rollback``: some metric is confidently worse than the primary beyond its
+       harm threshold -- the upper end of its oriented interval is below
+       ``-harm`` (the whole interval on the bad side).  Checked from the first
+       request; no minimum sample or duration.
+    2. ``halt``: sample-ratio mismatch -- the anytime-valid p-value of the
+       challenger's share of requests against ``expected_share`` is below
+       ``srm.alpha``.  The assignment is broken, so no comparison is trusted.
+    3. ``promote``: every applicable metric is non-inferior -- the lower end of
+       its oriented interval is above ``-margin`` -- and at least
+       ``min_samples`` samples and ``min_duration`` have passed.
+    4. ``inconclusive``: ``max_duration`` reached without any of the above; the
+       primary stays.
+    5. ``wait``.
+
+    Orientation: every difference is challenger - primary, multiplied by +1 for
+    metrics where higher is better (accuracy, reward) and by -1 where lower is
+    better (error_rate, latency, abs_error).  In that oriented scale positive
+    means "the challenger is better", a margin of 0.01 on accuracy means "at most
+    1 point worse", and for latency (natural log of milliseconds) 0.05 means "at
+    most ~5 % slower" (a log-ratio).
+
+    Error rates (how alpha is split), with ``K`` applicable metrics (reward does
+    not apply in shadow mode):
+
+    * each metric's **lower** bound (promote side) is a one-sided confidence
+      sequence at ``alpha / 2``.  A false promotion needs some metric that is
+      truly worse than its margin to pass, i.e. *that* metric's lower bound to
+      exclude its true value at some time: probability ``<= alpha / 2``
+      (intersection-union: promotion needs every metric to pass, so no split
+      across metrics is needed);
+    * each metric's **upper** bound (rollback side) is at ``alpha / (2 K)``.  A
+      false rollback needs some metric that is not worse than its harm threshold
+      to have its upper bound exclude its true value: probability
+      ``<= K * alpha / (2 K) = alpha / 2`` (Bonferroni);
+    * so ``P(a wrong promotion or a wrong rollback, ever) <= alpha``, however
+      often ``decide`` is called.  The SRM check has its own level ``srm.alpha``.
+
+    Exact vs asymptotic: accuracy and error_rate are exact at every sample
+    size -- in shadow mode a betting confidence sequence on the paired 0/1
+    differences (only the discordant pairs ``n10`` / ``n01`` move it), in canary
+    mode a betting confidence sequence on the inverse-propensity terms of the
+    wrong answers / errors, which needs the challenger's assignment probability
+    (``expected_share``; without one they fall back to the asymptotic bounds).
+    Canary-mode accuracy counts labelled requests, so it assumes a request's
+    label arrives independently of the arm that served it.  Latency, abs_error
+    and reward use the asymptotic (normal-mixture) confidence sequence of
+    Waudby-Smith et al.: valid as the sample grows, infinite until ``min_n``
+    observations (per arm in canary mode); see
+    :func:`kpistream.decide.sequential.asymptotic_cs` for its measured
+    small-sample coverage (skewed data need ``min_n`` in the hundreds).
+
+    Input: the paired summary (cumulative; ``d`` = challenger - primary)::
+
+        {"arms": {"primary":    {"requests", "errors", "labelled", "correct",
+                                 "log_latency": [n, sum, sumsq], "reward": [...], "abs_error": [...]},
+                  "challenger": {... same keys ...}},
+         "paired": {"requests", "labelled",
+                    "correct": {"n11", "n10", "n01", "n00"},   # first digit: primary correct
+                    "error":   {"n11", "n10", "n01", "n00"},   # status == error, same layout
+                    "log_latency": [n, sum_d, sumsq_d], "abs_error": [n, sum_d, sumsq_d]}}
+
+    Missing keys count as zero.  Leaves may be numpy arrays (all of one shape):
+    :meth:`evaluate` then decides for every element at once (the simulation in
+    ``bench/canary_sim.py`` runs thousands of experiments that way);
+    :meth:`decide` is the same computation on one summary plus the explanation.
+    """
 
     alpha: float = 0.05
     metrics: tuple[MetricRule, ...] = _DEFAULT_METRICS

@@ -1,127 +1,9 @@
 """Anytime-valid tests: confidence sequences and e-values that may be looked at after every request.
 
-A fixed-n test or confidence interval is valid at one sample size chosen in
-advance; re-run after every batch and stopped at the first "significant"
-look, its error rate grows with the number of looks (a 5 % test checked 200
-times errs far more than 5 % of the time).  Everything here is **time-uniform**:
-for a confidence sequence ``(L_t, U_t)`` at level ``alpha``::
-
-    P(there is a t >= 1 with  mu < L_t  or  mu > U_t)  <=  alpha
-
-so the caller may look after every request and stop on any rule it likes.
-Each bound is one-sided with its own level (``alpha_lower`` for ``L_t``,
-``alpha_upper`` for ``U_t``; two-sided level = their sum), because the canary
-policy spends different levels on the promote and rollback sides.
-
-No Ray and no state: every function takes cumulative sufficient statistics
-(counts, or ``n, sum, sumsq``) and accepts numpy arrays, broadcasting
-elementwise (the simulation evaluates thousands of experiments in one call).
-Scalars in give 0-d arrays out (``float(x)`` them).
-
-Three families
---------------
-**Asymptotic confidence sequences** (:func:`asymptotic_cs`,
-:func:`two_sample_cs`) for means of unbounded data (log latency, absolute
-error, reward) from ``n, sum, sumsq``: Waudby-Smith, Arbour, Sinha, Kennedy
-& Ramdas, "Time-uniform central limit theory and asymptotic confidence
-sequences" (2024).  Robbins' normal mixture of ``exp(lam S_t - lam**2 V_t / 2)``
-over ``lam ~ N(0, rho2)`` (one-sided here: the half-normal mixture over
-``lam > 0``) is a test martingale for a standardized sum ``S_t`` with
-variance ``V_t = t``::
-
-    M_t = 2 / sqrt(1 + rho2 t) * exp(z**2 / 2) * Phi(z),   z = S_t / sqrt(t + 1/rho2)
-
-and by Ville's inequality ``P(exists t: M_t >= 1/alpha) <= alpha``.
-Inverting gives the radius::
-
-    mean_hat_t -+ sigma_hat_t * z_t * sqrt(t + 1/rho2) / t,
-    z_t solves  z**2/2 + log Phi(z) = log(sqrt(1 + rho2 t) / (2 alpha))
-
-(the two-sided version of the paper is ``z_t = sqrt(2 log(sqrt(1 + rho2 t)/alpha))``;
-the one-sided root is found by 6 fixed-point steps, error < 1e-9).  The
-paper's strong-approximation argument makes the plug-in of the sample
-standard deviation ``sigma_hat_t`` valid asymptotically: coverage is
-``>= 1 - alpha`` in the limit, not at every finite ``t``, and skewed data
-need more samples.  Before ``min_n`` observations (100 by default) the
-bounds are infinite.  Measured: probability that a two-sided 95 % sequence
-(2.5 % per side) *ever* misses the true mean, 2,000 paths of 5,000
-observations checked at every step from ``min_n`` on (tuned for
-``target_n = 1000``)::
-
-    data               min_n=30   min_n=100   min_n=300
-    normal               3.6 %      3.7 %       3.1 %
-    exponential          5.0 %      3.9 %       3.9 %
-    Bernoulli(0.1)      10.6 %      5.8 %       4.2 %
-    lognormal(0, 1)     10.5 %      8.6 %       5.4 %
-    Bernoulli(0.02)     58 %       21 %        9.7 %   (few events: variance underestimated)
-
-so heavy right tails (raw latency, raw rewards) should be logged first (the
-paired summary carries log latency), and rare 0/1 events use the exact
-tests below instead.  ``rho2`` is chosen so the boundary is tightest at ``target_n``
-(the paper's approximation, at level ``2 alpha`` for one side)::
-
-    rho2 = (-2 log(2 alpha) + log(1 - 2 log(2 alpha))) / target_n
-
-Two independent samples (canary mode: each request served by one arm): the
-same boundary on the difference in means with ``t = n1 + n0`` and the
-per-unit variance ``sigma2 = t (v1/n1 + v0/n0)`` (the asymptotic variance of
-the difference in means, i.e. of the inverse-propensity estimator with
-estimated propensities; the paper's A/B-test construction).  For 0/1 data
-the per-arm variance uses ``p~ = (x + 1)/(n + 2)`` so an arm without any
-event yet has no zero-width interval.
-
-**Exact betting e-values for bounded data** (:func:`bounded_log_evalue`,
-:func:`bounded_cs`, and for paired 0/1 outcomes :func:`paired_binary_log_evalue`,
-:func:`paired_binary_cs`).  For observations in ``[low, high]`` and the null
-``H0: mean <= m`` (alternative "greater")::
-
-    W_t(lam) = prod_i (1 + lam (x_i - m)),   0 <= lam < 1/(m - low)
-
-is a nonnegative supermartingale under H0 for every fixed ``lam``, and so is
-any average over a fixed grid of ``lam``.  Here ``lam = c / (m - low)`` with
-``c`` on 48 log-spaced points in ``[0.005, 0.9]`` (uniform weights): the
-mixture wealth ``E_t = mean_c W_t(lam_c)`` depends on the data only through
-the counts of each value, so it is computed from cumulative counts, exactly
-(no asymptotics: ``P_H0(exists t: E_t >= 1/alpha) <= alpha`` by Ville's
-inequality, for every ``t``, however small).  The alternative "less" mirrors
-it.  The confidence sequence ``{m : E_t(m) < 1/alpha}`` is an interval
-(``E_t(m)`` is monotone in ``m``); its ends are found by bisection (40
-steps, < 1e-11).  A decision "is the lower bound above -margin?" is the
-e-value at ``m = -margin`` against ``1/alpha`` and needs no bisection.
-
-Paired 0/1 outcomes (shadow mode, accuracy or error status of both models on
-the same request): the per-request difference ``d = y_challenger - y_primary``
-is in ``{-1, 0, +1}``; only the discordant pairs (``n10``: -1, ``n01``: +1)
-move the wealth away from the ties' factor ``1 - lam m``.  The mean of ``d``
-is the difference of the two rates, whatever the correlation of the models.
-
-Two randomized arms with 0/1 outcomes (canary mode, counts per arm; each
-unit goes to arm 1 with a known probability ``pi``, independently):
-:func:`randomized_binary_log_evalue`, :func:`randomized_binary_cs` bet on the
-inverse-propensity term ``psi = Y/pi`` (arm 1) or ``-Y/(1 - pi)`` (arm 0),
-bounded in ``[-1/(1 - pi), 1/pi]`` with mean ``rate1 - rate0`` -- exact by
-design, from the counts.  Its variance is ``r1/pi + r0/(1 - pi) - diff**2``,
-close to the difference in means' when the counted event is the rare one
-(wrong answers, errors), so that is the event counted.
-
-**Sequential sample-ratio mismatch** (:func:`srm_log_evalue`,
-:func:`srm_p_value`): Lindon & Malek's Dirichlet-multinomial test
-("Anytime-valid inference for multinomial count data", 2022) with two arms,
-i.e. a beta-binomial Bayes factor of ``share ~ Beta(k pi, k (1 - pi))``
-against the expected share ``pi`` (``k`` = ``concentration``, 100 by
-default as in their paper)::
-
-    BF_t = B(x + k pi, n - x + k (1 - pi)) / B(k pi, k (1 - pi)) / (pi**x (1 - pi)**(n - x))
-
-with ``x`` challenger requests out of ``n``.  ``BF_t`` is a test martingale
-under the null (the prior predictive over a likelihood), so
-``p_t = min(1, 1 / BF_t)`` is an anytime-valid p-value:
-``P_H0(exists t: p_t <= alpha) <= alpha``.  (The running minimum over looks
-would be valid too; the stateless ``1 / BF_t`` is enough for a rule that acts
-at the first crossing.)
-
-Not used: ``confseq`` (sdist only, a C++/Boost build, scalar APIs) and
-``savvi`` (needs ``cvxpy``); the formulas above are short and vectorize.
+Stateless, numpy-vectorized functions of cumulative sufficient statistics (counts, or
+``n, sum, sumsq``): :func:`asymptotic_cs`, :func:`two_sample_cs`, :func:`bounded_cs`,
+:func:`paired_binary_cs`, :func:`randomized_binary_cs`, :func:`srm_p_value` (the method of
+each is in its docstring).
 """
 
 from __future__ import annotations
@@ -240,10 +122,72 @@ def asymptotic_cs(n: Any, total: Any, sumsq: Any, alpha_lower: Any = 0.025,
     """``(estimate, lower, upper)`` for a mean from ``n, sum, sumsq`` (one sample or paired differences).
 
     ``lower`` is an asymptotic one-sided confidence sequence at ``alpha_lower``
-    and ``upper`` at ``alpha_upper`` (see the module docstring; coverage over
+    and ``upper`` at ``alpha_upper`` (see below; coverage over
     all ``t >= min_n`` at once).  Where ``n < min_n`` the bounds are
     ``-inf`` / ``inf``.  ``rho2`` is tuned for ``target_n`` with the larger
     of the two levels' boundary (both sides use the same ``rho2``).
+
+    **Time-uniform.**  A fixed-n test or confidence interval is valid at one
+    sample size chosen in advance; re-run after every batch and stopped at the
+    first "significant" look, its error rate grows with the number of looks (a
+    5 % test checked 200 times errs far more than 5 % of the time).  Every
+    function of this module is time-uniform instead: for a confidence sequence
+    ``(L_t, U_t)`` at level ``alpha``::
+
+        P(there is a t >= 1 with  mu < L_t  or  mu > U_t)  <=  alpha
+
+    so the caller may look after every request and stop on any rule it likes.
+    Each bound is one-sided with its own level (``alpha_lower`` for ``L_t``,
+    ``alpha_upper`` for ``U_t``; two-sided level = their sum), because the
+    canary policy spends different levels on the promote and rollback sides.
+    Arguments are numpy arrays, broadcast elementwise (the simulation evaluates
+    thousands of experiments in one call); scalars in give 0-d arrays out
+    (``float(x)`` them).
+
+    **Method** (also :func:`two_sample_cs`): asymptotic confidence sequences for
+    means of unbounded data (log latency, absolute error, reward) from ``n, sum,
+    sumsq``: Waudby-Smith, Arbour, Sinha, Kennedy & Ramdas, "Time-uniform
+    central limit theory and asymptotic confidence sequences" (2024).  Robbins'
+    normal mixture of ``exp(lam S_t - lam**2 V_t / 2)`` over ``lam ~ N(0, rho2)``
+    (one-sided here: the half-normal mixture over ``lam > 0``) is a test
+    martingale for a standardized sum ``S_t`` with variance ``V_t = t``::
+
+        M_t = 2 / sqrt(1 + rho2 t) * exp(z**2 / 2) * Phi(z),   z = S_t / sqrt(t + 1/rho2)
+
+    and by Ville's inequality ``P(exists t: M_t >= 1/alpha) <= alpha``.
+    Inverting gives the radius::
+
+        mean_hat_t -+ sigma_hat_t * z_t * sqrt(t + 1/rho2) / t,
+        z_t solves  z**2/2 + log Phi(z) = log(sqrt(1 + rho2 t) / (2 alpha))
+
+    (the two-sided version of the paper is ``z_t = sqrt(2 log(sqrt(1 + rho2 t)/alpha))``;
+    the one-sided root is found by 6 fixed-point steps, error < 1e-9).  The
+    paper's strong-approximation argument makes the plug-in of the sample
+    standard deviation ``sigma_hat_t`` valid asymptotically: coverage is
+    ``>= 1 - alpha`` in the limit, not at every finite ``t``, and skewed data
+    need more samples.  Before ``min_n`` observations (100 by default) the
+    bounds are infinite.  Measured: probability that a two-sided 95 % sequence
+    (2.5 % per side) *ever* misses the true mean, 2,000 paths of 5,000
+    observations checked at every step from ``min_n`` on (tuned for
+    ``target_n = 1000``)::
+
+        data               min_n=30   min_n=100   min_n=300
+        normal               3.6 %      3.7 %       3.1 %
+        exponential          5.0 %      3.9 %       3.9 %
+        Bernoulli(0.1)      10.6 %      5.8 %       4.2 %
+        lognormal(0, 1)     10.5 %      8.6 %       5.4 %
+        Bernoulli(0.02)     58 %       21 %        9.7 %   (few events: variance underestimated)
+
+    so heavy right tails (raw latency, raw rewards) should be logged first (the
+    paired summary carries log latency), and rare 0/1 events use the exact
+    tests (:func:`paired_binary_cs`, :func:`randomized_binary_cs`) instead.
+    ``rho2`` is chosen so the boundary is tightest at ``target_n`` (the paper's
+    approximation, at level ``2 alpha`` for one side)::
+
+        rho2 = (-2 log(2 alpha) + log(1 - 2 log(2 alpha))) / target_n
+
+    Not used: ``confseq`` (sdist only, a C++/Boost build, scalar APIs) and
+    ``savvi`` (needs ``cvxpy``); the formulas here are short and vectorize.
     """
     n, mean, var = _moments(n, total, sumsq)
     rho2 = optimal_rho2(target_n, float(np.max(np.asarray(alpha_lower, dtype=float))))
@@ -261,6 +205,15 @@ def two_sample_cs(n1: Any, total1: Any, sumsq1: Any, n0: Any, total0: Any, sumsq
     ``t (v1/n1 + v0/n0)``; ``target_n`` counts both arms together.  Bounds are
     infinite until each arm has ``min_n`` observations.  ``var1`` / ``var0``
     override the sample variances (used for 0/1 data).
+
+    Method (canary mode: each request served by one arm): the boundary of
+    :func:`asymptotic_cs` on the difference in means with ``t = n1 + n0`` and
+    the per-unit variance ``sigma2 = t (v1/n1 + v0/n0)`` (the asymptotic
+    variance of the difference in means, i.e. of the inverse-propensity
+    estimator with estimated propensities; the paper's A/B-test construction).
+    For 0/1 data (:func:`binary_two_sample_cs`) the per-arm variance uses
+    ``p~ = (x + 1)/(n + 2)`` so an arm without any event yet has no zero-width
+    interval.
     """
     n1, m1, v1 = _moments(n1, total1, sumsq1)
     n0, m0, v0 = _moments(n0, total0, sumsq0)
@@ -297,10 +250,27 @@ def bounded_log_evalue(counts: Any, values: Any, null: Any, low: float, high: fl
 
     ``counts[..., j]`` is how many observations equal ``values[j]`` (all in
     ``[low, high]``); ``null`` broadcasts against ``counts[..., 0]``.  Exact
-    (valid at every sample size, under continuous monitoring): see the
-    module docstring.  A null on or outside the support's edge on the tested
+    (valid at every sample size, under continuous monitoring): see below.  A null on or outside the support's edge on the tested
     side gives ``log e <= 0`` (nothing can be rejected there) or, on the
     other edge, ``+inf`` as soon as one observation contradicts it.
+
+    Method (exact betting e-values for bounded data; also :func:`bounded_cs`).
+    For observations in ``[low, high]`` and the null ``H0: mean <= m``
+    (alternative "greater")::
+
+        W_t(lam) = prod_i (1 + lam (x_i - m)),   0 <= lam < 1/(m - low)
+
+    is a nonnegative supermartingale under H0 for every fixed ``lam``, and so is
+    any average over a fixed grid of ``lam``.  Here ``lam = c / (m - low)`` with
+    ``c`` on 48 log-spaced points in ``[0.005, 0.9]`` (uniform weights): the
+    mixture wealth ``E_t = mean_c W_t(lam_c)`` depends on the data only through
+    the counts of each value, so it is computed from cumulative counts, exactly
+    (no asymptotics: ``P_H0(exists t: E_t >= 1/alpha) <= alpha`` by Ville's
+    inequality, for every ``t``, however small).  The alternative "less" mirrors
+    it.  The confidence sequence ``{m : E_t(m) < 1/alpha}`` is an interval
+    (``E_t(m)`` is monotone in ``m``); its ends are found by bisection (40
+    steps, < 1e-11).  A decision "is the lower bound above -margin?" is the
+    e-value at ``m = -margin`` against ``1/alpha`` and needs no bisection.
     """
     counts = np.asarray(counts, dtype=float)
     v = np.asarray(values, dtype=float)
@@ -380,6 +350,14 @@ def paired_binary_log_evalue(n_minus: Any, n_plus: Any, n: Any, null: Any,
     "greater" tests ``H0: mean(d) <= null``; "less" tests ``H0: mean(d) >= null``.
     For accuracy, ``d = challenger correct - primary correct``:
     ``n_minus = n10``, ``n_plus = n01``.
+
+    Method (paired 0/1 outcomes; also :func:`paired_binary_cs`): shadow mode,
+    accuracy or error status of both models on the same request.  The
+    per-request difference ``d = y_challenger - y_primary`` is in
+    ``{-1, 0, +1}``; only the discordant pairs (``n10``: -1, ``n01``: +1) move
+    the wealth of :func:`bounded_log_evalue` away from the ties' factor
+    ``1 - lam m``.  The mean of ``d`` is the difference of the two rates,
+    whatever the correlation of the models.
     """
     return bounded_log_evalue(_paired_counts(n_minus, n_plus, n), _PAIRED_VALUES, null,
                               -1.0, 1.0, alternative)
@@ -414,6 +392,16 @@ def randomized_binary_log_evalue(x1: Any, n1: Any, x0: Any, n0: Any, share1: flo
     three values is exact (a design-based guarantee: it needs the assignment
     probability, not a model of the outcomes).  Efficient when events are
     the rarer outcome (code wrong answers, not right ones).
+
+    Method (two randomized arms with 0/1 outcomes; also
+    :func:`randomized_binary_cs`): canary mode, counts per arm; each unit goes
+    to arm 1 with a known probability ``pi``, independently.  The bet of
+    :func:`bounded_log_evalue` is on the inverse-propensity term ``psi = Y/pi``
+    (arm 1) or ``-Y/(1 - pi)`` (arm 0), bounded in ``[-1/(1 - pi), 1/pi]`` with
+    mean ``rate1 - rate0`` -- exact by design, from the counts.  Its variance is
+    ``r1/pi + r0/(1 - pi) - diff**2``, close to the difference in means' when
+    the counted event is the rare one (wrong answers, errors), so that is the
+    event counted.
     """
     counts, v, lo, hi = _randomized(x1, n1, x0, n0, share1)
     return bounded_log_evalue(counts, v, null, lo, hi, alternative)
@@ -438,7 +426,22 @@ def srm_log_evalue(x: Any, n: Any, share: Any, concentration: float = 100.0) -> 
     """Log beta-binomial Bayes factor of "share != ``share``" for ``x`` challenger units out of ``n``.
 
     Prior ``Beta(k share, k (1 - share))`` with ``k = concentration``; a test
-    martingale under ``H0: P(challenger) = share`` (module docstring).
+    martingale under ``H0: P(challenger) = share`` (below).
+
+    Method (sequential sample-ratio mismatch; also :func:`srm_p_value`): Lindon
+    & Malek's Dirichlet-multinomial test ("Anytime-valid inference for
+    multinomial count data", 2022) with two arms, i.e. a beta-binomial Bayes
+    factor of ``share ~ Beta(k pi, k (1 - pi))`` against the expected share
+    ``pi`` (``k`` = ``concentration``, 100 by default as in their paper)::
+
+        BF_t = B(x + k pi, n - x + k (1 - pi)) / B(k pi, k (1 - pi)) / (pi**x (1 - pi)**(n - x))
+
+    with ``x`` challenger requests out of ``n``.  ``BF_t`` is a test martingale
+    under the null (the prior predictive over a likelihood), so
+    ``p_t = min(1, 1 / BF_t)`` is an anytime-valid p-value:
+    ``P_H0(exists t: p_t <= alpha) <= alpha``.  (The running minimum over looks
+    would be valid too; the stateless ``1 / BF_t`` is enough for a rule that acts
+    at the first crossing.)
     """
     x = np.asarray(x, dtype=float)
     n = np.asarray(n, dtype=float)

@@ -1,14 +1,5 @@
-"""Compiled kernels (numba) of the key table: open addressing, linear probing, tombstones.
-
-A table is two parallel arrays: ``keys`` (uint64; 0 = empty, 1 = tombstone,
-so user keys are remapped away from those) and ``ident`` (uint64, an event
-id for deduplication).  Several entries may share a key (a multimap): they
-sit on the key's probe sequence, which ends at the first empty slot.
-Expiry marks slots as tombstones in place; a rebuild (on growth, or when
-tombstones pile up) re-inserts the survivors.
-
-Every kernel loops over a whole batch in machine code; Python only calls
-them once per batch.  Compiled on first use and cached on disk.
+"""Compiled kernels (numba) of the key table (:func:`insert`, :func:`lookup`, ...): open
+addressing, linear probing, tombstones.
 """
 
 from __future__ import annotations
@@ -42,6 +33,16 @@ def insert(tkeys, tident, keys, ident, use_ident, out_slots, out_dup):
     same key and ident already on the probe sequence makes it a duplicate.
 
     Returns how many empty slots were consumed (tombstone reuse is free).
+
+    A table is two parallel arrays: ``keys`` (uint64; 0 = empty, 1 = tombstone,
+    so user keys are remapped away from those) and ``ident`` (uint64, an event
+    id for deduplication).  Several entries may share a key (a multimap): they
+    sit on the key's probe sequence, which ends at the first empty slot.
+    Expiry marks slots as tombstones in place; a rebuild (on growth, or when
+    tombstones pile up) re-inserts the survivors.
+
+    Every kernel loops over a whole batch in machine code; Python only calls
+    them once per batch.  Compiled on first use and cached on disk.
     """
     mask = np.uint64(tkeys.shape[0] - 1)
     consumed = 0

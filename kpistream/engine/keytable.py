@@ -1,20 +1,5 @@
-"""A hash multimap on 64-bit keys with typed value columns: the join and dedup tables.
-
-One request id can hold several entries (the primary's and the shadow's
-inference; a click and later a conversion), each with its own values.  The
-probing runs in compiled kernels (:mod:`kpistream.engine.kernels`, numba): one
-call per batch, open addressing with linear probing, tombstones for expired
-entries, so a batch of 65,536 keys costs one pass in machine code.
-
-Every entry carries an ``expiry`` (event-time ms).  Entries whose expiry has
-passed are invisible to lookups at once and are turned into tombstones by
-:meth:`KeyTable.expire`, which returns their values so the caller can count
-them.  ``capacity`` bounds the live entries; beyond it the entries that
-expire first are evicted (kept for :meth:`take_evicted`, to be counted).
-
-Variable-length payloads (a ranking, a relevance list) live in *arenas*:
-append-only arrays addressed by per-entry ``(offset, length)`` columns and
-compacted when more than half of them is garbage.
+"""A hash multimap on 64-bit keys with typed value columns (:class:`KeyTable`): the join and
+dedup tables.
 """
 
 from __future__ import annotations
@@ -36,6 +21,22 @@ class KeyTable:
     name to ``{field: dtype}`` and adds the columns ``<name>_off`` and
     ``<name>_len``.  Slot indexes returned by the methods index the value
     columns directly (``table.col["ts"][slots]``) until the next insert.
+
+    One request id can hold several entries (the primary's and the shadow's
+    inference; a click and later a conversion), each with its own values.  The
+    probing runs in compiled kernels (:mod:`kpistream.engine.kernels`, numba): one
+    call per batch, open addressing with linear probing, tombstones for expired
+    entries, so a batch of 65,536 keys costs one pass in machine code.
+
+    Every entry carries an ``expiry`` (event-time ms).  Entries whose expiry has
+    passed are invisible to lookups at once and are turned into tombstones by
+    :meth:`KeyTable.expire`, which returns their values so the caller can count
+    them.  ``capacity`` bounds the live entries; beyond it the entries that
+    expire first are evicted (kept for :meth:`take_evicted`, to be counted).
+
+    Variable-length payloads (a ranking, a relevance list) live in *arenas*:
+    append-only arrays addressed by per-entry ``(offset, length)`` columns and
+    compacted when more than half of them is garbage.
     """
 
     def __init__(self, capacity: int, columns: Mapping[str, np.dtype | type] | None = None,

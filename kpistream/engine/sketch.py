@@ -1,46 +1,4 @@
-"""A mergeable relative-error quantile sketch for latencies (DDSketch-style).
-
-:class:`QuantileSketch` keeps a histogram over logarithmic buckets.  With
-relative accuracy ``a`` (``0.01`` by default) and ``gamma = (1 + a) / (1 - a)``
-a value ``x > 1e-9`` goes to the bucket with key ``k = ceil(log(x) / log(gamma))``,
-i.e. ``gamma**(k-1) < x <= gamma**k``; values ``<= 1e-9`` (zeros) go to a
-separate zero bucket.  A bucket answers with ``2 * gamma**k / (gamma + 1)``,
-which is within a factor ``1 +- a`` of every value the bucket can hold.
-
-The guarantee, in numbers:
-
-* **Accuracy.**  For any ``q`` in ``[0, 1]`` the estimate ``quantile(q)`` is
-  within relative error ``a`` (1 % by default) of the exact *lower* quantile
-  ``numpy.quantile(values, q, method="lower")`` whenever that exact value is
-  ``> 1e-9``, as long as no collapse happened (``collapses == 0``); when the
-  exact value is ``<= 1e-9`` the estimate is ``0.0`` (or the sketch's ``min``
-  if that is larger).  Answers are also clamped to ``[min, max]`` of the data
-  (which only ever reduces the error).  The only
-  slack beyond ``a`` is float rounding (about 1e-15 relative) for a value
-  lying exactly on a bucket boundary.
-* **Collapse.**  At most ``max_buckets`` buckets are kept; when the range of
-  keys would exceed it, the lowest buckets are folded into the lowest kept one
-  (like DDSketch's ``CollapsingLowestDenseStore``), so the *upper* quantiles
-  (the ones latency SLOs care about) stay accurate.  With ``max_buckets=2048``
-  and ``a = 1 %`` a collapse only happens when ``max / min > gamma**2048``
-  (about ``e**41``, i.e. 18 orders of magnitude).
-* **Memory.**  2 bytes per bucket (``uint16`` counts, widened to ``uint32``
-  and then ``uint64`` only when a single bucket would overflow) between the
-  smallest and the largest positive value seen: about
-  ``ln(max/min) / ln(gamma)`` buckets, e.g. about 230 buckets (≈ 0.45 KiB)
-  for latencies spanning 100x at ``a = 1 %``, plus ~100 bytes of scalars.  The in-memory array keeps up to ~1/8 slack to grow without
-  reallocating; pickled state and :meth:`QuantileSketch.copy` are trimmed to
-  the non-zero range.
-* **Mergeability.**  ``merge`` is exact: the bucket counts after merging any
-  partition of a stream, in any order, are identical to one sketch over the
-  whole stream (also when collapses happened, because the collapse boundary
-  depends only on the largest key seen).
-
-Updates are vectorized: one ``np.log`` per value and one ``np.bincount`` per
-batch (:meth:`QuantileSketch.update`), or one for a batch split over several
-sketches (:meth:`QuantileSketch.update_grouped`).  Pure numpy; the module does
-not depend on the ``ddsketch`` package (the tests compare against it).
-"""
+"""A mergeable relative-error quantile sketch for latencies (DDSketch-style): :class:`QuantileSketch`."""
 
 from __future__ import annotations
 
@@ -102,8 +60,204 @@ def _float_keys(positive: np.ndarray, inv_log_gamma: float) -> np.ndarray:
     return out
 
 
+def _int_keys(v: np.ndarray, a: float) -> np.ndarray:
+    """int64 keys of ``v`` at relative accuracy ``a`` (``ZERO_KEY`` for zeros)."""
+    inv = 1.0 / math.log((1.0 + a) / (1.0 - a))
+    out = np.full(v.shape, ZERO_KEY, dtype=np.int64)
+    pos = v > MIN_POSITIVE
+    if pos.all():
+        return _float_keys(v, inv).astype(np.int64)
+    out[pos] = _float_keys(v[pos], inv).astype(np.int64)
+    return out
+
+
+def _check_grouped(sketches: Sequence[QuantileSketch], group: Any,
+                   values: Any) -> tuple[np.ndarray, np.ndarray, float]:
+    """Validated ``(values, group, min of values)`` of :meth:`QuantileSketch.update_grouped`.
+
+    With several sketches ``group`` comes back as ``intp`` and the values are
+    checked (NaN, negative, infinite); with one, its ``update`` checks them
+    (and the min is NaN).  An empty batch comes back unchecked.
+    """
+    v = _as_values(values)
+    g = np.asarray(group)
+    if g.ndim != 1:
+        g = g.ravel()
+    if g.shape != v.shape:
+        raise ValueError(f"group and values differ in length ({g.size} != {v.size})")
+    if v.size == 0:
+        return v, g, math.nan
+    ng = len(sketches)
+    if ng == 0:
+        raise ValueError("update_grouped needs at least one sketch")
+    if g.dtype.kind not in "iu":
+        if g.dtype.kind == "b":
+            g = g.astype(np.intp)
+        else:
+            raise ValueError(f"group must be an integer array, got dtype {g.dtype}")
+    gmin = int(g.min())
+    gmax = int(g.max())
+    if gmin < 0 or gmax >= ng:
+        raise ValueError(f"group values must be in [0, {ng}), got [{gmin}, {gmax}]")
+    a = sketches[0].relative_accuracy
+    for sk in sketches:
+        if sk.relative_accuracy != a:
+            raise StateError(
+                f"update_grouped over sketches with different relative accuracy "
+                f"({a} vs {sk.relative_accuracy})")
+    if ng == 1:
+        return v, g, math.nan
+    vmin, _ = _value_range(v)
+    if g.dtype != np.intp:
+        g = g.astype(np.intp)
+    return v, g, vmin
+
+
+def _grouped_tables(v: np.ndarray, g: np.ndarray, ng: int, inv_log_gamma: float,
+                    vmin: float) -> tuple | None:
+    """Per-group statistics of a validated batch (``vmin`` its min), for ``update_grouped``.
+
+    Returns ``(sums, zero_counts, mins, maxs, rows, kmin, nz_lo, nz_hi)``:
+    ``rows[i, j]`` counts group ``i``'s values with key ``kmin + j`` (``rows``
+    is None when every value is a zero) and ``nz_lo[i]`` / ``nz_hi[i]`` are the
+    first / last non-empty column of row ``i`` (-1 if none).  None when the
+    dense table would exceed ``_GROUPED_MAX_CELLS`` cells.
+    """
+    sums = np.bincount(g, weights=v, minlength=ng)
+    mins = np.full(ng, math.inf)
+    maxs = np.full(ng, -math.inf)
+    if vmin <= MIN_POSITIVE:
+        zmask = v <= MIN_POSITIVE
+        gz = g[zmask]
+        zc = np.bincount(gz, minlength=ng)
+        vz = v[zmask]
+        np.minimum.at(mins, gz, vz)
+        np.maximum.at(maxs, gz, vz)
+        pos = ~zmask
+        vp = v[pos]
+        gp = g[pos]
+    else:
+        zc = np.zeros(ng, dtype=np.intp)
+        vp = v
+        gp = g
+    if not vp.size:
+        return sums, zc, mins, maxs, None, 0, None, None
+    fk = _float_keys(vp, inv_log_gamma)
+    kmin = fk.min()
+    width = int(fk.max() - kmin) + 1
+    if width * ng > _GROUPED_MAX_CELLS:
+        return None
+    fk -= kmin
+    idx = fk.astype(np.intp)
+    idx += gp * width
+    rows = np.bincount(idx, minlength=ng * width).reshape(ng, width)
+    # exact per-group min / max: they sit in each group's lowest / highest
+    # non-empty bucket, so only values in those buckets are reduced
+    edge = np.zeros(ng * width, dtype=bool)
+    nz_lo = np.full(ng, -1, dtype=np.intp)
+    nz_hi = np.full(ng, -1, dtype=np.intp)
+    for i in range(ng):
+        nzi = np.flatnonzero(rows[i])
+        if nzi.size:
+            nz_lo[i] = nzi[0]
+            nz_hi[i] = nzi[-1]
+            edge[i * width + nzi[0]] = True
+            edge[i * width + nzi[-1]] = True
+    sel = np.flatnonzero(edge[idx])
+    ve = vp[sel]
+    ge = gp[sel]
+    np.minimum.at(mins, ge, ve)
+    np.maximum.at(maxs, ge, ve)
+    return sums, zc, mins, maxs, rows, int(kmin), nz_lo, nz_hi
+
+
+def _widened(counts: np.ndarray, i0: int, bc: np.ndarray) -> np.ndarray:
+    """``counts``, widened (uint16 -> uint32 -> uint64) if adding ``bc`` at ``i0``
+    would overflow a bucket; else ``counts`` itself."""
+    if counts.dtype == np.uint64:
+        return counts
+    seg = counts[i0:i0 + bc.size]
+    top = int((seg.astype(np.uint64) + bc.astype(np.uint64)).max())
+    limit = _U16_MAX if counts.dtype == np.uint16 else _U32_MAX
+    if top > limit:
+        wide = np.uint32 if top <= _U32_MAX else np.uint64
+        return counts.astype(wide)
+    return counts
+
+
+def _grown_layout(lo: int, hi: int, cap: int, off: int, max_buckets: int) -> tuple[int, int]:
+    """(capacity, offset) of a new dense array covering keys ``[lo, hi]``.
+
+    Up to ~1/8 slack (at least 16), on the side the keys grew towards
+    (split when they grew both ways or the array is new); never more than
+    ``max(max_buckets, hi - lo + 1)``.
+    """
+    need = hi - lo + 1
+    new_cap = min(max(need + max(16, need // 8), need), max(max_buckets, need))
+    slack = new_cap - need
+    if cap == 0:
+        return new_cap, lo - slack // 2
+    down = lo < off
+    up = hi >= off + cap
+    if down and not up:
+        return new_cap, lo - slack
+    if up and not down:
+        return new_cap, lo
+    return new_cap, lo - slack // 2
+
+
+def _lower_quantile_keys(seg: np.ndarray, zero_count: int, rank: np.ndarray) -> np.ndarray:
+    """Index in ``seg`` (bucket counts above the zero bucket) of each rank."""
+    cum = np.cumsum(seg, dtype=np.uint64).astype(np.float64)
+    cum += zero_count
+    i = np.searchsorted(cum, rank, side="right")
+    np.minimum(i, seg.size - 1, out=i)
+    return i
+
+
 class QuantileSketch:
-    """Mergeable relative-error quantile sketch (see the module docstring).
+    """Mergeable relative-error quantile sketch.
+
+    Keeps a histogram over logarithmic buckets.  With
+    relative accuracy ``a`` (``0.01`` by default) and ``gamma = (1 + a) / (1 - a)``
+    a value ``x > 1e-9`` goes to the bucket with key ``k = ceil(log(x) / log(gamma))``,
+    i.e. ``gamma**(k-1) < x <= gamma**k``; values ``<= 1e-9`` (zeros) go to a
+    separate zero bucket.  A bucket answers with ``2 * gamma**k / (gamma + 1)``,
+    which is within a factor ``1 +- a`` of every value the bucket can hold.
+
+    The guarantee, in numbers:
+
+    * **Accuracy.**  For any ``q`` in ``[0, 1]`` the estimate ``quantile(q)`` is
+      within relative error ``a`` (1 % by default) of the exact *lower* quantile
+      ``numpy.quantile(values, q, method="lower")`` whenever that exact value is
+      ``> 1e-9``, as long as no collapse happened (``collapses == 0``); when the
+      exact value is ``<= 1e-9`` the estimate is ``0.0`` (or the sketch's ``min``
+      if that is larger).  Answers are also clamped to ``[min, max]`` of the data
+      (which only ever reduces the error).  The only
+      slack beyond ``a`` is float rounding (about 1e-15 relative) for a value
+      lying exactly on a bucket boundary.
+    * **Collapse.**  At most ``max_buckets`` buckets are kept; when the range of
+      keys would exceed it, the lowest buckets are folded into the lowest kept one
+      (like DDSketch's ``CollapsingLowestDenseStore``), so the *upper* quantiles
+      (the ones latency SLOs care about) stay accurate.  With ``max_buckets=2048``
+      and ``a = 1 %`` a collapse only happens when ``max / min > gamma**2048``
+      (about ``e**41``, i.e. 18 orders of magnitude).
+    * **Memory.**  2 bytes per bucket (``uint16`` counts, widened to ``uint32``
+      and then ``uint64`` only when a single bucket would overflow) between the
+      smallest and the largest positive value seen: about
+      ``ln(max/min) / ln(gamma)`` buckets, e.g. about 230 buckets (≈ 0.45 KiB)
+      for latencies spanning 100x at ``a = 1 %``, plus ~100 bytes of scalars.
+      The in-memory array keeps up to ~1/8 slack to grow without reallocating; pickled state and :meth:`QuantileSketch.copy` are trimmed to
+      the non-zero range.
+    * **Mergeability.**  ``merge`` is exact: the bucket counts after merging any
+      partition of a stream, in any order, are identical to one sketch over the
+      whole stream (also when collapses happened, because the collapse boundary
+      depends only on the largest key seen).
+
+    Updates are vectorized: one ``np.log`` per value and one ``np.bincount`` per
+    batch (:meth:`QuantileSketch.update`), or one for a batch split over several
+    sketches (:meth:`QuantileSketch.update_grouped`).  Pure numpy; the module does
+    not depend on the ``ddsketch`` package (the tests compare against it).
 
     Public state: ``relative_accuracy``, ``max_buckets``, ``gamma``, ``count``
     (all values, zero bucket included), ``zero_count``, ``sum`` (float, for
@@ -149,15 +303,7 @@ class QuantileSketch:
         ``k = ceil(log(x) / log(gamma))`` with ``gamma = (1 + a) / (1 - a)``.
         No validation: NaN or negative values give ``ZERO_KEY``-like garbage.
         """
-        a = _check_accuracy(relative_accuracy)
-        inv = 1.0 / math.log((1.0 + a) / (1.0 - a))
-        v = _as_values(values)
-        out = np.full(v.shape, ZERO_KEY, dtype=np.int64)
-        pos = v > MIN_POSITIVE
-        if pos.all():
-            return _float_keys(v, inv).astype(np.int64)
-        out[pos] = _float_keys(v[pos], inv).astype(np.int64)
-        return out
+        return _int_keys(_as_values(values), _check_accuracy(relative_accuracy))
 
     def bucket_value(self, key: int | np.ndarray) -> float | np.ndarray:
         """The value a bucket answers with: ``2 * gamma**key / (gamma + 1)``."""
@@ -206,92 +352,21 @@ class QuantileSketch:
         ``sum`` up to float summation order).  All sketches must share
         ``relative_accuracy`` (StateError otherwise).
         """
-        v = _as_values(values)
-        g = np.asarray(group)
-        if g.ndim != 1:
-            g = g.ravel()
-        if g.shape != v.shape:
-            raise ValueError(f"group and values differ in length ({g.size} != {v.size})")
-        n = v.size
-        if n == 0:
+        v, g, vmin = _check_grouped(sketches, group, values)
+        if v.size == 0:
             return
-        ng = len(sketches)
-        if ng == 0:
-            raise ValueError("update_grouped needs at least one sketch")
-        if g.dtype.kind not in "iu":
-            if g.dtype.kind == "b":
-                g = g.astype(np.intp)
-            else:
-                raise ValueError(f"group must be an integer array, got dtype {g.dtype}")
-        gmin = int(g.min())
-        gmax = int(g.max())
-        if gmin < 0 or gmax >= ng:
-            raise ValueError(f"group values must be in [0, {ng}), got [{gmin}, {gmax}]")
-        a = sketches[0].relative_accuracy
-        for sk in sketches:
-            if sk.relative_accuracy != a:
-                raise StateError(
-                    f"update_grouped over sketches with different relative accuracy "
-                    f"({a} vs {sk.relative_accuracy})")
-        if ng == 1:
+        if len(sketches) == 1:
             sketches[0].update(v)
             return
-        vmin, _ = _value_range(v)
-        if g.dtype != np.intp:
-            g = g.astype(np.intp)
-
-        sums = np.bincount(g, weights=v, minlength=ng)
-        mins = np.full(ng, math.inf)
-        maxs = np.full(ng, -math.inf)
-        if vmin <= MIN_POSITIVE:
-            zmask = v <= MIN_POSITIVE
-            gz = g[zmask]
-            zc = np.bincount(gz, minlength=ng)
-            vz = v[zmask]
-            np.minimum.at(mins, gz, vz)
-            np.maximum.at(maxs, gz, vz)
-            pos = ~zmask
-            vp = v[pos]
-            gp = g[pos]
-        else:
-            zc = np.zeros(ng, dtype=np.intp)
-            vp = v
-            gp = g
-
-        rows = None
-        if vp.size:
-            fk = _float_keys(vp, sketches[0]._inv_log_gamma)
-            kmin = fk.min()
-            width = int(fk.max() - kmin) + 1
-            if width * ng > _GROUPED_MAX_CELLS:
-                # absurd key range for a dense (groups x width) table: go group by group
-                for i in range(ng):
-                    m = g == i
-                    if m.any():
-                        sketches[i].update(v[m])
-                return
-            fk -= kmin
-            idx = fk.astype(np.intp)
-            idx += gp * width
-            rows = np.bincount(idx, minlength=ng * width).reshape(ng, width)
-            # exact per-group min / max: they sit in each group's lowest / highest
-            # non-empty bucket, so only values in those buckets are reduced
-            edge = np.zeros(ng * width, dtype=bool)
-            nz_lo = np.full(ng, -1, dtype=np.intp)
-            nz_hi = np.full(ng, -1, dtype=np.intp)
-            for i in range(ng):
-                nzi = np.flatnonzero(rows[i])
-                if nzi.size:
-                    nz_lo[i] = nzi[0]
-                    nz_hi[i] = nzi[-1]
-                    edge[i * width + nzi[0]] = True
-                    edge[i * width + nzi[-1]] = True
-            sel = np.flatnonzero(edge[idx])
-            ve = vp[sel]
-            ge = gp[sel]
-            np.minimum.at(mins, ge, ve)
-            np.maximum.at(maxs, ge, ve)
-
+        tables = _grouped_tables(v, g, len(sketches), sketches[0]._inv_log_gamma, vmin)
+        if tables is None:
+            # absurd key range for a dense (groups x width) table: go group by group
+            for i, sk in enumerate(sketches):
+                m = g == i
+                if m.any():
+                    sk.update(v[m])
+            return
+        sums, zc, mins, maxs, rows, kmin, nz_lo, nz_hi = tables
         for i, sk in enumerate(sketches):
             nzero = int(zc[i])
             npos = 0
@@ -299,7 +374,7 @@ class QuantileSketch:
                 lo, hi = int(nz_lo[i]), int(nz_hi[i])
                 row = rows[i, lo:hi + 1]
                 npos = int(row.sum())
-                sk._add_counts(int(kmin) + lo, row, npos)
+                sk._add_counts(kmin + lo, row, npos)
             if npos == 0 and nzero == 0:
                 continue
             sk.count += npos + nzero
@@ -360,15 +435,9 @@ class QuantileSketch:
         self._khi = hi
 
     def _add_at(self, i0: int, bc: np.ndarray, may_overflow: bool) -> None:
+        if may_overflow:
+            self._counts = _widened(self._counts, i0, bc)
         seg = self._counts[i0:i0 + bc.size]
-        if may_overflow and self._counts.dtype != np.uint64:
-            # widen the counts (uint16 -> uint32 -> uint64) before a bucket overflows
-            top = int((seg.astype(np.uint64) + bc.astype(np.uint64)).max())
-            limit = _U16_MAX if self._counts.dtype == np.uint16 else _U32_MAX
-            if top > limit:
-                wide = np.uint32 if top <= _U32_MAX else np.uint64
-                self._counts = self._counts.astype(wide)
-                seg = self._counts[i0:i0 + bc.size]
         np.add(seg, bc, out=seg, dtype=seg.dtype, casting="unsafe")
 
     def _reserve(self, lo: int, hi: int) -> None:
@@ -377,20 +446,7 @@ class QuantileSketch:
         off = self._offset
         if cap and off <= lo and hi < off + cap:
             return
-        need = hi - lo + 1
-        new_cap = min(max(need + max(16, need // 8), need), max(self.max_buckets, need))
-        slack = new_cap - need
-        if cap == 0:
-            new_lo = lo - slack // 2
-        else:
-            down = lo < off
-            up = hi >= off + cap
-            if down and not up:
-                new_lo = lo - slack
-            elif up and not down:
-                new_lo = lo
-            else:
-                new_lo = lo - slack // 2
+        new_cap, new_lo = _grown_layout(lo, hi, cap, off, self.max_buckets)
         new = np.zeros(new_cap, dtype=self._counts.dtype)
         if self._klo is not None:
             # every non-zero stored bucket lies in [klo, khi], which is inside [lo, hi]
@@ -462,10 +518,7 @@ class QuantileSketch:
         out = np.zeros(q.shape, dtype=np.float64)
         nonzero = rank >= self.zero_count
         if seg.size and nonzero.any():
-            cum = np.cumsum(seg, dtype=np.uint64).astype(np.float64)
-            cum += self.zero_count
-            i = np.searchsorted(cum, rank[nonzero], side="right")
-            np.minimum(i, seg.size - 1, out=i)
+            i = _lower_quantile_keys(seg, self.zero_count, rank[nonzero])
             out[nonzero] = self.bucket_value(i + self._klo)  # type: ignore[operator]
         np.clip(out, self.min, self.max, out=out)
         return out

@@ -1,37 +1,5 @@
-"""Metric definitions: ``configs/metrics.yaml`` read into frozen specs.
-
-Every key is checked: an unknown key, a wrong type or an impossible value
-raises :class:`~kpistream.errors.ConfigError` naming the dotted key path and
-the reason.  Durations are written ``500ms``, ``10s``, ``5m``, ``1h``, ``1d``
-or as integer milliseconds; time inside the engine is integer epoch
-milliseconds everywhere (no float drift).
-
-The file (all keys optional; shown with the defaults)::
-
-    version: 1
-    time:
-      lateness: 5s          # watermark = max event time seen - lateness
-      label_delay: 60s      # quality windows wait this long for feedback (join TTL)
-      max_future: 5m        # events further ahead of the clock are rejected
-    windows:                # event-time windows, half-open [start, end)
-      - {name: 10s, type: tumbling, size: 10s}
-      - {name: 1m, type: sliding, size: 60s, step: 10s}
-      # - {name: 1k, type: count, size: 1000}   # every 1000 inferences of a series
-    series:
-      segments: []          # segment keys that become series labels
-      max_series: 1000      # distinct series; the rest go to "__other__" (counted)
-    join:
-      max_pending: 1000000  # inferences kept for feedback (their event ids dedup them)
-      max_feedback: 1000000 # feedback kept for inferences that arrive later (and dedup)
-      max_paired: 1000000   # challenger inferences kept for pairing with the primary
-    metrics:
-      families: [traffic, latency, classification, regression, ranking, feedback, cost,
-                 paired, features]
-      classification: {positive_label: "1", max_classes: 64}
-      ranking: {k: 10}
-      latency: {relative_accuracy: 0.01}
-      paired: {primary_variant: primary}   # every other variant of a model is a challenger
-      features: {sample_size: 256, max_features: 64}  # bottom-k input sample per series, pane
+"""Metric definitions: ``configs/metrics.yaml`` read into frozen specs (:class:`MetricsFile` ->
+:class:`EngineConfig`).  Every key with its default: README, "Configuration".
 """
 
 import math

@@ -1,24 +1,4 @@
-"""Panes to windows to tidy rows.
-
-:class:`WindowAggregator` receives cumulative partial states
-(:class:`kpistream.engine.engine.Partial`) from one engine or from many shards,
-keeps the latest state per (source, pane, series, family), and builds the
-configured windows by merging pane states: a 10 s tumbling window is one
-pane, a 60 s window hopping by 10 s merges six.  Merging sufficient
-statistics gives exactly what one pass over the window's events would give
-(never an average of percentiles).
-
-A window of family ``f`` is final once the watermark has passed its end
-(operational families) or its end plus the label delay (quality families);
-until then its rows are ``provisional``.  :meth:`pop_final_rows` returns
-each window once, when it becomes final, and forgets panes that no window
-still needs.  Count windows are single panes and final when their partials
-say so.
-
-Tidy rows (DESIGN.md): ``window``, ``window_start``, ``window_end`` (UTC),
-``metric``, ``value``, ``count``, ``labelled``, ``provisional``, and one
-column per series label.
-"""
+"""Panes to windows to tidy rows (:class:`WindowAggregator`)."""
 
 from __future__ import annotations
 
@@ -46,6 +26,28 @@ def _label_cols(series: SeriesKey) -> dict[str, str]:
 
 
 class WindowAggregator:
+    """Merges pane states into the configured windows and their tidy rows.
+
+    :class:`WindowAggregator` receives cumulative partial states
+    (:class:`kpistream.engine.Partial`) from one engine or from many shards,
+    keeps the latest state per (source, pane, series, family), and builds the
+    configured windows by merging pane states: a 10 s tumbling window is one
+    pane, a 60 s window hopping by 10 s merges six.  Merging sufficient
+    statistics gives exactly what one pass over the window's events would give
+    (never an average of percentiles).
+
+    A window of family ``f`` is final once the watermark has passed its end
+    (operational families) or its end plus the label delay (quality families);
+    until then its rows are ``provisional``.  :meth:`pop_final_rows` returns
+    each window once, when it becomes final, and forgets panes that no window
+    still needs.  Count windows are single panes and final when their partials
+    say so.
+
+    Tidy rows (DESIGN.md): ``window``, ``window_start``, ``window_end`` (UTC),
+    ``metric``, ``value``, ``count``, ``labelled``, ``provisional``, and one
+    column per series label.
+    """
+
     def __init__(self, config: EngineConfig, sources: int | None = None) -> None:
         """``sources``: how many sources (shards) must report a watermark before
         anything is final; unknown sources hold the watermark back."""

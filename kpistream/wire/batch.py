@@ -1,34 +1,6 @@
-"""Columnar event batches: the in-memory form every engine component updates from.
-
-Events travel and are aggregated as columns (numpy arrays), never as one
-Python object per event, so every metric state updates with vectorized code.
-
-Identifiers are hashed once, at the edge, into 64-bit integers with a keyed
-SipHash (``pandas.util.hash_array`` with a fixed key), which is stable across
-processes and machines: ``request_id`` hashes route events to shards and join
-inference with feedback, ``event_id`` hashes deduplicate.  The value ``0`` is
-reserved as "empty" for the hash tables, so a hash of 0 is mapped to 1.  With
-one million live keys the chance of any collision is about 3e-8.
-
-A *normalized record* is what :mod:`kpistream.wire.schema` produces from a valid
-wire event and what :meth:`InferenceBatch.from_records` /
-:meth:`FeedbackBatch.from_records` take:
-
-inference::
-
-    {"event_id": str, "request_id": str, "ts": int (epoch ms), "model": str,
-     "model_version": str, "variant": str, "endpoint": str ("" if absent),
-     "latency_ms": float, "status": "ok" | "error",
-     "pred_label": str | None, "pred_score": float | None,
-     "pred_value": float | None, "ranking": list[str] | None,
-     "segments": dict[str, str], "cost_usd": float | None,
-     "tokens": int | None, "features": dict | None}
-
-feedback::
-
-    {"event_id": str, "request_id": str, "ts": int (epoch ms),
-     "kind": one of FEEDBACK_KINDS, "label": str | None,
-     "value": float | None, "relevance": dict[str, float] | None}
+"""Columnar event batches (:class:`InferenceBatch`, :class:`FeedbackBatch`): the in-memory form
+every engine component updates from (numpy columns, never one Python object per event), plus
+identifier hashing (:func:`hash_ids`) and shard routing.
 """
 
 from __future__ import annotations
@@ -55,7 +27,16 @@ BASE_LABELS: tuple[str, ...] = ("model", "model_version", "variant", "endpoint")
 
 
 def hash_ids(values: Sequence[str] | np.ndarray) -> np.ndarray:
-    """Stable 64-bit hashes of string identifiers (never 0)."""
+    """Stable 64-bit hashes of string identifiers (never 0).
+
+    Identifiers are hashed once, at the edge, into 64-bit integers with a keyed
+    SipHash (``pandas.util.hash_array`` with a fixed key), which is stable
+    across processes and machines: ``request_id`` hashes route events to shards
+    and join inference with feedback, ``event_id`` hashes deduplicate.  The
+    value ``0`` is reserved as "empty" for the hash tables, so a hash of 0 is
+    mapped to 1.  With one million live keys the chance of any collision is
+    about 3e-8.
+    """
     arr = values if isinstance(values, np.ndarray) and values.dtype == object else np.asarray(
         list(values), dtype=object)
     if len(arr) == 0:
@@ -165,7 +146,19 @@ class _Columns:
 
 @dataclass(slots=True, eq=False)
 class InferenceBatch(_Columns):
-    """One column per field; ``series`` and ``pred_label`` index the batch's vocabularies."""
+    """One column per field; ``series`` and ``pred_label`` index the batch's vocabularies.
+
+    :meth:`from_records` takes *normalized records*, what
+    :mod:`kpistream.wire.schema` produces from valid wire events::
+
+        {"event_id": str, "request_id": str, "ts": int (epoch ms), "model": str,
+         "model_version": str, "variant": str, "endpoint": str ("" if absent),
+         "latency_ms": float, "status": "ok" | "error",
+         "pred_label": str | None, "pred_score": float | None,
+         "pred_value": float | None, "ranking": list[str] | None,
+         "segments": dict[str, str], "cost_usd": float | None,
+         "tokens": int | None, "features": dict | None}
+    """
 
     ts: np.ndarray            # int64 epoch ms
     event_id: np.ndarray      # uint64 hash
@@ -244,6 +237,13 @@ class InferenceBatch(_Columns):
 
 @dataclass(slots=True, eq=False)
 class FeedbackBatch(_Columns):
+    """Feedback columns; :meth:`from_records` takes normalized records::
+
+        {"event_id": str, "request_id": str, "ts": int (epoch ms),
+         "kind": one of FEEDBACK_KINDS, "label": str | None,
+         "value": float | None, "relevance": dict[str, float] | None}
+    """
+
     ts: np.ndarray            # int64 epoch ms
     event_id: np.ndarray      # uint64
     request_id: np.ndarray    # uint64

@@ -1,37 +1,5 @@
-"""A small Python client for servers outside Ray: log inferences and feedback to the sidecar.
-
-Standard library only (``http.client`` keep-alive connections, ``threading``,
-``asyncio``), so any Python server can use it::
-
-    from kpistream.wire.client import KpiClient
-
-    kpi = KpiClient("http://127.0.0.1:8000")
-    kpi.log_inference(request_id=rid, model="churn", model_version="7", variant="primary",
-                      latency_ms=12.5, status="ok", prediction={"label": 1, "score": 0.83})
-    ...
-    kpi.log_feedback(rid, "label", 1)
-    kpi.close()                 # or: with KpiClient(...) as kpi: ...
-
-``log_*`` only append to an in-memory buffer (they never block on the
-network and never raise for a full buffer: the event is dropped and
-counted).  A background thread runs one :class:`~kpistream.wire.emitter.Emitter`
-per kind over the HTTP transport (:class:`HttpTransport`): NDJSON batches of
-at most ``batch_rows`` events go to ``POST /v1/events`` (inference) and
-``POST /v1/feedback`` when ``batch_rows`` are waiting or every ``flush_s``.
-Connection errors, timeouts, 429 and 5xx replies are retried with
-exponential backoff (``max_retries`` times, then the batch is dropped and
-counted); another 4xx drops the batch at once.  Each reply's
-``{"accepted": n, "rejected": [{"index", "field", "reason", "message"}]}`` is
-counted, and the most recent rejections are kept in :attr:`KpiClient.rejections`
-(with the ``event_id`` of the rejected row).  Events are validated by the
-server, not here.
-
-Missing fields are filled: ``type``, ``ts`` (epoch milliseconds, now) and
-``event_id`` (unique: a random per-client prefix and a counter).
-
-:func:`request` is the one-shot HTTP helper (any method, no proxy, never
-raises for a failed exchange) for other stdlib callers such as the demo's
-traffic driver.
+"""A small Python client for servers outside Ray (:class:`KpiClient`): log inferences and
+feedback to the sidecar; :func:`request` is a one-shot stdlib HTTP helper.
 """
 
 from __future__ import annotations
@@ -294,7 +262,37 @@ class HttpTransport:
 
 
 class KpiClient:
-    """Buffers events and posts them to the kpistream sidecar from a background thread."""
+    """Buffers events and posts them to the kpistream sidecar from a background thread.
+
+    Standard library only (``http.client`` keep-alive connections, ``threading``,
+    ``asyncio``), so any Python server can use it::
+
+        from kpistream.wire.client import KpiClient
+
+        kpi = KpiClient("http://127.0.0.1:8000")
+        kpi.log_inference(request_id=rid, model="churn", model_version="7", variant="primary",
+                          latency_ms=12.5, status="ok", prediction={"label": 1, "score": 0.83})
+        ...
+        kpi.log_feedback(rid, "label", 1)
+        kpi.close()                 # or: with KpiClient(...) as kpi: ...
+
+    ``log_*`` only append to an in-memory buffer (they never block on the
+    network and never raise for a full buffer: the event is dropped and
+    counted).  A background thread runs one :class:`~kpistream.wire.emitter.Emitter`
+    per kind over the HTTP transport (:class:`HttpTransport`): NDJSON batches of
+    at most ``batch_rows`` events go to ``POST /v1/events`` (inference) and
+    ``POST /v1/feedback`` when ``batch_rows`` are waiting or every ``flush_s``.
+    Connection errors, timeouts, 429 and 5xx replies are retried with
+    exponential backoff (``max_retries`` times, then the batch is dropped and
+    counted); another 4xx drops the batch at once.  Each reply's
+    ``{"accepted": n, "rejected": [{"index", "field", "reason", "message"}]}`` is
+    counted, and the most recent rejections are kept in :attr:`KpiClient.rejections`
+    (with the ``event_id`` of the rejected row).  Events are validated by the
+    server, not here.
+
+    Missing fields are filled: ``type``, ``ts`` (epoch milliseconds, now) and
+    ``event_id`` (unique: a random per-client prefix and a counter).
+    """
 
     def __init__(self, base_url: str = "http://127.0.0.1:8000", batch_rows: int = 500,
                  flush_s: float = 0.5, max_buffer: int = 100_000, timeout_s: float = 5,

@@ -1,19 +1,5 @@
-"""The emitter: buffer rows in process, flush them by size or age to a transport.
-
-Ray-free and transport-agnostic (the Ray shard actors, HTTP, a test's list).
-The caller's hot path appends a row to :attr:`Emitter.buf` itself (see
-:meth:`Emitter.put` for the exact steps); everything else happens in a flush
-task in the caller's event loop, never on the request path.
-
-A *transport* is any object with ``send(kind, batch)`` returning an awaitable
-(a coroutine, a future, a Ray ``ObjectRef``) or the result itself (``None``:
-sent, nothing to count).  Optional: ``n_shards`` (batches are split by shard,
-:func:`kpistream.wire.batch.route`, before sending when it is > 1),
-``ready()`` (False or raising: the rows stay buffered; may be a coroutine
-function), ``reset()`` (called after a failed send), ``report(name, stats)``
-(the counters, about once a second).  A send's result (or a list of them)
-that is a dict with ``accepted`` / ``late`` / ``duplicates`` / ``rejected``
-is counted.
+"""The emitter (:class:`Emitter`): buffer rows in process, flush them by size or age to a
+transport.
 """
 
 from __future__ import annotations
@@ -51,6 +37,21 @@ class Emitter:
     (they hold it too).  ``name`` identifies this emitter in reports,
     ``stats`` is what :meth:`report` sends (default :meth:`stats`) and
     ``label`` prefixes the logged errors.  Errors are counted, never raised.
+
+    Ray-free and transport-agnostic (the Ray shard actors, HTTP, a test's list).
+    The caller's hot path appends a row to :attr:`Emitter.buf` itself (see
+    :meth:`Emitter.put` for the exact steps); everything else happens in a flush
+    task in the caller's event loop, never on the request path.
+
+    A *transport* is any object with ``send(kind, batch)`` returning an awaitable
+    (a coroutine, a future, a Ray ``ObjectRef``) or the result itself (``None``:
+    sent, nothing to count).  Optional: ``n_shards`` (batches are split by shard,
+    :func:`kpistream.wire.batch.route`, before sending when it is > 1),
+    ``ready()`` (False or raising: the rows stay buffered; may be a coroutine
+    function), ``reset()`` (called after a failed send), ``report(name, stats)``
+    (the counters, about once a second).  A send's result (or a list of them)
+    that is a dict with ``accepted`` / ``late`` / ``duplicates`` / ``rejected``
+    is counted.
     """
 
     def __init__(self, transport: Any, build: Callable[[list], Any] | None = None, *,

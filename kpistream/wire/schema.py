@@ -1,40 +1,6 @@
-"""The wire schema: validation and normalization of inference and feedback events.
-
-Events arrive as JSON (one object, a JSON array, or NDJSON lines; see
-:func:`parse_payload`) and are checked by :func:`validate_rows`, which returns
-*normalized records* (the format :mod:`kpistream.wire.batch` documents and
-``InferenceBatch.from_records`` / ``FeedbackBatch.from_records`` take) for the
-good rows and one :class:`~kpistream.errors.Rejection` per bad row.  One bad
-row never sinks a batch.
-
-The pydantic models :class:`InferenceEvent` and :class:`FeedbackEvent` are the
-contract of DESIGN.md ("Wire events"); :func:`json_schema` exports them as a
-JSON Schema (draft 2020-12), committed as ``schema/events.v1.json``
-(``python -m kpistream.wire.schema`` prints it, ``--write PATH`` writes it).
-
-Rules beyond the field types
-----------------------------
-* Unknown fields are rejected (``unknown_field``), so a typo such as
-  ``"latency"`` is an error, not silently dropped.
-* ``ts`` is an RFC 3339 string with a timezone (``Z`` or ``+HH:MM``) or integer
-  epoch milliseconds; it becomes int epoch ms UTC, must lie in
-  [2000-01-01, 2200-01-01) and not beyond ``now_ms + max_future_ms``.
-* Numbers are finite everywhere (also inside ``prediction.scores``,
-  ``features`` and relevance grades); strings are at most ``MAX_STR`` chars.
-* Class labels: a JSON int, bool or str is a label (``canonical_label``: 1,
-  "1" -> "1", true -> "true"); a JSON float is a regression value.
-* ``prediction`` may be omitted (or null) only when ``status`` is ``"error"``.
-* Item ids (ranking, relevance) are strings or integers; integers become their
-  decimal string so a ranking ``[42]`` joins with relevance ``{"42": 1}``.
-* Segment keys become series (and Prometheus) labels: they must match
-  ``[A-Za-z_][A-Za-z0-9_]*``, must not start with ``__`` and must not be one of
-  the base labels ``model``, ``model_version``, ``variant``, ``endpoint``.
-* Feedback ``value`` per ``kind``: label -> a class label (str/int/bool) or a
-  float (regression truth); reward -> a number; thumbs -> bool or "up"/"down";
-  click, conversion -> bool (omitted means true); dwell -> seconds >= 0;
-  relevance -> ``[item_id, ...]`` (grade 1) or ``{item_id: grade >= 0}``.
-
-Rejection reasons (``Rejection.reason``) are one of :data:`REASONS`.
+"""The wire schema: validation and normalization of inference and feedback events
+(:func:`parse_payload`, :func:`validate_rows`; the pydantic contract :class:`InferenceEvent`,
+:class:`FeedbackEvent`, exported by :func:`json_schema`).
 """
 
 from __future__ import annotations
@@ -796,6 +762,41 @@ def validate_rows(rows: Sequence[Any], *, now_ms: int,
     ``max_future_ms`` ahead of it is rejected (``future``).  ``expect``
     ("inference" / "feedback") makes an endpoint accept one type only; rows
     may then omit ``type``.  Never raises for bad rows.
+
+    Events arrive as JSON (one object, a JSON array, or NDJSON lines; see
+    :func:`parse_payload`) and are checked by :func:`validate_rows`, which returns
+    *normalized records* (the format :mod:`kpistream.wire.batch` documents and
+    ``InferenceBatch.from_records`` / ``FeedbackBatch.from_records`` take) for the
+    good rows and one :class:`~kpistream.errors.Rejection` per bad row.  One bad
+    row never sinks a batch.
+
+    The pydantic models :class:`InferenceEvent` and :class:`FeedbackEvent` are the
+    contract of DESIGN.md ("Wire events"); :func:`json_schema` exports them as a
+    JSON Schema (draft 2020-12), committed as ``schema/events.v1.json``
+    (``python -m kpistream.wire.schema`` prints it, ``--write PATH`` writes it).
+
+    Rules beyond the field types:
+    * Unknown fields are rejected (``unknown_field``), so a typo such as
+      ``"latency"`` is an error, not silently dropped.
+    * ``ts`` is an RFC 3339 string with a timezone (``Z`` or ``+HH:MM``) or integer
+      epoch milliseconds; it becomes int epoch ms UTC, must lie in
+      [2000-01-01, 2200-01-01) and not beyond ``now_ms + max_future_ms``.
+    * Numbers are finite everywhere (also inside ``prediction.scores``,
+      ``features`` and relevance grades); strings are at most ``MAX_STR`` chars.
+    * Class labels: a JSON int, bool or str is a label (``canonical_label``: 1,
+      "1" -> "1", true -> "true"); a JSON float is a regression value.
+    * ``prediction`` may be omitted (or null) only when ``status`` is ``"error"``.
+    * Item ids (ranking, relevance) are strings or integers; integers become their
+      decimal string so a ranking ``[42]`` joins with relevance ``{"42": 1}``.
+    * Segment keys become series (and Prometheus) labels: they must match
+      ``[A-Za-z_][A-Za-z0-9_]*``, must not start with ``__`` and must not be one of
+      the base labels ``model``, ``model_version``, ``variant``, ``endpoint``.
+    * Feedback ``value`` per ``kind``: label -> a class label (str/int/bool) or a
+      float (regression truth); reward -> a number; thumbs -> bool or "up"/"down";
+      click, conversion -> bool (omitted means true); dwell -> seconds >= 0;
+      relevance -> ``[item_id, ...]`` (grade 1) or ``{item_id: grade >= 0}``.
+
+    Rejection reasons (``Rejection.reason``) are one of :data:`REASONS`.
     """
     if expect is not None and expect not in EVENT_TYPES:
         raise ValueError(f"expect must be None, 'inference' or 'feedback', not {expect!r}")
