@@ -622,7 +622,7 @@ def comparison(items: Iterable[Any], challenger: str, primary: str = "primary",
                **labels: str) -> dict[str, Any]:
     """One summary comparing ``challenger`` with ``primary``: what a canary policy reads.
 
-    ``items``: engine :class:`~kpistream.engine.engine.Partial` objects, or
+    ``items``: engine :class:`~kpistream.engine.Partial` objects, or
     ``(series labels mapping or SeriesKey, state)`` pairs, of any families;
     the paired states of series with variant ``primary`` (their primary arm)
     or ``challenger`` (challenger arm and pairs) matching ``labels``

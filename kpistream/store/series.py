@@ -32,7 +32,7 @@ class SeriesStore:
     ``readonly`` opens an existing store for queries only.
 
     The live publisher writes every closed or updated time pane of the
-    engine (:class:`~kpistream.engine.engine.Partial`, cumulative, possibly
+    engine (:class:`~kpistream.engine.Partial`, cumulative, possibly
     provisional); notebooks read DataFrames shaped exactly like ``kpistream
     replay`` output.  Per resolution (``10s`` = the engine's pane, ``1m``,
     ``1h``; :mod:`.resolutions`), bucket start, series and metric family it
