@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray import serve
 from starlette.responses import Response
 
-from app.monitor import ModelUnavailable, _in_serve_replica
+from app.monitor import REQUEST_ID_HEADER, ModelUnavailable, in_serve_replica
 from kpistream.wire.schema import MAX_STR
 
 log = logging.getLogger("kpistream.ingress")
@@ -269,7 +269,7 @@ class ExperimentIngress:
         # request ids when the caller gave none (behind Serve's proxy there always is one)
         self._id_prefix = secrets.token_hex(6) + "-"
         self._ids = itertools.count(1)
-        self._add_rid_header = not _in_serve_replica()
+        self._add_rid_header = not in_serve_replica()
         # mirrors
         self._mirror_in_flight = 0
         self._mirror_tasks: set[asyncio.Task] = set()
@@ -311,10 +311,10 @@ class ExperimentIngress:
     async def predict(self, request: Request) -> Response:
         if self._ctl_task is None:
             self._start_controller_poll()
-        rid = request.headers.get("x-request-id")
+        rid = request.headers.get(REQUEST_ID_HEADER)
         if not rid or len(rid) > MAX_STR:
             rid = f"{self._id_prefix}{next(self._ids)}"
-        headers = {"x-request-id": rid} if self._add_rid_header else {}
+        headers = {REQUEST_ID_HEADER: rid} if self._add_rid_header else {}
         body = await request.body()
         try:
             payload = json.loads(body) if body else {}

@@ -63,7 +63,7 @@ class _Reply(Response):
             self.raw_headers.append((_RID_HEADER, request_id))
 
 
-def _in_serve_replica() -> bool:
+def in_serve_replica() -> bool:
     """True inside a Ray Serve replica (found without importing Ray)."""
     import sys
 
@@ -173,7 +173,7 @@ class MonitoredModel:
         self._mon_ids = itertools.count(1)
         # Serve's HTTP proxy gives every request an x-request-id (the caller's, or one it
         # makes) and echoes it on the reply: there the wrapper adds no second header.
-        self._mon_add_header = not _in_serve_replica()
+        self._mon_add_header = not in_serve_replica()
         # user hooks, only called when overridden
         cls = type(self)
         self._mon_seg_hook = self.segments if cls.segments is not MonitoredModel.segments else None

@@ -9,6 +9,6 @@ MLflow or prometheus-client):
 - :mod:`kpistream.store`    the time-series store with roll-ups and retention
 - :mod:`kpistream.alerts`   alert rules, drift detectors and the watcher
 - :mod:`kpistream.decide`   sequential tests and the canary policy
-- :mod:`kpistream.spec`     the metrics YAML (windows, lateness, slicing)
+- :mod:`kpistream.spec`     every YAML file (metrics, alerts, canary); errors name the key path
 - :mod:`kpistream.replay`, :mod:`kpistream.cli`, :mod:`kpistream.synthetic`
 """

@@ -15,7 +15,7 @@ import pandas as pd
 
 from kpistream.wire.batch import (
     KIND_CLICK, KIND_CONVERSION, KIND_DWELL, KIND_LABEL, KIND_RELEVANCE, KIND_REWARD,
-    KIND_THUMBS, FEEDBACK_KINDS, FeedbackBatch, InferenceBatch, hash_ids, series_key)
+    KIND_THUMBS, FEEDBACK_KINDS, FeedbackBatch, InferenceBatch, hash_ids, ranges, series_key)
 
 #: (model, model_version, variant) of the four series, in code order.
 SERIES: tuple[tuple[str, str, str], ...] = (
@@ -57,24 +57,13 @@ def _id_strings(prefix: str, nums: np.ndarray) -> np.ndarray:
     return (prefix + pd.Series(nums, copy=False).astype(str)).to_numpy(dtype=object)
 
 
-def _ranges(starts: np.ndarray, lens: np.ndarray) -> np.ndarray:
-    """Concatenation of ``arange(s, s + l)`` for each pair."""
-    lens = np.asarray(lens, dtype=np.int64)
-    total = int(lens.sum())
-    if total == 0:
-        return np.zeros(0, dtype=np.int64)
-    ends = np.cumsum(lens)
-    rep_start = np.repeat(np.asarray(starts, dtype=np.int64) - (ends - lens), lens)
-    return rep_start + np.arange(total, dtype=np.int64)
-
-
 def _gather_csr(offsets: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(new offsets, element index) of CSR rows ``rows``."""
     lo = offsets[rows]
     lens = offsets[rows + 1] - lo
     out = np.zeros(len(rows) + 1, dtype=np.int64)
     np.cumsum(lens, out=out[1:])
-    return out, _ranges(lo, lens)
+    return out, ranges(lo, lens)
 
 
 def _unique_prefix(cand: np.ndarray, width: int, n_values: int) -> tuple[np.ndarray, np.ndarray]:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("kpistream", "actors", "app")
-HEAVY = ("ray", "mlflow", "prometheus_client")
+HEAVY = ("ray", "mlflow", "prometheus_client", "ddsketch")   # ddsketch: a bench baseline only
 LAYER = {"app": 2, "actors": 1, "kpistream": 0}
 
 

@@ -48,7 +48,10 @@ def _registry(uri: str) -> Registry:
 
 def champion_version(tracking_uri: str | os.PathLike | None = None, name: str = MODEL_NAME,
                      alias: str = ALIAS) -> str | None:
-    """The version ``alias`` points to, or None if the model or the alias does not exist."""
+    """The version ``alias`` points to, or None if the model or the alias does not exist.
+    ``tracking_uri`` may also be an ``MlflowClient`` (as before 0.2): its tracking URI is used."""
+    if hasattr(tracking_uri, "get_model_version_by_alias"):
+        tracking_uri = tracking_uri.tracking_uri
     return Registry(_normalize_uri(tracking_uri)).alias_version(name, alias)
 
 

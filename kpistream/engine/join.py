@@ -19,7 +19,7 @@ from kpistream.engine.panes import TIME
 from kpistream.spec.metrics import EngineConfig
 from kpistream.wire.batch import (
     KIND_CLICK, KIND_CONVERSION, KIND_DWELL, KIND_LABEL, KIND_RELEVANCE, KIND_REWARD,
-    KIND_THUMBS, FeedbackBatch, InferenceBatch, _ranges,
+    KIND_THUMBS, FeedbackBatch, InferenceBatch, ranges,
 )
 
 # bits of the per-inference "seen" mask: feedback kinds that count once per inference
@@ -138,7 +138,7 @@ class Join:
             topk = np.minimum(rank_len, self._k)
             toffs = np.zeros(len(b) + 1, dtype=np.int64)
             np.cumsum(topk, out=toffs[1:])
-            items = b.rank_items[_ranges(lo, topk)]
+            items = b.rank_items[ranges(lo, topk)]
             rows = np.flatnonzero(rk)
             self.pending.arena_put("rank", slots[rows], toffs, {"items": items}, rows)
         return kept, s_
@@ -168,7 +168,7 @@ class Join:
         roffs = np.zeros(len(fs) + 1, dtype=np.int64)
         ln = st["rel_len"][fs].astype(np.int64)
         np.cumsum(ln, out=roffs[1:])
-        sel = _ranges(st["rel_off"][fs], ln)
+        sel = ranges(st["rel_off"][fs], ln)
         ids = ((b.request_id[kept][qi], b.event_id[kept][qi]) if self._paired_on else None)
         return self.apply_pairs(ps, st["kind"][fs], st["label"][fs], st["value"][fs],
                                 roffs, rel["items"][sel], rel["grades"][sel], wm_after[qi], ids)
@@ -198,7 +198,7 @@ class Join:
         ln = roffs[qi + 1] - roffs[qi]
         noffs = np.zeros(len(qi) + 1, dtype=np.int64)
         np.cumsum(ln, out=noffs[1:])
-        sel = _ranges(roffs[qi], ln)
+        sel = ranges(roffs[qi], ln)
         ids = (b.request_id[qi], None) if self._paired_on else None
         return matched, self.apply_pairs(ps, b.kind[qi], label[qi], b.value[qi], noffs,
                                          b.rel_items[sel], b.rel_grades[sel], wm[qi], ids)
@@ -330,7 +330,7 @@ def _subset_csr(rows: np.ndarray, offs: np.ndarray, items: np.ndarray, grades: n
     ln = offs[rows + 1] - offs[rows]
     noffs = np.zeros(len(rows) + 1, dtype=np.int64)
     np.cumsum(ln, out=noffs[1:])
-    sel = _ranges(offs[rows], ln)
+    sel = ranges(offs[rows], ln)
     return noffs, items[sel], grades[sel]
 
 

@@ -131,11 +131,11 @@ class KeyTable:
     def arena_put(self, name: str, slots: np.ndarray, offsets: np.ndarray,
                   data: Mapping[str, np.ndarray], rows: np.ndarray) -> None:
         """Store CSR rows ``rows`` of ``data`` (by ``offsets``) for ``slots``."""
-        from kpistream.wire.batch import _ranges
+        from kpistream.wire.batch import ranges
 
         lo = offsets[rows]
         lens = offsets[rows + 1] - lo
-        sel = _ranges(lo, lens)
+        sel = ranges(lo, lens)
         used = self._arena_used[name]
         need = used + len(sel)
         arena = self.arena[name]
@@ -163,12 +163,12 @@ class KeyTable:
                 self._compact_arena(a)
 
     def _compact_arena(self, a: str) -> None:
-        from kpistream.wire.batch import _ranges
+        from kpistream.wire.batch import ranges
 
         live = self.live_slots()
         lo = self.col[f"{a}_off"][live]
         ln = self.col[f"{a}_len"][live].astype(np.int64)
-        sel = _ranges(lo, ln)
+        sel = ranges(lo, ln)
         for f, arr in self.arena[a].items():
             self.arena[a][f] = arr[sel]
         starts = np.zeros(len(live), dtype=np.int64)

@@ -41,10 +41,6 @@ QUANTILES: tuple[tuple[str, float], ...] = (
 Value = tuple[float, int, "int | None"]
 
 
-def _div(a: float, b: float) -> float:
-    return float(a) / float(b) if b else float("nan")
-
-
 def _group_sums(group: np.ndarray, n_groups: int, weights: Sequence[np.ndarray | None]) -> np.ndarray:
     """(n_groups, len(weights)) sums; a None weight counts rows."""
     out = np.empty((n_groups, len(weights)), dtype=np.float64)

@@ -14,7 +14,6 @@ from kpistream.engine import Partial
 from kpistream.engine.families import FAMILY_CLASSES
 from kpistream.engine.states import MetricState
 
-_FAR = np.iinfo(np.int64).max
 ROW_COLUMNS = ("window", "window_start", "window_end", "metric", "value", "count", "labelled",
                "provisional")
 

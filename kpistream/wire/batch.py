@@ -46,21 +46,6 @@ def hash_ids(values: Sequence[str] | np.ndarray) -> np.ndarray:
     return h
 
 
-_M1 = np.uint64(0xBF58476D1CE4E5B9)
-_M2 = np.uint64(0x94D049BB133111EB)
-
-
-def mix64(keys: np.ndarray) -> np.ndarray:
-    """splitmix64 finalizer of uint64 keys, vectorized (wrapping arithmetic)."""
-    with np.errstate(over="ignore"):
-        z = keys ^ (keys >> np.uint64(30))
-        z = z * _M1
-        z ^= z >> np.uint64(27)
-        z *= _M2
-        z ^= z >> np.uint64(31)
-    return z
-
-
 def hash_id(value: str) -> int:
     return int(hash_ids(np.array([value], dtype=object))[0])
 
@@ -217,22 +202,11 @@ class InferenceBatch(_Columns):
         lens = hi - lo
         offsets = np.zeros(len(idx) + 1, dtype=np.int64)
         np.cumsum(lens, out=offsets[1:])
-        items = self.rank_items[_ranges(lo, lens)] if len(self.rank_items) else self.rank_items
+        items = self.rank_items[ranges(lo, lens)] if len(self.rank_items) else self.rank_items
         kw = {c: getattr(self, c)[idx] for c in self._ROW_COLS}
         return InferenceBatch(**kw, rank_offsets=offsets, rank_items=items,
                               series_keys=self.series_keys, labels=self.labels,
                               features=None if self.features is None else [self.features[i] for i in idx])
-
-    def row_records(self) -> list[dict]:
-        """A light per-row view (for late-event output and debugging)."""
-        out = []
-        for i in range(len(self)):
-            m, v, var, ep, segs = self.series_keys[self.series[i]]
-            out.append({"type": "inference", "event_id_hash": int(self.event_id[i]),
-                        "request_id_hash": int(self.request_id[i]), "ts": int(self.ts[i]),
-                        "model": m, "model_version": v, "variant": var, "endpoint": ep,
-                        "segments": dict(segs), "latency_ms": float(self.latency_ms[i])})
-        return out
 
 
 @dataclass(slots=True, eq=False)
@@ -283,13 +257,13 @@ class FeedbackBatch(_Columns):
         lens = hi - lo
         offsets = np.zeros(len(idx) + 1, dtype=np.int64)
         np.cumsum(lens, out=offsets[1:])
-        sel = _ranges(lo, lens)
+        sel = ranges(lo, lens)
         kw = {c: getattr(self, c)[idx] for c in self._ROW_COLS}
         return FeedbackBatch(**kw, rel_offsets=offsets, rel_items=self.rel_items[sel],
                              rel_grades=self.rel_grades[sel], labels=self.labels)
 
 
-def _ranges(starts: np.ndarray, lens: np.ndarray) -> np.ndarray:
+def ranges(starts: np.ndarray, lens: np.ndarray) -> np.ndarray:
     """Concatenation of ``arange(s, s + l)`` for each pair, vectorized."""
     total = int(lens.sum())
     if total == 0:
@@ -362,7 +336,7 @@ def concat_feedback(batches: Sequence[FeedbackBatch]) -> FeedbackBatch:
 __all__ = [
     "InferenceBatch", "FeedbackBatch", "concat_inference", "concat_feedback", "hash_ids",
     "hash_id", "canonical_label", "series_key", "series_labels", "SeriesKey", "FEEDBACK_KINDS",
-    "KIND_CODE", "BASE_LABELS", "shard_of", "route", "split_by_shard",
+    "KIND_CODE", "BASE_LABELS", "shard_of", "route", "split_by_shard", "ranges",
 ]
 
 
