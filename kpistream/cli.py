@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -11,8 +12,10 @@ from kpistream.errors import KpistreamError
 
 def _cmd_replay(a: argparse.Namespace) -> int:
     from kpistream.spec.metrics import load_config
-    from kpistream.replay import progress_to_stderr, replay_file, write_rows
+    from kpistream.replay import check_output, progress_to_stderr, replay_file, write_rows
 
+    if a.out:
+        check_output(a.out)
     cfg = load_config(a.config)
     df, summary = replay_file(a.events, cfg, batch_rows=a.batch_rows,
                               progress=None if a.quiet else progress_to_stderr)
@@ -102,10 +105,17 @@ def main(argv: list[str] | None = None) -> int:
     s.set_defaults(fn=_cmd_schema)
     a = ap.parse_args(argv)
     try:
-        return a.fn(a)
+        code = a.fn(a)
+        sys.stdout.flush()
+        return code
     except KpistreamError as e:
         print(f"kpistream: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # the reader went away (``kpistream replay ... | head``): stop quietly; point
+        # stdout at devnull so the interpreter's final flush does not fail again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":

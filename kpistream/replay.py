@@ -249,15 +249,22 @@ def replay_file(path: str | Path, config: EngineConfig, *, batch_rows: int = 50_
     return rows_frame(rows, config.segments), summary
 
 
-def write_rows(df: pd.DataFrame, out: str | Path) -> None:
+def check_output(out: str | Path) -> Path:
+    """``out`` as a Path if it names a format :func:`write_rows` writes, else InputError
+    (checked before a replay, not after it)."""
     out = Path(out)
+    if out.suffix == ".parquet" or out.suffix == ".csv" or out.name.endswith(".csv.gz"):
+        return out
+    raise InputError(f"{out}: output must end in .csv, .csv.gz or .parquet")
+
+
+def write_rows(df: pd.DataFrame, out: str | Path) -> None:
+    out = check_output(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".parquet":
         df.to_parquet(out, index=False)
-    elif out.suffix in (".csv", ".gz") or out.name.endswith(".csv.gz"):
-        df.to_csv(out, index=False)
     else:
-        raise InputError(f"{out}: output must end in .csv, .csv.gz or .parquet")
+        df.to_csv(out, index=False)
 
 
 def progress_to_stderr(msg: str) -> None:

@@ -112,6 +112,30 @@ def test_missing_file_and_bad_config_are_clear_errors(tmp_path):
     assert p.returncode == 2 and "windows[0].size" in p.stderr
 
 
+def test_bad_output_name_is_refused_before_the_replay(tmp_path, stream):
+    src = tmp_path / "events.ndjson"
+    stream.to_ndjson(src)
+    p = subprocess.run([sys.executable, "-m", "kpistream.cli", "replay", str(src), "-o",
+                        str(tmp_path / "out.txt")], capture_output=True, text=True)
+    assert p.returncode == 2 and "out.txt: output must end in .csv" in p.stderr
+    assert "replay:" not in p.stderr and "windows:" not in p.stderr     # nothing replayed
+    assert not (tmp_path / "out.txt").exists()
+    p = subprocess.run([sys.executable, "-m", "kpistream.cli", "replay", str(tmp_path / "nope.ndjson"),
+                        "-o", str(tmp_path / "out.txt")], capture_output=True, text=True)
+    assert p.returncode == 2 and "output must end in" in p.stderr      # checked first
+
+
+def test_a_closed_pipe_ends_quietly(tmp_path, stream):
+    """``kpistream replay events | head -1``: no BrokenPipeError traceback."""
+    src = tmp_path / "events.ndjson"
+    stream.to_ndjson(src)
+    cmd = f"{sys.executable} -m kpistream.cli replay -q {src} | head -1"
+    p = subprocess.run(["bash", "-o", "pipefail", "-c", cmd], capture_output=True, text=True)
+    assert p.stdout.startswith("window,") and p.stdout.count("\n") == 1
+    assert "Traceback" not in p.stderr and "BrokenPipeError" not in p.stderr, p.stderr
+    assert p.returncode in (0, 1)
+
+
 @pytest.mark.slow
 def test_demo_command_runs(tmp_path):
     p = subprocess.run([sys.executable, "-m", "kpistream.cli", "demo", "--requests", "3000",
