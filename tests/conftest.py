@@ -12,11 +12,12 @@ from __future__ import annotations
 import http.server as _http_server
 import importlib.abc
 import json
-import threading
 import os
 import socket
 import sys
+import threading
 
+import numpy as np
 import pytest
 
 NEEDS = ("ray", "mlflow", "prometheus", "browser")
@@ -163,3 +164,28 @@ class WebhookReceiver:
 
     def close(self) -> None:
         self.server.shutdown()
+
+
+#: predictions, valid and hostile, that the fast normaliser must judge as the schema does
+PREDICTION_CASES = [
+    "a", "", "x" * 256, "x" * 257, 0, -12, 10**300, True, False, 1.0, -0.0, 3, 1e308,
+    float("nan"), float("inf"), None, [1], {"label": "a"}, {"label": 2, "score": 1},
+    {"label": "a", "score": True}, {"label": "a", "score": None, "scores": None},
+    {"label": "b", "scores": {"a": 0.1, "b": 0.9}}, {"label": "c", "scores": {"a": 1}},
+    {"label": "a", "scores": {"": 1.0}}, {"label": "a", "extra": 1}, {"score": 0.5},
+    {"label": 1.5}, {"ranking": []}, {"ranking": ["a", 2]}, {"ranking": [1, "1"]},
+    {"ranking": [True]}, {"ranking": "abc"}, {"ranking": ["a"], "label": "a"},
+    {"ranking": list(range(1001))}, np.float64(0.5), {"label": "a", "score": float("nan")},
+]
+
+
+def inference_batch(ids):
+    """One primary inference per request id, all at one time (routing tests)."""
+    from kpistream.wire.batch import InferenceBatch
+
+    now = 1_750_000_000_000
+    return InferenceBatch.from_records([
+        {"event_id": f"{r}:p", "request_id": r, "ts": now, "model": "m", "model_version": "1",
+         "variant": "p", "endpoint": "", "latency_ms": 1.0, "status": "ok", "pred_label": "a",
+         "pred_score": None, "pred_value": None, "ranking": None, "segments": {},
+         "cost_usd": None, "tokens": None, "features": None} for r in ids])

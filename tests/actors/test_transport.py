@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from conftest import inference_batch
 
 from actors.transport import SHARDS_ENV, ShardTransport
-from kpistream.wire.batch import InferenceBatch, shard_of
+from kpistream.wire.batch import shard_of
 
 
 class _Method:
@@ -30,15 +31,6 @@ class FakeHandle:
             setattr(self, name, _Method(log, shard, name))
 
 
-def _batch(ids):
-    now = 1_750_000_000_000
-    return InferenceBatch.from_records([
-        {"event_id": f"{r}:p", "request_id": r, "ts": now, "model": "m", "model_version": "1",
-         "variant": "p", "endpoint": "", "latency_ms": 1.0, "status": "ok", "pred_label": "a",
-         "pred_score": None, "pred_value": None, "ranking": None, "segments": {},
-         "cost_usd": None, "tokens": None, "features": None} for r in ids])
-
-
 def _transport(n):
     log = []
     tr = ShardTransport(n)
@@ -48,7 +40,7 @@ def _transport(n):
 
 def test_rows_go_to_their_shards():
     tr, log = _transport(3)
-    b = _batch([f"q-{i}" for i in range(30)])
+    b = inference_batch([f"q-{i}" for i in range(30)])
 
     async def go():
         return await tr.send("inference", b)
@@ -62,7 +54,7 @@ def test_rows_go_to_their_shards():
 
 def test_a_one_shard_batch_is_one_call_and_reports_go_to_shard_0():
     tr, log = _transport(4)
-    b = _batch(["only-one"])
+    b = inference_batch(["only-one"])
 
     async def go():
         return await tr.send("feedback", b)

@@ -12,6 +12,7 @@ import urllib.request
 
 import numpy as np
 import pytest
+from conftest import PREDICTION_CASES
 from starlette.requests import Request
 
 from app.monitor import AliasFollowingModel, ModelUnavailable, MonitoredModel
@@ -509,16 +510,7 @@ def test_invalid_predictions_are_rejected_like_the_schema():
 _NOW = 1_750_000_000_000
 
 
-@pytest.mark.parametrize("pred", [
-    "a", "", "x" * 256, "x" * 257, 0, -12, 10**300, True, False, 1.0, -0.0, 3, 1e308,
-    float("nan"), float("inf"), None, [1], {"label": "a"}, {"label": 2, "score": 1},
-    {"label": "a", "score": True}, {"label": "a", "score": None, "scores": None},
-    {"label": "b", "scores": {"a": 0.1, "b": 0.9}}, {"label": "c", "scores": {"a": 1}},
-    {"label": "a", "scores": {"": 1.0}}, {"label": "a", "extra": 1}, {"score": 0.5},
-    {"label": 1.5}, {"ranking": []}, {"ranking": ["a", 2]}, {"ranking": [1, "1"]},
-    {"ranking": [True]}, {"ranking": "abc"}, {"ranking": ["a"], "label": "a"},
-    {"ranking": list(range(1001))}, np.float64(0.5), {"label": "a", "score": float("nan")},
-])
+@pytest.mark.parametrize("pred", PREDICTION_CASES)
 def test_fast_normalizer_matches_the_schema(pred):
     m = Echo(sink=FakeSink())
     check_same(m, dict(pred=pred))

@@ -6,8 +6,9 @@ import time
 
 import numpy as np
 import pytest
+from conftest import PREDICTION_CASES, inference_batch
 
-from kpistream.wire.batch import InferenceBatch, hash_ids, route, shard_of, split_by_shard
+from kpistream.wire.batch import hash_ids, route, shard_of, split_by_shard
 from kpistream.wire.normalize import RowNormalizer, features
 from kpistream.wire.schema import MAX_FEATURES, validate_rows
 
@@ -32,15 +33,7 @@ def check_same(pred, segs=None, cost=None, ok=True, rid="rid-1", variant="primar
 
 
 @pytest.mark.parametrize("pred", [
-    "a", "", "x" * 256, "x" * 257, 0, -12, 10**300, True, False, 1.0, -0.0, 3, 1e308,
-    float("nan"), float("inf"), None, [1], {"label": "a"}, {"label": 2, "score": 1},
-    {"label": "a", "score": True}, {"label": "a", "score": None, "scores": None},
-    {"label": "b", "scores": {"a": 0.1, "b": 0.9}}, {"label": "c", "scores": {"a": 1}},
-    {"label": "a", "scores": {"": 1.0}}, {"label": "a", "extra": 1}, {"score": 0.5},
-    {"label": 1.5}, {"ranking": []}, {"ranking": ["a", 2]}, {"ranking": [1, "1"]},
-    {"ranking": [True]}, {"ranking": "abc"}, {"ranking": ["a"], "label": "a"},
-    {"ranking": list(range(1001))}, np.float64(0.5), {"label": "a", "score": float("nan")},
-    {"label": "a", "score": 2**60}, {"label": 10**80},
+    *PREDICTION_CASES, {"label": "a", "score": 2**60}, {"label": 10**80},
 ])
 def test_predictions_match_the_schema(pred):
     check_same(pred)
@@ -95,19 +88,10 @@ def test_rejections_reach_on_error():
 # shard routing (batch.route): the same owners as shard_of, every row once
 
 
-def _batch(ids):
-    now = 1_750_000_000_000
-    return InferenceBatch.from_records([
-        {"event_id": f"{r}:p", "request_id": r, "ts": now, "model": "m", "model_version": "1",
-         "variant": "p", "endpoint": "", "latency_ms": 1.0, "status": "ok", "pred_label": "a",
-         "pred_score": None, "pred_value": None, "ranking": None, "segments": {},
-         "cost_usd": None, "tokens": None, "features": None} for r in ids])
-
-
 @pytest.mark.parametrize("n_shards", [1, 2, 3, 7])
 def test_route_matches_shard_of(n_shards):
     ids = [f"req-{i}" for i in range(50)]
-    b = _batch(ids)
+    b = inference_batch(ids)
     owner = shard_of(hash_ids(np.array(ids, dtype=object)), n_shards)
     parts = route(b, n_shards)
     assert [s for s, _, _ in parts] == sorted(set(owner.tolist()))
@@ -123,7 +107,7 @@ def test_route_matches_shard_of(n_shards):
 
 
 def test_route_passes_a_one_shard_batch_on_and_skips_empty_ones():
-    b = _batch(["only"])
+    b = inference_batch(["only"])
     [(s, rows, part)] = route(b, 5)
     assert part is b and rows.tolist() == [0] and s == int(shard_of(b.request_id, 5)[0])
     assert route(b.take(np.zeros(0, dtype=np.int64)), 3) == []
