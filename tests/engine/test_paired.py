@@ -272,8 +272,8 @@ def assert_states_match(states: dict, exp: dict):
 
 # ------------------------------------------------------------------ tests
 
-@pytest.mark.parametrize("seed", [0, pytest.param(1, marks=pytest.mark.slow),
-                                  pytest.param(2, marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [0, 1, 2])
 def test_summary_equals_oracle(seed):
     events = random_stream(seed)
     states, eng = run_engine(events, seed=seed)

@@ -112,6 +112,7 @@ def test_missing_file_and_bad_config_are_clear_errors(tmp_path):
     assert p.returncode == 2 and "windows[0].size" in p.stderr
 
 
+@pytest.mark.slow
 def test_bad_output_name_is_refused_before_the_replay(tmp_path, stream):
     src = tmp_path / "events.ndjson"
     stream.to_ndjson(src)
@@ -125,6 +126,7 @@ def test_bad_output_name_is_refused_before_the_replay(tmp_path, stream):
     assert p.returncode == 2 and "output must end in" in p.stderr      # checked first
 
 
+@pytest.mark.slow
 def test_a_closed_pipe_ends_quietly(tmp_path, stream):
     """``kpistream replay events | head -1``: no BrokenPipeError traceback."""
     src = tmp_path / "events.ndjson"
