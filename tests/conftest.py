@@ -83,14 +83,48 @@ def serve_port(ray_session) -> int:
     return port
 
 
+def kill_named_actors(*names: str, timeout_s: float = 30.0) -> None:
+    """Kill the named (detached) actors of the ``kpistream`` namespace and wait until their
+    names are free: ``ray.kill`` returns before the name is released, and a sidecar deployed
+    meanwhile would find the dying actor (with another module's config) by name."""
+    import time
+
+    import ray
+
+    from actors.remote import NAMESPACE
+
+    for name in names:
+        try:
+            ray.kill(ray.get_actor(name, namespace=NAMESPACE))
+        except ValueError:
+            pass
+    deadline = time.time() + timeout_s
+    for name in names:
+        while True:
+            try:
+                ray.get_actor(name, namespace=NAMESPACE)
+            except ValueError:
+                break
+            assert time.time() < deadline, f"actor {name!r} still registered after kill"
+            time.sleep(0.05)
+
+
+def sidecar_actor_names(n_shards: int = 2) -> list[str]:
+    from actors.remote import CANARY, PUBLISHER, shard_name
+
+    return [CANARY, PUBLISHER, *(shard_name(i) for i in range(n_shards))]
+
+
 def deploy_sidecar(name: str, store_path, **args):
-    """The sidecar app (2 shards) under ``name`` at ``/``, not waiting for readiness."""
+    """The sidecar app (2 shards) under ``name`` at ``/``, not waiting for readiness.
+    Leftover actors of another module are removed first (they would be found by name)."""
     from pathlib import Path
 
     from ray import serve
 
     from app.sidecar import build_app
 
+    kill_named_actors(*sidecar_actor_names(int(args.get("shards", 2))))
     root = Path(__file__).resolve().parent.parent
     serve.run(build_app({"metrics_config": str(root / "configs/metrics.yaml"), "shards": 2,
                          "store_path": str(store_path), "publish_interval_s": 0.2, **args}),
@@ -119,18 +153,11 @@ def wait_healthy(base: str, n_shards: int = 2, timeout_s: float = 60.0) -> None:
 
 def remove_sidecar(*app_names: str, n_shards: int = 2) -> None:
     """Delete the apps and the (detached) shard and publisher actors."""
-    import ray
     from ray import serve
-
-    from actors.remote import CANARY, NAMESPACE, PUBLISHER, shard_name
 
     for name in app_names:
         serve.delete(name)
-    for actor in [CANARY, PUBLISHER, *(shard_name(i) for i in range(n_shards))]:
-        try:
-            ray.kill(ray.get_actor(actor, namespace=NAMESPACE))
-        except ValueError:
-            pass
+    kill_named_actors(*sidecar_actor_names(n_shards))
 
 
 class WebhookReceiver:

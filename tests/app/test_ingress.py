@@ -30,6 +30,7 @@ from app.ingress import (CONTROLLER, CONTROLLER_NAMESPACE, ExperimentAppArgs,  #
                          routes_to_challenger)
 from app.monitor import ModelUnavailable, MonitoredModel  # noqa: E402
 from kpistream.wire.batch import hash_ids  # noqa: E402
+from conftest import kill_named_actors, sidecar_actor_names  # noqa: E402
 
 # the classes below travel to Serve replicas and actors by value (tests/ is not importable there)
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -443,11 +444,7 @@ def test_alias_follow_through_the_experiment_app(serve_port, mlflow_store):
     from actors.remote import NAMESPACE, ShardActor, shard_name
     from app.demo.model import MODEL_NAME, demo_dataset
 
-    for i in range(2):   # leftovers of another module would mislead the counts
-        try:
-            ray.kill(ray.get_actor(shard_name(i), namespace=NAMESPACE))
-        except ValueError:
-            pass
+    kill_named_actors(*sidecar_actor_names())   # another module's leftovers mislead counts
     shards = [ShardActor.options(name=shard_name(i), namespace=NAMESPACE).remote(
         i, {"series": {"segments": ["region"]}}) for i in range(2)]
     ray.get([s.ping.remote() for s in shards])
@@ -521,8 +518,7 @@ def test_alias_follow_through_the_experiment_app(serve_port, mlflow_store):
     finally:
         stop.set()
         serve.delete("exp-alias")
-        for s in shards:
-            ray.kill(s)
+        kill_named_actors(*sidecar_actor_names())
 
 
 def test_app_args_are_typed():

@@ -12,7 +12,7 @@ import urllib.request
 
 import numpy as np
 import pytest
-from conftest import PREDICTION_CASES
+from conftest import PREDICTION_CASES, kill_named_actors, sidecar_actor_names
 from starlette.requests import Request
 
 from app.monitor import AliasFollowingModel, ModelUnavailable, MonitoredModel
@@ -765,11 +765,7 @@ def serve_app(request):
         serve.start(http_options={"host": "127.0.0.1", "port": port})
     else:   # the session's Ray and Serve (tests/conftest.py)
         port = request.getfixturevalue("serve_port")
-    for i in range(2):   # leftovers of another module would mislead the counts
-        try:
-            ray.kill(ray.get_actor(shard_name(i), namespace=NAMESPACE))
-        except ValueError:
-            pass
+    kill_named_actors(*sidecar_actor_names())   # another module's leftovers mislead counts
     config = {"series": {"segments": ["region"]}}
     shards = [ShardActor.options(name=shard_name(i), namespace=NAMESPACE).remote(i, config)
               for i in range(2)]
@@ -794,8 +790,7 @@ def serve_app(request):
     yield {"url": f"http://127.0.0.1:{port}/monitored", "shards": shards, "handle": handle,
            "ray": ray}
     serve.delete("monitor-test")
-    for s in shards:
-        ray.kill(s)
+    kill_named_actors(*sidecar_actor_names())
     if own:
         serve.shutdown()
         ray.shutdown()
