@@ -123,10 +123,11 @@ class Publisher:
         means a new log, after a publisher restart)."""
         return self.notifier.log(since, epoch)
 
-    def series(self, metric=None, start=None, end=None, resolution=None,
+    def series(self, metric=None, start=None, end=None, resolution=None, limit=None, offset=0,
                **labels) -> list[dict]:
         """Tidy rows from the store as JSON-able dicts (the ``/v1/series`` body)."""
-        return self.step.series(metric, start=start, end=end, resolution=resolution, **labels)
+        return self.step.series(metric, start=start, end=end, resolution=resolution,
+                                limit=limit, offset=offset, **labels)
 
     def counters(self) -> dict:
         """Pipeline counters summed over shards."""

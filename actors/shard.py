@@ -89,8 +89,7 @@ class Shard:
 
         res = validate_rows(rows, now_ms=self.clock.now_ms(), max_future_ms=self.cfg.max_future_ms,
                             expect=expect)
-        for r in res.rejections:
-            self.engine.rejected[(r.field, r.reason)] += 1
+        self.count_rejected(res.tally())
         out = {"accepted": 0, "rejected": [r.as_dict() for r in res.rejections]}
         for kind, recs in iter_runs(res):
             if kind == "inference":
@@ -99,6 +98,15 @@ class Shard:
                 rep = self.ingest_feedback(FeedbackBatch.from_records(recs))
             out["accepted"] += rep["accepted"]
         return out
+
+    def count_rejected(self, tally: Sequence[tuple[str, str, str]]) -> None:
+        """Rows refused before they reached the engine (wire validation here or in an HTTP
+        replica): ``(type, field, reason)`` each (:meth:`ValidationResult.tally`).  Counted
+        as received (by type; ``unknown`` when the row had none) and as rejected, like
+        the rows the engine refuses itself."""
+        for typ, fld, reason in tally:
+            self.engine.counters[f"{typ}_in"] += 1
+            self.engine.rejected[(fld, reason)] += 1
 
     # ----------------------------------------------------------------- output
     def collect(self) -> tuple[list[Partial], int, dict]:

@@ -3,20 +3,30 @@
 """
 
 import asyncio
+import re
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
+from pydantic_core import PydanticCustomError
 from ray import serve
 
 from actors.transport import ShardTransport
 from kpistream.wire.batch import FeedbackBatch, InferenceBatch, route
 from kpistream.spec.metrics import config_from_dict
 from kpistream.errors import Rejection
-from kpistream.wire.schema import parse_payload, validate_rows
+from kpistream.wire.schema import parse_payload, parse_rfc3339, validate_rows
+from kpistream.windows.catalogue import STORED_METRICS
 from kpistream.replay import iter_runs
+
+
+def _message(e: BaseException) -> str:
+    """An exception's text (a KeyError's without the quotes ``str`` adds)."""
+    return str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+
 
 def jsonable(x: Any) -> Any:
     """NaN and infinities (not JSON) become null; numpy scalars plain numbers."""
@@ -36,7 +46,66 @@ def jsonable(x: Any) -> Any:
 
 api = FastAPI(title="kpistream", description="Live KPIs for ML models")
 
-_QUERY_KEYS = {"metric", "start", "end", "resolution"}
+_QUERY_KEYS = {"metric", "start", "end", "resolution", "limit", "offset"}
+_SPACE_OFFSET = re.compile(r".*\d \d{2}:\d{2}")   # "...10:00:00 02:00": a '+' sent unencoded
+
+
+def query_time(name: str, value: str | None) -> int | None:
+    """A ``start`` / ``end`` query value: epoch milliseconds or an RFC 3339 date-time with
+    a timezone.  A ``+`` offset sent unencoded arrives as a space and is read as ``+``;
+    anything else that is not a complete time is an error, never a silently wrong bound."""
+    if value is None or value == "":
+        return None
+    if value.isdigit():
+        return int(value)
+    if _SPACE_OFFSET.fullmatch(value):
+        value = f"{value[:-6]}+{value[-5:]}"
+    try:
+        return parse_rfc3339(value)
+    except PydanticCustomError as e:
+        raise ValueError(f"{name}: {e.message()} (epoch ms or RFC 3339 with Z or +HH:MM; "
+                         f"encode '+' as %2B)") from None
+
+
+@dataclass(frozen=True)
+class SeriesQuery:
+    """``GET /v1/series`` parameters, checked: ``metric`` (repeat or comma-separate;
+    unknown names are an error), ``start`` / ``end`` (:func:`query_time`), ``resolution``,
+    ``limit`` (rows per page, default 10,000, at most 100,000), ``offset``, and any series
+    label as a filter (repeat or comma-separate for several values)."""
+
+    metrics: list[str] | None
+    labels: dict[str, list[str]]
+    start: int | None
+    end: int | None
+    resolution: str | None
+    limit: int
+    offset: int
+
+    @classmethod
+    def from_params(cls, q: Any) -> "SeriesQuery":
+        def values(key: str) -> list[str]:
+            return [x for v in q.getlist(key) for x in v.split(",") if x]
+
+        metrics = values("metric") or None
+        unknown = sorted(set(metrics or ()) - set(STORED_METRICS))
+        if unknown:
+            raise ValueError(f"metric: unknown {', '.join(map(repr, unknown))} "
+                             f"(known: {', '.join(STORED_METRICS)})")
+        return cls(metrics, {k: values(k) for k in q.keys() if k not in _QUERY_KEYS},
+                   query_time("start", q.get("start")), query_time("end", q.get("end")),
+                   q.get("resolution") or None, _int_param(q, "limit", 10_000, 1, 100_000),
+                   _int_param(q, "offset", 0, 0, None))
+
+
+def _int_param(q: Any, name: str, default: int, lo: int, hi: int | None) -> int:
+    v = q.get(name)
+    if v is None or v == "":
+        return default
+    if not v.isdigit() or int(v) < lo or (hi is not None and int(v) > hi):
+        raise ValueError(f"{name}: expected an integer from {lo}"
+                         f"{f' to {hi}' if hi is not None else ''}, got {v!r}")
+    return int(v)
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0})
@@ -55,9 +124,11 @@ class SidecarAPI:
     - ``POST /v1/feedback`` — feedback events only (``type`` may be omitted).
       Both reply ``{"accepted", "late", "duplicates", "rejected": [{"index",
       "field", "reason", "message"}]}``; one bad row never sinks the batch.
-    - ``GET /v1/series``    — tidy rows from the store: ``metric`` (repeat or
-      comma-separate), ``start``, ``end`` (RFC 3339 or epoch ms),
-      ``resolution``, and any series label as a filter (``model=churn``).
+    - ``GET /v1/series``    — tidy rows from the store (:class:`SeriesQuery`):
+      ``metric``, ``start``, ``end`` (RFC 3339 with a timezone, or epoch ms),
+      ``resolution``, ``limit`` / ``offset`` (a ``Link: rel="next"`` header when
+      there is more), and any series label as a filter (``model=churn``);
+      repeated or comma-separated values combine.
     - ``GET /v1/alerts``    — pending and firing alerts with their evidence, the
       drift detectors and input-drift tests, webhook counters; ``?since=<seq>``
       adds the transition log after that sequence number.
@@ -107,9 +178,14 @@ class SidecarAPI:
             batch = (InferenceBatch if kind == "inference" else FeedbackBatch).from_records(recs)
             for s, rows_s, part in route(batch, self.n_shards):
                 calls.append((ShardTransport.call(self.shards[s], kind, part), pos[rows_s]))
+        if res.rejections:   # counted on /metrics like the shards' own rejections
+            calls.append((self.shards[self.received % self.n_shards].count_rejected.remote(
+                res.tally()), None))
         reports = await asyncio.gather(*(ref for ref, _ in calls))
         accepted = late = dups = 0
         for rep, (_, pos) in zip(reports, calls):
+            if pos is None:
+                continue
             accepted += rep["accepted"]
             late += rep["late"]
             dups += rep["duplicates"]
@@ -131,20 +207,24 @@ class SidecarAPI:
     # ---------------------------------------------------------------- query
     @api.get("/v1/series")
     async def series(self, request: Request) -> JSONResponse:
-        q = request.query_params
-        metrics = [m for v in q.getlist("metric") for m in v.split(",") if m] or None
-        labels = {k: v for k, v in q.items() if k not in _QUERY_KEYS}
-        start, end = q.get("start"), q.get("end")
-        start = int(start) if start and start.isdigit() else start
-        end = int(end) if end and end.isdigit() else end
         try:
-            rows = await self.pub.series.remote(metrics, start, end, q.get("resolution"), **labels)
-        except Exception as e:  # a bad filter or time comes back as a clear 400
+            q = SeriesQuery.from_params(request.query_params)
+        except ValueError as e:
+            raise HTTPException(400, str(e)) from None
+        try:
+            rows = await self.pub.series.remote(q.metrics, q.start, q.end, q.resolution,
+                                                limit=q.limit + 1, offset=q.offset, **q.labels)
+        except Exception as e:  # a bad filter or resolution comes back as a clear 400
             cause = getattr(e, "cause", None) or e
             if isinstance(cause, (ValueError, KeyError)):
-                raise HTTPException(400, str(cause)) from None
+                raise HTTPException(400, _message(cause)) from None
             raise
-        return JSONResponse(rows)
+        headers = {}
+        if len(rows) > q.limit:   # more: RFC 8288 link to the next page
+            rows = rows[:q.limit]
+            nxt = request.url.include_query_params(offset=q.offset + q.limit, limit=q.limit)
+            headers["Link"] = f'<{nxt}>; rel="next"'
+        return JSONResponse(rows, headers=headers)
 
     @api.get("/v1/alerts")
     async def alerts(self, request: Request) -> JSONResponse:
@@ -181,9 +261,12 @@ class SidecarAPI:
             body = await request.json()
         except ValueError:
             raise HTTPException(400, "body: expected JSON {\"decision_id\": ..., \"by\": ...}")
-        if not isinstance(body, dict) or not isinstance(body.get("decision_id"), str):
+        if not isinstance(body, dict) or "decision_id" not in body:
             raise HTTPException(400, "decision_id: missing (a string from GET /v1/canary's "
                                      "pending_approval)")
+        if not isinstance(body["decision_id"], str):
+            raise HTTPException(400, f"decision_id: expected a string, got "
+                                     f"{type(body['decision_id']).__name__}")
         by = body.get("by")
         if not isinstance(by, str) or not by:
             raise HTTPException(400, "by: missing (who approves or rejects)")
@@ -193,7 +276,7 @@ class SidecarAPI:
         except Exception as e:
             cause = getattr(e, "cause", None) or e
             if isinstance(cause, KeyError):
-                raise HTTPException(404, str(cause)) from None
+                raise HTTPException(404, _message(cause)) from None
             raise
         return JSONResponse(jsonable(rec))
 

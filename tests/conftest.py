@@ -12,6 +12,7 @@ from __future__ import annotations
 import http.server as _http_server
 import importlib.abc
 import json
+import math
 import os
 import socket
 import sys
@@ -51,6 +52,26 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def same_number(a: float, b: float) -> bool:
+    """Equal to 12 significant digits, NaN equal to NaN: a recorded float may differ in
+    its last bit between numpy builds (SIMD pow / log), everything else must not."""
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return True
+    return math.isclose(a, b, rel_tol=1e-12, abs_tol=1e-300)
+
+
+def same(got, want) -> bool:
+    """``got == want`` for nested lists / tuples / dicts, floats by :func:`same_number`."""
+    if isinstance(got, float) or isinstance(want, float):
+        return (isinstance(got, (int, float)) and isinstance(want, (int, float))
+                and not isinstance(got, bool) and same_number(float(got), float(want)))
+    if isinstance(got, dict) and isinstance(want, dict):
+        return got.keys() == want.keys() and all(same(got[k], want[k]) for k in got)
+    if isinstance(got, (list, tuple)) and isinstance(want, (list, tuple)):
+        return len(got) == len(want) and all(same(g, w) for g, w in zip(got, want))
+    return got == want
 
 
 @pytest.fixture(scope="session")

@@ -464,6 +464,10 @@ def _opt(cols: Mapping[str, np.ndarray], name: str, n: int) -> np.ndarray:
     return np.full(n, np.nan) if v is None else np.asarray(v, dtype=np.float64)
 
 
+#: The metrics of a paired state's rows (a challenger series; also in the store).
+PAIRED_METRICS: tuple[str, ...] = ("paired_requests", "paired_labelled", "error_rate_diff",
+                                   "latency_log_ratio", "accuracy_diff", "mae_diff")
+
 class PairedState(SumsState):
     """Arms and paired statistics of one series and pane (see the module docstring).
 

@@ -183,6 +183,27 @@ class WindowAggregator:
         return self._rows(self._merged_windows(select), wm, final=False) + self._count_rows(
             list(self.counts), final_only=False)
 
+    def closed_rows(self, touched_panes: Iterable[int], since_wm: int) -> list[dict]:
+        """Rows of the *closed* time windows: the watermark has passed their end, so no
+        inference can join them any more (quality values stay provisional until the label
+        deadline).  Those containing a touched pane, and those closed since ``since_wm``.
+
+        This is what a gauge and an alert rule see (:class:`~kpistream.windows.publish.
+        PublishStep`): a sliding window is shown whole, never the window that has just
+        opened on the pane in progress.  Count windows: every one held (as
+        :meth:`current_rows`).
+        """
+        wm = self.watermark
+        wanted = {(w.name, start) for p in set(touched_panes) for w in self.time_windows
+                  for start in self._window_starts(w, p)}
+
+        def select(w: WindowSpec, start: int, family: str) -> bool:
+            end = start + w.size
+            return end <= wm and (end > since_wm or (w.name, start) in wanted)
+
+        return self._rows(self._merged_windows(select), wm, final=False) + self._count_rows(
+            list(self.counts), final_only=False)
+
     def final_states(self, family: str, windows: Iterable[str] | None = None) -> dict:
         """``{(window, start, series): merged state}`` of the ``family`` windows that the
         next :meth:`pop_final_rows` emits as final (call it first; nothing changes here)."""

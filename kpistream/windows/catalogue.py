@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Mapping
 
+from kpistream.engine.paired import PAIRED_METRICS
+
 __all__ = ["Kpi", "CATALOGUE", "BY_NAME", "KPI_NAMES", "QUALITY_KPIS", "RATE_KPIS",
            "QUANTILE_KPIS", "HIGHER_IS_BETTER", "PROM_METRICS", "PROM_KPIS", "kpi",
            "markdown_table"]
@@ -109,6 +111,8 @@ BY_NAME: Mapping[str, Kpi] = {k.name: k for k in CATALOGUE}
 
 # ---------------------------------------------------------------- derived views
 KPI_NAMES: tuple[str, ...] = tuple(k.name for k in CATALOGUE)
+#: Every metric a stored row may carry: the KPIs and the paired (challenger - primary) ones.
+STORED_METRICS: tuple[str, ...] = KPI_NAMES + PAIRED_METRICS
 #: KPIs computed on labelled requests (``labelled`` is set on their rows).
 QUALITY_KPIS: frozenset[str] = frozenset(k.name for k in CATALOGUE if k.quality)
 #: KPIs that are shares of events (Bernoulli rates): binomial tests apply.

@@ -80,6 +80,8 @@ def pipeline_families(counters: Mapping[str, Any], shard_stats: Mapping[Any, dic
         ev.add([typ, "accepted"], cnt.get(f"{typ}_accepted", 0))
         ev.add([typ, "late"], cnt.get(f"late_{typ}", 0))
         ev.add([typ, "duplicate"], cnt.get(f"duplicate_{typ}", 0))
+    # rows rejected before their type was known (not JSON, not an object, no usable type)
+    ev.add(["unknown", "received"], cnt.get("unknown_in", 0))
     out.append(ev)
     rej = Family("kpistream_rejected", "counter", "Rejected rows by field and reason",
                  ["field", "reason"])

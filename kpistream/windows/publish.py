@@ -12,6 +12,8 @@ import time
 from collections import Counter
 from typing import Any, Protocol, Sequence
 
+import numpy as np
+
 from kpistream.clock import Clock, SystemClock
 from kpistream.engine import Partial
 from kpistream.spec.metrics import EngineConfig
@@ -43,11 +45,15 @@ class PublishStep:
     2. writes the touched panes to the store (provisional ones too, so the
        query API shows the running value of open windows), rolls them up into
        coarser resolutions and applies retention (if there is a store);
-    3. refreshes :attr:`snapshot`, what ``/metrics`` serves: the latest window
-       of every KPI and series;
-    4. feeds the watcher (if any): alert rules see the rows of every window
-       touched (provisional and final), drift detectors the final ones,
-       input-drift tests each closed window's sampled features.
+    3. refreshes :attr:`snapshot`, what ``/metrics`` serves: the latest *closed*
+       window of every KPI and series (its end is behind the watermark, so no
+       inference can still join it: the same value ``kpistream replay`` gives for
+       that window, provisional while its labels may still arrive); a window in
+       progress is never shown, so a sliding ``1m`` gauge covers a whole minute
+       and the ``10s`` gauge does not saw-tooth on the pane in progress;
+    4. feeds the watcher (if any): alert rules see the same closed windows
+       (provisional and final) as the gauges, drift detectors the final ones,
+       input-drift tests each final window's sampled features.
 
     Without a store or a watcher those steps are skipped (replay: feed the
     engine's partials, keep :attr:`final_rows` after each round).
@@ -82,6 +88,7 @@ class PublishStep:
         self._running_every_ms = running_every_ms
         self._last_retention = 0
         self._last_running = 0
+        self._closed_wm = np.iinfo(np.int64).min   # the watermark of the last round
 
     # ------------------------------------------------------------------ round
     def run(self, results: Sequence[Result]) -> int:
@@ -111,9 +118,10 @@ class PublishStep:
                 self._last_retention = now
         features = self._final_features()
         final_rows = self.agg.pop_final_rows()  # forgets panes no window needs any more
-        current = self.agg.current_rows({k[0] for k in touched})
-        self._refresh_snapshot(final_rows, current, now)
-        self._watch(final_rows, current, features)
+        closed = self.agg.closed_rows({k[0] for k in touched}, self._closed_wm)
+        self._closed_wm = wm
+        self._refresh_snapshot(final_rows, closed, now)
+        self._watch(final_rows, closed, features)
         self.final_rows = final_rows
         self.ticks += 1
         self.last_tick_ms = now
@@ -143,7 +151,7 @@ class PublishStep:
             self._error("features", e)
             return []
 
-    def _watch(self, final_rows: list[dict], current: list[dict],
+    def _watch(self, final_rows: list[dict], closed: list[dict],
                features: Sequence[tuple] = ()) -> None:
         """Alert rules, detectors and input drift on this round's rows; never stops the round."""
         if self.watcher is None:
@@ -152,21 +160,22 @@ class PublishStep:
         try:
             for w, start, end, series, sample in features:
                 self.watcher.observe_features(w, start, end, series_labels(series), sample, True)
-            self.watcher.observe([*final_rows, *current])
+            self.watcher.observe([*final_rows, *closed])
             self.watcher.evaluate()
         except Exception as e:  # a bad rule or detector must not stop publishing
             self._error("watch", e)
         self.watch_s += time.perf_counter() - t0
 
-    def _refresh_snapshot(self, final_rows: list[dict], current: list[dict], now: int) -> None:
-        """The latest window of every (window spec, series, KPI), kept after its panes go.
+    def _refresh_snapshot(self, final_rows: list[dict], closed: list[dict], now: int) -> None:
+        """The latest closed window of every (window spec, series, KPI), kept after its
+        panes go.
 
         A series that has not reported for ``snapshot_ttl_ms`` (processing
         time) leaves the snapshot, so label sets stay bounded.
         """
         latest = self.snapshot
         names = self.label_names()
-        for r in (*final_rows, *current):
+        for r in (*final_rows, *closed):
             key = (r["window"], tuple((k, r[k]) for k in names), r["metric"])
             cur = latest.get(key)
             if cur is None or r["window_start"] >= cur[4]:
@@ -191,9 +200,13 @@ class PublishStep:
         return self.paired.summary(wm, horizon, model, challenger, version, since_ms, primary,
                                    primary_version)
 
-    def series(self, metric=None, start=None, end=None, resolution=None, **labels) -> list[dict]:
-        """Tidy rows from the store as JSON-able dicts (the ``/v1/series`` body)."""
+    def series(self, metric=None, start=None, end=None, resolution=None, limit=None, offset=0,
+               **labels) -> list[dict]:
+        """Tidy rows from the store as JSON-able dicts (the ``/v1/series`` body); ``limit``
+        rows from ``offset`` (in the store's order: window start, labels, metric)."""
         df = self.store.query(metric, start=start, end=end, resolution=resolution, **labels)
+        if offset or limit is not None:
+            df = df.iloc[offset:None if limit is None else offset + limit]
         out = []
         for rec in df.to_dict(orient="records"):
             rec["window_start"] = rec["window_start"].isoformat()
@@ -205,8 +218,8 @@ class PublishStep:
         return out
 
     def counters(self) -> dict:
-        """Pipeline counters summed over sources, rejections, and emitter reports by
-        (model, variant)."""
+        """Pipeline counters summed over sources, rejections (the engines', the HTTP
+        replicas' and the monitored replicas'), and emitter reports by (model, variant)."""
         total: Counter = Counter()
         rejected: Counter = Counter()
         for st in self.shard_stats.values():
@@ -215,6 +228,10 @@ class PublishStep:
         emitters: dict[tuple[str, str], Counter] = {}
         for st in self.shard_stats.values():
             for e in st.get("emitters", {}).values():
+                # events a monitored replica's normaliser refused never reached a shard
+                for reason, n in (e.get("invalid_by_reason") or {}).items():
+                    rejected[reason] += n
+                    total["inference_in"] += n
                 key = (str(e.get("model", "")), str(e.get("variant", "")))
                 emitters.setdefault(key, Counter()).update(
                     {k: e.get(k, 0) for k in ("dropped", "flushed_rows", "send_errors",

@@ -48,6 +48,8 @@ REASONS: tuple[str, ...] = (
 _REASON_SET = frozenset(REASONS)
 
 EVENT_TYPES: tuple[str, ...] = ("inference", "feedback")
+#: where each type is posted (named in a wrong-type rejection)
+ENDPOINTS = {"inference": "POST /v1/events", "feedback": "POST /v1/feedback or /v1/events"}
 
 _MSG = "kps_msg"      # ctx key of our custom errors' sentence
 _FIELD = "kps_field"  # ctx key that overrides the error's location
@@ -743,10 +745,16 @@ class ValidationResult:
     rejections: list[Rejection] = dc_field(default_factory=list)
     inference_index: list[int] = dc_field(default_factory=list)
     feedback_index: list[int] = dc_field(default_factory=list)
+    #: the type of each rejected row (its ``type`` field, the endpoint's, or ``unknown``)
+    rejected_types: list[str] = dc_field(default_factory=list)
 
     @property
     def accepted(self) -> int:
         return len(self.inference) + len(self.feedback)
+
+    def tally(self) -> list[tuple[str, str, str]]:
+        """``(type, field, reason)`` of every rejection, for the pipeline counters."""
+        return [(t, r.field, r.reason) for t, r in zip(self.rejected_types, self.rejections)]
 
     def counts(self) -> dict[tuple[str, str], int]:
         """Rejections per (field, reason)."""
@@ -801,42 +809,45 @@ def validate_rows(rows: Sequence[Any], *, now_ms: int,
     if expect is not None and expect not in EVENT_TYPES:
         raise ValueError(f"expect must be None, 'inference' or 'feedback', not {expect!r}")
     ctx = {"now_ms": now_ms, "max_future_ms": max_future_ms}
-    validate = EVENT_ADAPTER.validate_python
     inf: list[dict] = []
     fb: list[dict] = []
     inf_idx: list[int] = []
     fb_idx: list[int] = []
     rej: list[Rejection] = []
+    types: list[str] = []
     for i, row in enumerate(rows):
-        if not isinstance(row, dict):
-            if isinstance(row, UndecodableLine):
-                rej.append(Rejection(i, "", "bad_json",
-                                     f"line {row.line} is not valid JSON: {row.error}."))
-            else:
-                rej.append(Rejection(i, "", "not_an_object",
-                                     f"row {i} must be a JSON object, got {_jtype(row)}."))
-            continue
-        if expect is not None:
-            t = row.get("type")
-            if t is None and "type" not in row:
-                row = {**row, "type": expect}
-            elif t != expect and t in EVENT_TYPES:
-                rej.append(Rejection(i, "type", "wrong_type",
-                                     f"type must be {expect!r} here, got {t!r} (send {t} "
-                                     f"events to the {t} endpoint)."))
-                continue
-        try:
-            ev = validate(row, context=ctx)
-        except ValidationError as e:
-            rej.append(_rejection(i, e))
-            continue
-        if ev.type == "inference":
+        ev = _validate_one(i, row, expect, ctx)
+        if isinstance(ev, Rejection):
+            rej.append(ev)
+            t = row.get("type") if isinstance(row, dict) else None
+            types.append(t if t in EVENT_TYPES else expect or "unknown")
+        elif ev.type == "inference":
             inf.append(ev.to_record())
             inf_idx.append(i)
         else:
             fb.append(ev.to_record())
             fb_idx.append(i)
-    return ValidationResult(inf, fb, rej, inf_idx, fb_idx)
+    return ValidationResult(inf, fb, rej, inf_idx, fb_idx, types)
+
+
+def _validate_one(i: int, row: Any, expect: str | None, ctx: dict) -> Any:
+    """Row ``i`` of :func:`validate_rows`: the validated event or its :class:`Rejection`."""
+    if not isinstance(row, dict):
+        if isinstance(row, UndecodableLine):
+            return Rejection(i, "", "bad_json", f"line {row.line} is not valid JSON: {row.error}.")
+        return Rejection(i, "", "not_an_object",
+                         f"row {i} must be a JSON object, got {_jtype(row)}.")
+    if expect is not None:
+        t = row.get("type")
+        if t is None and "type" not in row:
+            row = {**row, "type": expect}
+        elif t != expect and t in EVENT_TYPES:
+            return Rejection(i, "type", "wrong_type", f"type must be {expect!r} here, got {t!r} "
+                                                      f"(send {t} events to {ENDPOINTS[t]}).")
+    try:
+        return EVENT_ADAPTER.validate_python(row, context=ctx)
+    except ValidationError as e:
+        return _rejection(i, e)
 
 
 def validate_event(row: Any, *, now_ms: int | None = None,

@@ -302,8 +302,15 @@ def test_firing_alert_is_on_metrics_and_in_alerts(tmp_path):
     shard = Shard(0, METRICS, clock=clock, processing_time_watermark=False)
     pub = Publisher(METRICS, tmp_path / "store", pull=lambda: [shard.collect()], clock=clock,
                     n_sources=1, alerts=alerts)
-    shard.ingest_rows(_events(0, 200, 0.5, T0, np.random.default_rng(5)))
+    rng = np.random.default_rng(5)
+    shard.ingest_rows(_events(0, 200, 0.5, T0, rng))
     clock.set(T0 + 5_000)
+    pub.tick()
+    assert pub.alerts()["alerts"] == []       # the window in progress is not judged
+    # an event of the next window moves the watermark past the end (lateness 1 s): the
+    # window is closed, its accuracy provisional until the label deadline (5 s later)
+    shard.ingest_rows(_events(200, 1, 0.5, T0 + 11_000, rng))
+    clock.set(T0 + 12_000)
     pub.tick()
     (a,) = pub.alerts()["alerts"]
     assert a["state"] == "firing" and a["evidence"]["provisional"]

@@ -38,7 +38,7 @@ def _post(url: str, rows: list) -> dict:
 
 
 def _events(rng, start: int, n: int, accuracy: float, window_start: int) -> list[dict]:
-    """``n`` labelled requests, all timed inside one 10 s window (it stays open while we post)."""
+    """``n`` labelled requests, all timed inside the 10 s window from ``window_start``."""
     out = []
     for j in range(start, start + n):
         y = int(rng.integers(0, 2))
@@ -51,6 +51,16 @@ def _events(rng, start: int, n: int, accuracy: float, window_start: int) -> list
         out.append({"type": "feedback", "event_id": f"lf{j}", "request_id": f"lr{j}",
                     "ts": ts + 50, "kind": "label", "value": str(y)})
     return out
+
+
+def _close(window_start: int, i: int) -> list[dict]:
+    """Unlabelled requests 6 s after the window's end, on every shard: with 5 s of
+    lateness the watermark passes the end, so the window is closed (what gauges and rules
+    show)."""
+    return [{"type": "inference", "event_id": f"lc{i}-{k}", "request_id": f"lcr{i}-{k}",
+             "ts": window_start + 16_000, "model": "live", "model_version": "1",
+             "variant": "primary", "latency_ms": 3.0, "status": "ok", "prediction": "1",
+             "segments": {"region": "eu"}} for k in range(16)]
 
 
 def test_prometheus_and_kpistream_fire_the_same_rule(serve_port, tmp_path):
@@ -100,36 +110,38 @@ def test_prometheus_and_kpistream_fire_the_same_rule(serve_port, tmp_path):
 
     try:
         rng = np.random.default_rng(7)
-        # the current 10 s window, entered a little late so it stays the latest while we post
+        # event time a minute ahead of the clock (max_future is 5 minutes): the watermark
+        # moves with the events alone, not with the processing time the test takes
         now = int(time.time() * 1000)
-        wstart = now - now % 10_000
-        sent = 0
-        # healthy traffic: nothing pending or firing on either side
-        for _ in range(4):
-            r = _post(base + "/v1/events", _events(rng, sent, 100, 0.97, wstart))
+        w1 = now - now % 10_000 + 60_000
+        w2 = w1 + 20_000
+        # healthy traffic in one window, then closed: nothing pending or firing on either side
+        for i in range(4):
+            r = _post(base + "/v1/events", _events(rng, 100 * i, 100, 0.97, w1))
             assert r["accepted"] == 200 and not r["rejected"]
-            sent += 100
-            time.sleep(0.5)
+        assert _post(base + "/v1/events", _close(w1, 1))["accepted"] == 16
         deadline = time.time() + 30
         while True:  # wait until Prometheus has scraped the healthy window
             q = (f"http://127.0.0.1:{port}/api/v1/query?query=kpistream_accuracy_ratio"
                  "%7Bmodel%3D%22live%22%2Cwindow%3D%2210s%22%7D")
             try:
-                if _get(q)["data"]["result"]:
+                res = _get(q)["data"]["result"]
+                if res and float(res[0]["value"][1]) > 0.9:
                     break
             except Exception:
                 pass
-            assert time.time() < deadline, "Prometheus never scraped the sidecar"
+            assert time.time() < deadline, "Prometheus never scraped the healthy window"
             time.sleep(0.5)
-        time.sleep(2)
+        time.sleep(4)   # longer than the rule's `for`
         ours, theirs = both()
         assert ours == [] and theirs == [], (ours, theirs)
-        # the drift: accuracy falls to ~0.5 in the same window; both sides must fire
+        # the drift: accuracy ~0.4 in a later window; once it closes, both sides must fire
+        for i in range(3):
+            _post(base + "/v1/events", _events(rng, 1000 + 100 * i, 100, 0.4, w2))
+        assert _post(base + "/v1/events", _close(w2, 2))["accepted"] == 16
         fired_ours = fired_theirs = None
         deadline = time.time() + 45
         while time.time() < deadline and not (fired_ours and fired_theirs):
-            _post(base + "/v1/events", _events(rng, sent, 100, 0.4, wstart))
-            sent += 100
             ours, theirs = both()
             fired_ours = fired_ours or next((a for a in ours if a["state"] == "firing"), None)
             fired_theirs = fired_theirs or next((a for a in theirs or []
@@ -143,8 +155,9 @@ def test_prometheus_and_kpistream_fire_the_same_rule(serve_port, tmp_path):
         assert fired_theirs["annotations"]["kpistream_rule"] == RULE
         ev = fired_ours["evidence"]
         assert ev["value"] < 0.8 and ev["count"] >= 50 and ev["label_coverage"] >= 0.5
-        # Prometheus's value and ours agree on the same window (its value is the gauge's)
-        assert float(fired_theirs["value"]) == pytest.approx(ev["value"], abs=0.05)
+        # Prometheus's value and ours are the same window's (its value is the gauge's)
+        assert float(fired_theirs["value"]) == pytest.approx(ev["value"], rel=1e-9)
+        assert ev["window_start"] == w2
         # the real receiver got pending? no: webhooks default to firing and resolved
         deadline = time.time() + 15
         while time.time() < deadline and not receiver.bodies:
