@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray import serve
 from starlette.responses import Response
 
-from app.monitor import REQUEST_ID_HEADER, ModelUnavailable, in_serve_replica
+from app.monitor import REQUEST_ID_HEADER, BadInput, ModelUnavailable, in_serve_replica
 from kpistream.wire.schema import MAX_STR
 
 log = logging.getLogger("kpistream.ingress")
@@ -354,6 +354,10 @@ class ExperimentIngress:
             c["unavailable"] += 1
             headers[VARIANT_HEADER] = self._arm_variant[arm]
             return _json({"request_id": rid, "error": _message(e)}, 503, headers)
+        except BadInput as e:
+            c["bad_requests"] += 1
+            headers[VARIANT_HEADER] = self._arm_variant[arm]
+            return _json({"request_id": rid, "error": _message(e)}, 400, headers)
         except Exception as e:
             c["errors"] += 1
             c[f"errors_{arm}"] += 1

@@ -44,6 +44,15 @@ class ModelUnavailable(RuntimeError):
     """
 
 
+class BadInput(ValueError):
+    """The request's input is wrong (a missing field, the wrong number of features).
+
+    Raised by ``predict``: the HTTP path answers 400 with the message and counts
+    ``bad_requests``; :meth:`MonitoredModel.infer` re-raises it.  No inference
+    event is recorded: the caller's mistake is not a model error.
+    """
+
+
 _dumps = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode
 _perf_ns = time.perf_counter_ns
 
@@ -129,7 +138,8 @@ class MonitoredModel:
     "model_version"}`` back, so a primary and a shadow scoring one request emit
     events with the same ``request_id``.  ``predict`` raising
     :class:`ModelUnavailable` (no model to answer with) is a 503 on HTTP, re-raised
-    by ``infer``, and records no event.  :class:`AliasFollowingModel` serves an
+    by ``infer``, and records no event; :class:`BadInput` (the caller's input is
+    wrong) likewise, with a 400.  :class:`AliasFollowingModel` serves an
     MLflow registered model's alias (``champion``, ``challenger``) and swaps in the
     version the alias moves to, live.
 
@@ -257,6 +267,9 @@ class MonitoredModel:
         except ModelUnavailable as e:   # nothing to answer with: not an inference
             self._mon_n["unavailable"] += 1
             return self._error_reply(rid, rid_b, e, 503)
+        except BadInput as e:           # the caller's mistake: not an inference either
+            self._mon_n["bad_requests"] += 1
+            return self._error_reply(rid, rid_b, e, 400)
         except Exception as e:
             t1 = _perf_ns()
             ok = False
@@ -293,6 +306,9 @@ class MonitoredModel:
             pred = await self.predict(payload)
         except ModelUnavailable:
             self._mon_n["unavailable"] += 1
+            raise
+        except BadInput:
+            self._mon_n["bad_requests"] += 1
             raise
         except Exception:
             t1 = _perf_ns()

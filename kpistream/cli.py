@@ -18,7 +18,7 @@ def _cmd_replay(a: argparse.Namespace) -> int:
         check_output(a.out)
     cfg = load_config(a.config)
     df, summary = replay_file(a.events, cfg, batch_rows=a.batch_rows,
-                              progress=None if a.quiet else progress_to_stderr)
+                              progress=None if a.quiet else progress_to_stderr, totals=a.totals)
     if a.out:
         write_rows(df, a.out)
     else:
@@ -47,6 +47,7 @@ def _cmd_demo(a: argparse.Namespace) -> int:
     from kpistream.spec.metrics import load_config
     from kpistream.synthetic import generate_stream
     from kpistream.replay import progress_to_stderr, replay_file, write_rows
+    from kpistream.windows.aggregate import ALL
 
     out_dir = Path(a.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -56,18 +57,29 @@ def _cmd_demo(a: argparse.Namespace) -> int:
     print(f"demo: {len(s):,} events ({a.requests:,} requests, 4 series, late, duplicate, "
           f"early-feedback and bad-clock events included) -> {events}")
     cfg = load_config(a.config)
-    df, summary = replay_file(events, cfg, progress=progress_to_stderr)
+    df, summary = replay_file(events, cfg, progress=progress_to_stderr, totals=True)
     write_rows(df, out_dir / "demo-windows.csv")
     for line in summary.lines():
         print(line)
-    show = df[(df["window"] == cfg.windows[-1].name) & df["metric"].isin(
+    win = cfg.windows[-1]
+    # every segment merged (rows labelled *): exact totals, not averages over regions
+    show = df[(df["window"] == win.name) & df["metric"].isin(
         ["requests", "error_rate", "latency_p99", "accuracy", "f1", "mae", "ndcg_at_k", "ctr",
          "reward_mean", "cost_per_1k", "label_coverage"])]
-    last = show[show["window_start"] == show["window_start"].max()]
+    for seg in cfg.segments:
+        show = show[show[seg] == ALL]
+    # the latest window that the data covers whole (later ones hold only the stream's tail)
+    data_end = df["window_start"].max() + pd.Timedelta(milliseconds=cfg.pane_ms)
+    whole = show[show["window_end"] <= data_end]
+    last = whole[whole["window_start"] == whole["window_start"].max()]
     with pd.option_context("display.width", 160, "display.max_columns", 20):
-        print(f"\nlast {cfg.windows[-1].name} window:")
-        print(last.pivot_table(index=["model", "model_version", "variant"], columns="metric",
-                               values="value").round(4).to_string())
+        merged = f", every {' and '.join(cfg.segments)} merged (*)" if cfg.segments else ""
+        print(f"\nlast whole {win.name} window ({last['window_start'].max():%H:%M:%S}){merged}:")
+        table = last.pivot_table(index=["model", "model_version", "variant"], columns="metric",
+                                 values="value", aggfunc="first")
+        if "requests" in table:
+            table["requests"] = table["requests"].astype("Int64")
+        print(table.round(4).to_string())
     print(f"\nall windows: {out_dir / 'demo-windows.csv'}")
     return 0
 
@@ -88,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--out", "-o", default=None, help=".csv or .parquet (default: CSV to stdout)")
     r.add_argument("--batch-rows", type=int, default=50_000)
     r.add_argument("--quiet", "-q", action="store_true")
+    r.add_argument("--totals", action="store_true",
+                   help="also rows with every segment merged (segment value *)")
     r.set_defaults(fn=_cmd_replay)
     g = sub.add_parser("generate", help="write a synthetic demo stream as NDJSON")
     g.add_argument("out")

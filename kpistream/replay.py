@@ -27,6 +27,10 @@ from kpistream.errors import InputError
 from kpistream.wire.schema import parse_payload, validate_rows
 
 
+#: rejected events the replay report quotes (with their number in the input)
+MAX_EXAMPLES = 5
+
+
 @dataclass
 class ReplaySummary:
     events: int = 0
@@ -35,16 +39,21 @@ class ReplaySummary:
     rows: int = 0
     seconds: float = 0.0
     engine: dict = field(default_factory=dict)
+    #: the first rejected rows: (event number in the input, 1-based; field; reason; message)
+    examples: list = field(default_factory=list)
 
     def lines(self) -> list[str]:
+        """The report: totals (each event counted once), rejections by field and reason
+        (schema and stream-time checks together), and the first rejected events."""
         c = self.engine.get("counters", {})
         out = [f"events {self.events:,}: accepted {self.accepted:,}, "
                f"rejected {sum(self.rejected.values()):,}, "
                f"late {c.get('late_inference', 0) + c.get('late_feedback', 0):,}, "
-               f"duplicates {c.get('duplicate_inference', 0) + c.get('duplicate_feedback', 0):,}, "
-               f"future {sum(n for k, n in self.engine.get('rejected', {}).items() if k.endswith(':future')):,}"]
+               f"duplicates {c.get('duplicate_inference', 0) + c.get('duplicate_feedback', 0):,}"]
         for (fld, reason), n in self.rejected.most_common(10):
             out.append(f"  rejected {n:,} x {fld or '<row>'}: {reason}")
+        for num, fld, reason, msg in self.examples:
+            out.append(f"  event {num:,} ({fld or '<row>'}: {reason}): {msg}")
         out.append(f"windows: {self.rows:,} rows in {self.seconds:.2f} s "
                    f"({self.events / max(self.seconds, 1e-9):,.0f} events/s)")
         return out
@@ -168,15 +177,19 @@ def iter_runs(result) -> Iterator[tuple[str, list[dict]]]:
 def replay_batches(batches: Iterable[tuple[str, Any]], config: EngineConfig,
                    clock: Clock | None = None, collect_every: int = 16,
                    on_rows: Callable[[list[dict]], None] | None = None,
-                   stream_seed_ms: int | None = None) -> tuple[list[dict], Engine]:
+                   stream_seed_ms: int | None = None,
+                   totals: bool = False) -> tuple[list[dict], Engine]:
     """Columnar ``("inference"|"feedback", batch)`` pairs → final tidy rows (dicts).
+
+    ``totals``: also rows with every segment merged (segment value ``*``; see
+    :class:`~kpistream.windows.aggregate.WindowAggregator`).
 
     ``stream_seed_ms`` starts stream time for the far-future guard (see
     :class:`~kpistream.engine.engine.Engine`); :func:`replay_file` passes the median
     event time of the input's first chunk.
     """
     engine = Engine(config, clock, stream_seed_ms=stream_seed_ms)
-    agg = WindowAggregator(config)
+    agg = WindowAggregator(config, totals=totals)
     rows: list[dict] = []
 
     def drain() -> None:
@@ -200,7 +213,7 @@ def replay_batches(batches: Iterable[tuple[str, Any]], config: EngineConfig,
 
 def replay_file(path: str | Path, config: EngineConfig, *, batch_rows: int = 50_000,
                 clock: Clock | None = None, progress: Callable[[str], None] | None = None,
-                ) -> tuple[pd.DataFrame, ReplaySummary]:
+                totals: bool = False) -> tuple[pd.DataFrame, ReplaySummary]:
     """An events file → (tidy DataFrame of final windows, summary).
 
     Input: JSON (one object or an array), NDJSON (``.ndjson`` / ``.jsonl``, also
@@ -209,6 +222,7 @@ def replay_file(path: str | Path, config: EngineConfig, *, batch_rows: int = 50_
     arrival order (runs of inference and feedback rows go to the engine in the
     order they came), and windowed in event time.  Far-future rows are judged
     against the wall clock (schema) and against stream time (engine).
+    ``totals``: also rows with every segment merged (segment value ``*``).
     """
     summary = ReplaySummary()
     t0 = time.perf_counter()
@@ -225,6 +239,9 @@ def replay_file(path: str | Path, config: EngineConfig, *, batch_rows: int = 50_
         for n, chunk in enumerate(itertools.chain([first], chunks)):
             res = first_res if n == 0 else validate_rows(
                 chunk, now_ms=wall.now_ms(), max_future_ms=config.max_future_ms)
+            for r in res.rejections[:MAX_EXAMPLES - len(summary.examples)]:
+                summary.examples.append((summary.events + r.index + 1, r.field, r.reason,
+                                         r.message))
             summary.events += len(chunk)
             summary.rejected.update(res.counts())
             for kind, recs in iter_runs(res):
@@ -238,7 +255,7 @@ def replay_file(path: str | Path, config: EngineConfig, *, batch_rows: int = 50_
                 progress(f"replay: {summary.events:,} events, "
                          f"{summary.events / (now - t0):,.0f} events/s")
 
-    rows, engine = replay_batches(batches(), config, clock, stream_seed_ms=seed)
+    rows, engine = replay_batches(batches(), config, clock, stream_seed_ms=seed, totals=totals)
     summary.seconds = time.perf_counter() - t0
     summary.engine = engine.stats()
     c = engine.counters

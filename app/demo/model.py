@@ -14,7 +14,7 @@ from ray import serve
 
 from actors.registry import Registry, normalize_tracking_uri, store_lock
 from actors.retrain import HYPER, default_trainer
-from app.monitor import AliasFollowingModel
+from app.monitor import AliasFollowingModel, BadInput
 from app.demo.traffic import default_tracking_uri, demo_dataset, demo_split
 
 __all__ = ["MODEL_NAME", "EXPERIMENT", "ALIAS", "ensure_demo_model", "champion_version",
@@ -154,28 +154,29 @@ def load_demo_model(tracking_uri: str | os.PathLike | None = None, name: str = M
 def features_row(payload: Any, names: list[str]) -> list[float]:
     """``payload["features"]`` (a {name: value} object or a list in ``names`` order) -> a row.
 
-    Raises ValueError naming the problem (missing / extra-long / non-numeric).
+    Raises :class:`~app.monitor.BadInput` (a ValueError; HTTP 400) naming the problem
+    (missing, wrong count, non-numeric).
     """
     if not isinstance(payload, dict) or "features" not in payload:
-        raise ValueError('the body must be a JSON object with "features": {name: value} or '
-                         f"a list of {len(names)} numbers")
+        raise BadInput('the body must be a JSON object with "features": {name: value} or '
+                       f"a list of {len(names)} numbers")
     feats = payload["features"]
     if isinstance(feats, dict):
         missing = [n for n in names if n not in feats]
         if missing:
             more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-            raise ValueError(f"features missing: {', '.join(map(repr, missing[:3]))}{more}")
+            raise BadInput(f"features missing: {', '.join(map(repr, missing[:3]))}{more}")
         values = [feats[n] for n in names]
     elif isinstance(feats, (list, tuple)):
         if len(feats) != len(names):
-            raise ValueError(f"features must have {len(names)} values, got {len(feats)}")
+            raise BadInput(f"features must have {len(names)} values, got {len(feats)}")
         values = list(feats)
     else:
-        raise ValueError(f"features must be an object or a list, got {type(feats).__name__}")
+        raise BadInput(f"features must be an object or a list, got {type(feats).__name__}")
     row = []
     for n, v in zip(names, values):
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-            raise ValueError(f"feature {n!r} must be a finite number, got {v!r}")
+            raise BadInput(f"feature {n!r} must be a finite number, got {v!r}")
         row.append(float(v))
     return row
 

@@ -14,6 +14,9 @@ from kpistream.engine import Partial
 from kpistream.engine.families import FAMILY_CLASSES
 from kpistream.engine.states import MetricState
 
+#: The segment value of a totals row (every value of the segment merged).
+ALL = "*"
+
 ROW_COLUMNS = ("window", "window_start", "window_end", "metric", "value", "count", "labelled",
                "provisional")
 
@@ -47,9 +50,13 @@ class WindowAggregator:
     column per series label.
     """
 
-    def __init__(self, config: EngineConfig, sources: int | None = None) -> None:
+    def __init__(self, config: EngineConfig, sources: int | None = None,
+                 totals: bool = False) -> None:
         """``sources``: how many sources (shards) must report a watermark before
-        anything is final; unknown sources hold the watermark back."""
+        anything is final; unknown sources hold the watermark back.  ``totals``:
+        also the windows of every (model, version, variant, endpoint) with its
+        segments merged (exact: the states merge), labelled with segment value
+        :data:`ALL` for every configured segment."""
         self.cfg = config
         self.pane_ms = config.pane_ms
         self.time_windows = [w for w in config.windows if w.is_time]
@@ -62,6 +69,7 @@ class WindowAggregator:
         self.expected_sources = sources
         self._emitted_wm = np.iinfo(np.int64).min
         self._max_size = max((w.size for w in self.time_windows), default=self.pane_ms)
+        self._all = tuple((seg, ALL) for seg in config.segments) if totals else None
 
     # --------------------------------------------------------------- input
     def add(self, partials: Iterable[Partial], source: object = 0,
@@ -127,9 +135,12 @@ class WindowAggregator:
                             ok = chosen[ck] = bool(select(w, start, family))
                         if not ok:
                             continue
-                    for st in by_src.values():
-                        cur = out.get(key)
-                        out[key] = st.copy() if cur is None else cur.merge(st)
+                    keys = (key,) if self._all is None or not series[4] else (
+                        key, (w.name, start, (*series[:4], self._all), family))
+                    for k in keys:
+                        for st in by_src.values():
+                            cur = out.get(k)
+                            out[k] = st.copy() if cur is None else cur.merge(st)
         return out
 
     def _rows(self, merged: dict, wm: int, final: bool) -> list[dict]:

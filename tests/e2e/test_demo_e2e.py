@@ -99,3 +99,22 @@ def test_requests_and_feedback_over_http_give_the_kpis(apps):
         time.sleep(1)
         text = urllib.request.urlopen(base + "/metrics", timeout=30).read().decode()
     assert 'kpistream_emitter_dropped_total{model="kpistream-demo",variant="primary"} 0.0' in text
+
+
+def test_bad_input_is_a_400_and_not_a_model_error(apps):
+    """The demo model's own input checks answer 400 with the reason; nothing is recorded
+    (a caller's mistake is not a model error: error_rate stays clean)."""
+    import urllib.error
+
+    base, _ = apps
+    for body, words in (({"features": [0.0] * 29, "region": "bad-in"}, "30 values, got 29"),
+                        ({"region": "bad-in"}, '"features"'),
+                        ({"features": {"x": 1.0}, "region": "bad-in"}, "features missing"),
+                        ({"features": [None] * 30, "region": "bad-in"}, "finite number")):
+        with pytest.raises(urllib.error.HTTPError) as e:
+            _call(base + "/demo", body)
+        err = json.loads(e.value.read())["error"]
+        assert e.value.code == 400 and words in err, err
+    time.sleep(2)   # longer than the replica's flush and a publisher round
+    rows, _ = _call(base + "/v1/series?model=kpistream-demo&region=bad-in")
+    assert rows == []

@@ -142,5 +142,37 @@ def test_a_closed_pipe_ends_quietly(tmp_path, stream):
 def test_demo_command_runs(tmp_path):
     p = subprocess.run([sys.executable, "-m", "kpistream.cli", "demo", "--requests", "3000",
                         "--out-dir", str(tmp_path)], capture_output=True, text=True, check=True)
-    assert "last 1m window" in p.stdout and (tmp_path / "demo-windows.csv").exists()
-    assert np.isfinite(pd.read_csv(tmp_path / "demo-windows.csv")["value"]).all()
+    assert "last whole 1m window" in p.stdout and "every region merged" in p.stdout
+    df = pd.read_csv(tmp_path / "demo-windows.csv", keep_default_na=False, na_values=[""])
+    assert np.isfinite(df["value"]).all()
+    # the table shows totals: requests of the * rows are the sums over regions
+    req = df[df["metric"] == "requests"]
+    keys = ["window", "window_start", "model", "model_version", "variant"]
+    tot = req[req["region"] == "*"].set_index(keys)["value"]
+    per = req[req["region"] != "*"].groupby(keys)["value"].sum()
+    assert len(tot) > 10 and (tot == per.loc[tot.index]).all()
+    churn = next(line for line in p.stdout.splitlines() if line.startswith("churn"))
+    assert ".6667" not in churn and ".3333" not in churn     # no averages over regions
+
+
+def test_totals_equal_a_replay_without_segments(stream):
+    """Rows with every segment merged (``*``) are the windows of the same events replayed
+    with no segments configured: merged states, exact for every KPI (quantiles too)."""
+    import dataclasses
+
+    cfg = load_config(CONFIG)
+    rows, _ = replay_batches(stream.batches(512), cfg, totals=True)
+    got = [r for r in rows if r.get("region") == "*"]
+    want, _ = replay_batches(stream.batches(512), dataclasses.replace(cfg, segments=()))
+    key = lambda r: (r["window"], r["window_start"], r["model"], r["model_version"],  # noqa: E731
+                     r["variant"], r["endpoint"], r["metric"])
+    got_by, want_by = {key(r): r for r in got}, {key(r): r for r in want}
+    assert len(got_by) == len(got) and got_by.keys() == want_by.keys() and len(got) > 300
+    for k, w in want_by.items():
+        g = got_by[k]
+        assert (g["count"], g["labelled"], g["provisional"]) == (
+            w["count"], w["labelled"], w["provisional"]), k
+        assert g["value"] == pytest.approx(w["value"], rel=1e-12, nan_ok=True), k
+    # and the per-region rows are unchanged by asking for totals
+    plain, _ = replay_batches(stream.batches(512), cfg)
+    assert [r for r in rows if r.get("region") != "*"] == plain

@@ -225,3 +225,23 @@ def test_exposition_families_are_plain_data():
     assert by["kpistream_watermark_seconds"].samples == [(["3"], 2.0)]
     assert by["kpistream_publisher_ticks"].samples == [([], 7)]
     assert all(isinstance(f, Family) for f in out)
+
+
+def test_counters_include_rows_refused_before_a_shard():
+    """A monitored replica's normaliser reports the events it refused (emitter stats);
+    an HTTP replica's go to a shard's count_rejected: both reach the counters."""
+    from actors.shard import Shard
+
+    shard = Shard(0, scenario.METRICS, clock=ManualClock(scenario.T0),
+                  processing_time_watermark=False)
+    shard.count_rejected([("inference", "ts", "future"), ("unknown", "", "bad_json")])
+    shard.report_emitter("replica-1", {"model": "m", "variant": "primary",
+                                       "invalid_by_reason": {"prediction:not_finite": 3}})
+    step = PublishStep(CFG, clock=ManualClock(scenario.T0))
+    step.run([shard.collect()])
+    c = step.counters()
+    assert c["rejected"] == {"ts:future": 1, ":bad_json": 1, "prediction:not_finite": 3}
+    assert c["counters"]["inference_in"] == 4 and c["counters"]["unknown_in"] == 1
+    fams = {f.name: f for f in pipeline_families(c, step.shard_stats, step.ticks)}
+    assert (["unknown", "received"], 1) in fams["kpistream_events"].samples
+    assert (["row", "bad_json"], 1) in fams["kpistream_rejected"].samples
