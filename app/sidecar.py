@@ -6,12 +6,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from kpistream.spec.metrics import config_from_dict, read_yaml
 
 
 class SidecarArgs(BaseModel):
+    """The sidecar's ``args`` in a Serve config; a misspelled key fails the deployment."""
+
+    model_config = ConfigDict(extra="forbid")
     metrics_config: str = Field("configs/metrics.yaml", description="metric / window definitions")
     shards: int = Field(2, ge=1, le=256, description="number of shard actors")
     store_path: str = Field("data/store", description="time-series store directory")

@@ -584,25 +584,55 @@ _ENGINE_FIELDS = frozenset(("count", "labelled", "baseline", "threshold", "rule"
 
 
 def _promql_template(text: str, rule: AlertRule) -> str:
-    """Translate an engine annotation template into a Prometheus (Go) template."""
+    """Translate an engine annotation template into a Prometheus (Go) template.
+
+    ``{count}`` / ``{labelled}`` and ``{baseline}`` become queries of the alert's own
+    series (its labels, the rule's window and match) at evaluation time; ``{state}`` and
+    ``{since}`` exist only in the in-process engine and read ``(kpistream only)``.
+    """
     fixed = {"rule": rule.name, "metric": rule.metric or "", "threshold": rule.condition.describe(),
              "severity": rule.severity}
-    out = []
+    scaled = rule.metric is not None and PROM_METRICS[rule.metric][1] != 1.0
+    out: list[str] = []
+    needs_sel = False
     for lit, fname, spec, conv in string.Formatter().parse(text):
         out.append(lit.replace("{{", "{ {").replace("}}", "} }"))
         if fname is None:
             continue
         if fname == "value":
-            scaled = rule.metric is not None and PROM_METRICS[rule.metric][1] != 1.0
             out.append("{{ $value | humanizeDuration }}" if scaled else "{{ $value }}")
         elif fname == "series":
             out.append("{{ $labels }}")
         elif fname in fixed:
             out.append(fixed[fname])
+        elif fname in ("count", "labelled") and rule.metric is not None:
+            needs_sel = True
+            quality = rule.metric in QUALITY_KPIS or fname == "labelled"
+            q = ('sum(kpistream_window_requests{%s} * kpistream_label_coverage_ratio{%s})'
+                 if quality else 'sum(kpistream_window_requests{%s})')
+            args = "$s $s" if quality else "$s"
+            out.append('{{ with query (printf "%s" %s) }}{{ . | first | value | printf "%%.0f" }}'
+                       '{{ end }}' % (q.replace('"', '\\"'), args))
+        elif fname == "baseline" and rule.metric is not None \
+                and rule.condition.kind in ("relative_drop", "relative_rise"):
+            needs_sel = True
+            gauge = PROM_METRICS[rule.metric][0]
+            q = (f"avg(avg_over_time({gauge}{{%s}}[{format_duration(rule.condition.baseline_ms)}]"
+                 f" offset {format_duration(_window_ms(rule.window))}))")
+            fmt = "humanizeDuration" if scaled else 'printf "%.4g"'
+            out.append('{{ with query (printf "%s" $s) }}{{ . | first | value | %s }}{{ end }}'
+                       % (q, fmt))
         elif _NAME.match(fname or "") and fname not in _ENGINE_FIELDS:
             out.append("{{ $labels.%s }}" % fname)
         else:
-            out.append("{" + fname + "}")
+            out.append("(kpistream only)")
+    if needs_sel:   # the alert's series as a selector: its labels, the rule's window and match
+        skip = {"__name__", "alertname", "severity", *dict(rule.labels)}
+        base = ",".join([f"window={_q(rule.window)}"] + [f"{k}={_q(v)}" for k, v in rule.match])
+        cond = " ".join(f'(eq $k "{k}")' for k in sorted(skip))
+        out.insert(0, '{{ $s := "%s" }}{{ range $k, $v := $labels }}{{ if not (or %s) }}'
+                      '{{ $s = printf "%%s,%%s=%%q" $s $k $v }}{{ end }}{{ end }}'
+                   % (base.replace('"', '\\"'), cond))
     return "".join(out)
 
 

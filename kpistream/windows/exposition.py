@@ -143,11 +143,14 @@ def alert_families(active: Iterable[dict], rules: Iterable[str], notifications: 
         fams[a["state"]].add([a["rule"], a["severity"],
                               *(a["series"].get(k, "") for k in names)], 1)
     out = list(fams.values())
-    per_rule = Family("kpistream_alert_rule_firing", "gauge", "Firing instances per alert rule",
-                      ["alertname"])
-    for name in rules:
-        per_rule.add([name], sum(1 for a in active if a["rule"] == name and a["state"] == "firing"))
-    out.append(per_rule)
+    # per rule, always a sample (0 when none): the per-instance gauges above follow
+    # Prometheus's ALERTS convention and exist only while an instance is active
+    for st in ("firing", "pending"):
+        per_rule = Family(f"kpistream_alert_rule_{st}", "gauge",
+                          f"{st.capitalize()} instances per alert rule", ["alertname"])
+        for name in rules:
+            per_rule.add([name], sum(1 for a in active if a["rule"] == name and a["state"] == st))
+        out.append(per_rule)
     tr = Family("kpistream_alert_transitions", "counter", "Alert state transitions",
                 ["alertname", "state"])
     for key, n in sorted(notifications["notifications"].items()):

@@ -318,6 +318,7 @@ def test_firing_alert_is_on_metrics_and_in_alerts(tmp_path):
     line = next(x for x in text.splitlines() if x.startswith("kpistream_alerts_firing{"))
     assert 'alertname="AccLow"' in line and 'model="m"' in line and line.endswith(" 1.0")
     assert 'kpistream_alert_rule_firing{alertname="AccLow"} 1.0' in text
+    assert 'kpistream_alert_rule_pending{alertname="AccLow"} 0.0' in text   # 0, not absent
 
 
 def test_webhook_sender_gives_up_on_4xx_and_counts_unreachable(tmp_path):

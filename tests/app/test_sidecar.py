@@ -294,6 +294,17 @@ def test_prometheus_scrapes_the_same_accuracy(sidecar, posted, tmp_path):
         proc.wait(timeout=10)
 
 
+def test_misspelled_app_args_fail_the_deployment_with_their_name():
+    from pydantic import ValidationError
+
+    from app.sidecar import build_app
+
+    for typo in ({"shard": 4}, {"store_pth": "x"}):
+        with pytest.raises(ValidationError) as e:
+            build_app(typo)
+        assert next(iter(typo)) in str(e.value) and "Extra inputs" in str(e.value)
+
+
 def test_alerts_and_canary_routes_without_experiments(sidecar):
     base, _ = sidecar
     body = _get(base + "/v1/alerts?since=0")

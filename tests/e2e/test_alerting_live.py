@@ -72,7 +72,8 @@ def test_prometheus_and_kpistream_fire_the_same_rule(serve_port, tmp_path):
         "name": RULE, "metric": "accuracy", "window": "10s", "match": {"model": "live"},
         "condition": {"op": "<", "value": 0.8}, "for": "3s", "min_count": 50,
         "min_label_coverage": 0.5, "severity": "critical",
-        "annotations": {"summary": "accuracy of {model} is {value:.3f}"}}],
+        "annotations": {"summary": "accuracy of {model} is {value:.3f}",
+                        "evidence": "{count} labelled requests"}}],
         "notifications": {"log": False, "webhooks": [{"url": receiver.url, "backoff": "100ms"}]}}
     alerts_file = tmp_path / "alerts.yaml"
     alerts_file.write_text(yaml.safe_dump(alerts))
@@ -155,6 +156,9 @@ def test_prometheus_and_kpistream_fire_the_same_rule(serve_port, tmp_path):
         assert fired_theirs["annotations"]["kpistream_rule"] == RULE
         ev = fired_ours["evidence"]
         assert ev["value"] < 0.8 and ev["count"] >= 50 and ev["label_coverage"] >= 0.5
+        # {count} in the exported rule is a query of the alert's own series: the same number
+        assert fired_theirs["annotations"]["evidence"] == f"{ev['count']} labelled requests"
+        assert fired_ours["annotations"]["evidence"] == f"{ev['count']} labelled requests"
         # Prometheus's value and ours are the same window's (its value is the gauge's)
         assert float(fired_theirs["value"]) == pytest.approx(ev["value"], rel=1e-9)
         assert ev["window_start"] == w2
