@@ -58,6 +58,14 @@ def sqlite_path(uri: str) -> Path | None:
     return Path(path).expanduser().resolve()
 
 
+def prepare_store(uri: Any) -> str:
+    """The normalised URI of a store whose tables exist (:meth:`Registry.initialize`):
+    what an app builder hands its replicas, so that they never race to create them."""
+    uri = normalize_tracking_uri(uri)
+    Registry(uri).initialize()
+    return uri
+
+
 def artifact_location(uri: str) -> str | None:
     """Artifacts of a local SQLite store go beside its database, not into ./mlruns."""
     db = sqlite_path(uri)
@@ -160,6 +168,13 @@ class Registry:
 
             self._client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
         return self._client
+
+    def initialize(self) -> None:
+        """Create the store's tables now, once, under :func:`store_lock` (a fresh SQLite
+        store is migrated by whichever process touches it first: replicas starting
+        together raced on it).  The app builders call this before any replica starts."""
+        with store_lock(self.uri or ""), mlflow_errors():
+            self._mlflow.search_experiments(max_results=1)
 
     def activate(self) -> None:
         """Make this store MLflow's global one (``models:/`` URIs and fluent runs resolve

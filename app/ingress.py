@@ -82,9 +82,9 @@ class ExperimentConfig(BaseModel):
                                                            "ingress replica; more are dropped")
     mirror_timeout_s: float = Field(30.0, gt=0, description="a mirror outstanding this long is "
                                                             "cancelled and counted as an error")
-    unavailable_backoff_s: float = Field(1.0, ge=0, description="no mirrors for this long after "
-                                                                "the challenger said it has no "
-                                                                "model")
+    unavailable_backoff_s: float = Field(1.0, ge=0.05, description="seconds between probes of a "
+                                                                   "challenger that said it "
+                                                                   "has no model")
     sticky_key: str | None = Field("user_id", description="canary: payload field (else header) "
                                                           "the split is sticky on; None: the "
                                                           "request id")
@@ -230,9 +230,10 @@ class ExperimentIngress:
       ``mirror_timeout_s``).  At most ``max_mirror_in_flight`` mirrors are
       outstanding per ingress replica; above that the mirror is dropped and
       counted (``mirror_dropped``), never queued.  A challenger that answers
-      "unavailable" (no ``challenger`` alias yet) is not sent mirrors for
-      ``unavailable_backoff_s``; those requests are counted as
-      ``mirror_unavailable``.
+      "unavailable" (no ``challenger`` alias yet) is sent no more requests until
+      a probe of its ``available()`` (every ``unavailable_backoff_s``) says it
+      has a model; the requests not mirrored meanwhile are counted as
+      ``mirror_unavailable`` (so ``mirrored`` counts only mirrors sent).
     - ``canary`` -- a weighted split, sticky on ``sticky_key`` (a payload field,
       or else a header of that name; else the request id): the challenger
       answers when ``bucket(key) < weight * 10000``, so a key that reached the
@@ -273,7 +274,9 @@ class ExperimentIngress:
         # mirrors
         self._mirror_in_flight = 0
         self._mirror_tasks: set[asyncio.Task] = set()
-        self._challenger_unavailable_until = 0.0
+        # why the challenger cannot answer (None: it can); a probe task clears it
+        self._challenger_down: str | None = None
+        self._probe_task: asyncio.Task | None = None
         self._mirror_last_error: str | None = None
         self._c: Counter = Counter()
         self._routed: Counter = Counter()
@@ -341,11 +344,16 @@ class ExperimentIngress:
 
         arm = "challenger" if to_challenger else "primary"
         try:
-            if to_challenger:
+            if to_challenger and self._challenger_down is not None:
+                c["canary_fallbacks"] += 1
+                arm = "primary"
+                out = await self._primary.infer.remote(payload, rid)
+            elif to_challenger:
                 try:
                     out = await self._challenger.infer.remote(payload, rid)
-                except ModelUnavailable:
+                except ModelUnavailable as e:
                     c["canary_fallbacks"] += 1
+                    self._challenger_unavailable(e)
                     arm = "primary"
                     out = await self._primary.infer.remote(payload, rid)
             else:
@@ -381,7 +389,7 @@ class ExperimentIngress:
     def _mirror(self, payload: Any, rid: str) -> None:
         """Fire and forget: never awaited by the request, never raises."""
         c = self._c
-        if time.monotonic() < self._challenger_unavailable_until:
+        if self._challenger_down is not None:
             c["mirror_unavailable"] += 1
             return
         if self._mirror_in_flight >= self._cfg.max_mirror_in_flight:
@@ -404,10 +412,9 @@ class ExperimentIngress:
         try:
             await asyncio.wait_for(resp, self._cfg.mirror_timeout_s)
             c["mirror_ok"] += 1
-        except ModelUnavailable:
+        except ModelUnavailable as e:
             c["mirror_unavailable"] += 1
-            self._challenger_unavailable_until = (time.monotonic()
-                                                  + self._cfg.unavailable_backoff_s)
+            self._challenger_unavailable(e)
         except asyncio.TimeoutError as e:
             c["mirror_timeouts"] += 1
             c["mirror_errors"] += 1
@@ -424,6 +431,35 @@ class ExperimentIngress:
             self._note_mirror_error(e)
         finally:
             self._mirror_in_flight -= 1
+
+    def _challenger_unavailable(self, e: BaseException) -> None:
+        """The challenger said it has no model: no more requests to it until a probe
+        (``available()``, which never raises: no traceback per attempt in the replica
+        logs) finds it can answer; one log line per change of state."""
+        if self._challenger_down is None:
+            self._challenger_down = _message(e)
+            log.info("kpistream experiment %s: challenger unavailable (%s); no requests to it "
+                     "until it has a model", self._cfg.experiment, self._challenger_down)
+        if self._probe_task is None or self._probe_task.done():
+            self._probe_task = asyncio.get_running_loop().create_task(
+                self._probe_challenger(), name="kpistream-challenger-probe")
+
+    async def _probe_challenger(self) -> None:
+        while self._challenger_down is not None:
+            await asyncio.sleep(self._cfg.unavailable_backoff_s)
+            try:
+                reason = await self._challenger.available.remote()
+            except Exception as e:   # counted; the next probe tries again
+                self._c["probe_errors"] += 1
+                self._note_mirror_error(e)
+                continue
+            self._c["probes"] += 1
+            if reason is None:
+                log.info("kpistream experiment %s: challenger available again",
+                         self._cfg.experiment)
+                self._challenger_down = None
+            else:
+                self._challenger_down = str(reason)
 
     def _note_mirror_error(self, e: BaseException) -> None:
         self._mirror_last_error = _message(e) if not isinstance(e, asyncio.TimeoutError) else \
@@ -533,8 +569,9 @@ class ExperimentIngress:
             "mirror_timeouts", "mirror_unavailable", "mirror_sampled_out", "canary_fallbacks",
             "unavailable", "errors", "errors_primary", "errors_challenger", "bad_requests",
             "halted_requests", "sticky_key_missing", "controller_polls", "controller_errors",
-            "controller_updates")}
+            "controller_updates", "probes", "probe_errors")}
         counters["routed"] = dict(self._routed)
+        counters["challenger_unavailable"] = self._challenger_down
         counters["mirror_in_flight"] = self._mirror_in_flight
         return {
             "experiment": cfg.experiment, "mode": self._mode, "state": self._state,
@@ -588,10 +625,11 @@ def _bind_arm(arm: ArmArgs, shared: dict, variant: str):
         raise TypeError(f"{arm.import_path} is neither a Serve deployment nor a class")
     kwargs = {**shared, **arm.init_args, "variant": variant}
     if kwargs.get("tracking_uri"):
-        # resolved on the driver: replicas may run in another working directory
-        from actors.registry import normalize_tracking_uri
+        # resolved on the driver (replicas may run in another working directory), and the
+        # store's tables made here, before the replicas start (they raced to make them)
+        from actors.registry import prepare_store
 
-        kwargs["tracking_uri"] = normalize_tracking_uri(kwargs["tracking_uri"])
+        kwargs["tracking_uri"] = prepare_store(kwargs["tracking_uri"])
     opts = {"name": f"{dep.name}-{variant}", **arm.deployment_options}
     return dep.options(**opts).bind(**kwargs)
 

@@ -280,6 +280,11 @@ class MonitoredModel:
         self._record(t0, rid, t1 - t0, ok, pred, payload, version)
         return reply
 
+    async def available(self) -> str | None:
+        """None when this replica can answer; else why not (never raises: the experiment
+        ingress probes it while the model is missing)."""
+        return None
+
     async def infer(self, payload: Any, request_id: str | None = None) -> dict:
         """Score ``payload`` for a caller that already has a request id (a DeploymentHandle).
 
@@ -571,6 +576,14 @@ class AliasFollowingModel(MonitoredModel):
                 f"{self._af_poll_s:g} s")
         _SERVED_VERSION.set(cur.version)
         return cur.model
+
+    async def available(self) -> str | None:
+        if self._af_task is None:
+            self._start_alias_poller()
+        if self._af_current is None:
+            return (f"registered model {self._af_name!r} has no alias {self._af_alias!r} "
+                    f"(yet)")
+        return None
 
     @property
     def alias(self) -> str:

@@ -64,12 +64,13 @@ def build_app(args: dict):
     Path(store).mkdir(parents=True, exist_ok=True)
     alerts = load_alerts_config(a.alerts_config, cfg)
     canary = load_canary(a.canary_config)
-    from actors.registry import normalize_tracking_uri
+    from actors.registry import normalize_tracking_uri, prepare_store
 
+    # with experiments, the MLflow store's tables are made here, before any replica starts
+    uri = (prepare_store if canary is not None else normalize_tracking_uri)(a.mlflow_tracking_uri)
     return SidecarAPI.bind(cfg, a.shards, store, a.max_body_bytes, a.publish_interval_s,
                            alerts=alerts, archive_dir=_archive_dir(a.archive_dir, store),
-                           canary=canary, tracking_uri=normalize_tracking_uri(
-                               a.mlflow_tracking_uri))
+                           canary=canary, tracking_uri=uri)
 
 
 def load_canary(path: str | None) -> dict | None:

@@ -12,7 +12,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
-from actors.registry import Registry, normalize_tracking_uri, store_lock
+from actors.registry import Registry, normalize_tracking_uri, prepare_store, store_lock
 from actors.retrain import HYPER, default_trainer
 from app.monitor import AliasFollowingModel, BadInput
 from app.demo.traffic import default_tracking_uri, demo_dataset, demo_split
@@ -298,8 +298,9 @@ def build_demo_app(args: DemoAppArgs):
     """
     if not isinstance(args, DemoAppArgs):
         args = DemoAppArgs.model_validate(dict(args or {}))
-    # resolved on the driver: replicas may run in another working directory
-    uri = _normalize_uri(args.tracking_uri)
+    # resolved on the driver (replicas may run in another working directory), and the
+    # store's tables made here, before the replicas start
+    uri = prepare_store(_normalize_uri(args.tracking_uri))
     return DemoClassifier.bind(tracking_uri=uri, model_name=args.model_name,
                                n_shards=args.n_shards, feature_sample=args.feature_sample,
                                alias=args.alias, alias_poll_s=args.alias_poll_s,

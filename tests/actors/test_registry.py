@@ -240,3 +240,25 @@ def test_log_sklearn_model_and_load_it_back(store, logged):
     assert np.array_equal(np.asarray(pyf.predict(x)).ravel(), logged["model"].predict(x))
     with pytest.raises(RegistryError):
         reg.load_model("logged", "99")
+
+
+@pytest.mark.slow
+def test_processes_preparing_a_fresh_store_together_all_succeed(tmp_path):
+    """The app builders of `serve run` (one per application) prepare the store at once:
+    one creates the tables under the lock, the others find them."""
+    import subprocess
+    import sys
+    import time
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    start = time.time() + 2.0    # everyone starts at the same moment, imports done
+    code = ("import time, sys; from actors.registry import prepare_store; "
+            f"time.sleep(max(0, {start} - time.time())); print(prepare_store({uri!r}))")
+    root = Path(__file__).resolve().parents[2]
+    procs = [subprocess.Popen([sys.executable, "-c", code], cwd=root, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], [e[-2000:] for _, e in outs]
+    assert {o.strip() for o, _ in outs} == {uri}
+    assert all("Traceback" not in e for _, e in outs)
+    assert Registry(uri).ensure_experiment("after")

@@ -464,6 +464,7 @@ def test_alias_follow_through_the_experiment_app(serve_port, mlflow_store):
         c = _wait(lambda: (lambda c: c if c["mirror_unavailable"] == 20 else None)(
             _counters(url)), what="the skipped mirrors")
         assert c["mirror_errors"] == 0 and c["mirror_ok"] == 0    # skipped, not failed
+        assert c["mirrored"] < 5 and c["challenger_unavailable"]  # not sent while absent
 
         # version 2: v1's logged model registered again (training anew would take seconds)
         client = MlflowClient(tracking_uri=mlflow_store, registry_uri=mlflow_store)
@@ -521,7 +522,7 @@ def test_alias_follow_through_the_experiment_app(serve_port, mlflow_store):
         kill_named_actors(*sidecar_actor_names())
 
 
-def test_app_args_are_typed():
+def test_app_args_are_typed(tmp_path):
     with pytest.raises(Exception):
         ExperimentAppArgs.model_validate({"mode": "both"})
     with pytest.raises(Exception):
@@ -532,7 +533,8 @@ def test_app_args_are_typed():
         ExperimentAppArgs.model_validate({"mirror_fractoin": 0.5})        # typo: rejected
     with pytest.raises(ValueError, match="different variants"):
         build_experiment_app({"challenger": {"variant": "primary"}})
-    app = build_experiment_app({"mode": "canary", "shared_init_args": {"tracking_uri": "x.db"}})
+    app = build_experiment_app({"mode": "canary", "shared_init_args": {
+        "tracking_uri": str(tmp_path / "x.db")}})
     assert type(app).__name__ == "Application"
     # the split is a pure function of (experiment, key): reproducible, and independent
     # between experiments
