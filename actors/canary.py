@@ -165,6 +165,8 @@ class Canary:
         self.runs: dict[str, _Run | None] = {s.name: None for s in self.cfg.experiments}
         self.past: dict[str, deque] = {s.name: deque(maxlen=history) for s in self.cfg.experiments}
         self._next: dict[str, int] = {s.name: 0 for s in self.cfg.experiments}
+        # experiments whose past decisions were read back from MLflow (after a restart)
+        self._restored: set[str] = set()
         # (challenger, champion) pairs a run was started (or skipped) for
         self._seen_versions: dict[str, set[tuple]] = {s.name: set() for s in self.cfg.experiments}
         self._alert_seq = 0
@@ -409,11 +411,34 @@ class Canary:
                 "step_started_ms": run.step_started_ms, "decision": run.last,
                 "decided_at_ms": run.last_at, "outcome": run.outcome, "events": list(run.events)}
 
+    def _restore_past(self, spec: ExperimentSpec) -> None:
+        """Once per experiment: the decisions MLflow holds, before this controller's own
+        (a restarted controller's ``past`` starts from them, marked ``source: mlflow``)."""
+        if spec.name in self._restored or spec.registered_model not in self.triggers:
+            return
+        try:
+            old = self.triggers[spec.registered_model].decided(spec.name,
+                                                              self.past[spec.name].maxlen or 50)
+        except Exception as e:   # MLflow down: try again on the next status
+            self.errors[f"history {spec.name}"] = repr(e)
+            return
+        self.errors.pop(f"history {spec.name}", None)
+        self._restored.add(spec.name)
+        run = self.runs[spec.name]
+        mine = {(p.get("outcome") or {}).get("decision_id")
+                for p in (*self.past[spec.name], self._run_dict(spec, run) if run else {})}
+        keep = [d for d in old if d["decision_id"] not in mine]
+        past = self.past[spec.name]
+        rest = list(past)
+        past.clear()
+        past.extend(keep + rest)
+
     def status(self) -> dict:
         """The live state of every experiment (GET /v1/canary)."""
         with self._lock:
             exps = []
             for spec in self.cfg.experiments:
+                self._restore_past(spec)
                 run = self.runs[spec.name]
                 exps.append({"experiment": spec.name, "model": spec.model, "mode": spec.mode,
                              "variants": [spec.primary_variant, spec.challenger_variant],

@@ -223,6 +223,29 @@ class Trigger:
         with self._lock:
             return [dict(r) for r in self._history]
 
+    def decided(self, experiment: str, limit: int = 50) -> list[dict]:
+        """The decisions of ``experiment`` recorded in MLflow (newest last, at most
+        ``limit``), read back from their runs' tags: what a restarted controller shows
+        as its experiment's past."""
+        runs = self.registry.find_runs(
+            self.experiment_id, f"tags.`{T}experiment` = '{experiment}'", max_results=limit,
+            order_by=["attributes.start_time DESC"])
+        out = []
+        for r in reversed(runs):
+            t = r.tags
+            if t.get(T + "model") != self.model_name:
+                continue
+            at = t.get(T + "decided_at_ms", "")
+            out.append({"experiment": experiment, "decision_id": t.get(T + "decision_id"),
+                        "action": t.get(T + "decision"), "status": t.get(T + "status"),
+                        "challenger_version": t.get(T + "challenger_version") or None,
+                        "primary_version": t.get(T + "primary_version") or None,
+                        "alias_before": t.get(T + "alias_before"),
+                        "alias_after": t.get(T + "alias_after"),
+                        "decided_at_ms": int(at) if at.isdigit() else None,
+                        "run_id": r.run_id, "source": "mlflow"})
+        return out
+
     def status(self) -> dict:
         with self._lock:
             return {"mode": self.mode, "model": self.model_name, "tracking_uri": self.uri,

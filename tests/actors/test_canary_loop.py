@@ -178,6 +178,13 @@ def test_a_restarted_controller_neither_reruns_a_decided_version_nor_loses_an_ap
     assert again.tick() == []
     st = again.status()["experiments"][0]
     assert st["current"] is None and st["past"][-1]["status"] == "decided before: rollback"
+    # and GET /v1/canary still lists the decision itself: read back from MLflow
+    (old,) = [p for p in st["past"] if p.get("source") == "mlflow"]
+    assert old["decision_id"] == rec["decision_id"] and old["action"] == "rollback"
+    assert old["status"] == rec["status"] and old["run_id"] == rec["run_id"]
+    assert old["challenger_version"] == "2" and old["primary_version"] == "1"
+    assert [p.get("source") for p in again.status()["experiments"][0]["past"]].count(
+        "mlflow") == 1                                            # read back once
     # awaiting approval before the restart: the new controller picks it up, same decision id
     cfg = {**CANARY, "actions": {"mode": "approval", "cooldown": "0s"}}
     client, canary, pub, _, (rec,) = _loop(tmp_path / "b", 0.80, 0.95, cfg)
