@@ -90,8 +90,15 @@ def test_requests_and_feedback_over_http_give_the_kpis(apps):
     got_correct = sum(r["value"] * r["labelled"] for r in rows if r["metric"] == "accuracy")
     assert got_correct == pytest.approx(correct)
     assert {r["model_version"] for r in rows} == {"1"} and {r["region"] for r in rows} == {"eu"}
-    text = urllib.request.urlopen(base + "/metrics", timeout=30).read().decode()
-    assert 'kpistream_accuracy_ratio{endpoint="predict",model="kpistream-demo"' in text
+    # the gauge shows the window once it is closed (the watermark passes its end: here,
+    # once the shards have been idle for `lateness`)
+    deadline = time.time() + 30
+    while True:
+        text = urllib.request.urlopen(base + "/metrics", timeout=30).read().decode()
+        if 'kpistream_accuracy_ratio{endpoint="predict",model="kpistream-demo"' in text:
+            break
+        assert time.time() < deadline, "no accuracy gauge for the closed windows"
+        time.sleep(0.5)
     # the replica's own counters reach /metrics too (reported about once a second)
     deadline = time.time() + 20
     while 'kpistream_emitter_events_total{model="kpistream-demo",variant="primary"}' not in text \

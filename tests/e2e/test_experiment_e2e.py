@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -163,6 +164,15 @@ def test_better_challenger_promoted_worse_rolled_back(serve_port, tmp_path):
         assert all(t["status"] == 200 and t["model_version"] == v1 for t in r)
         st = _get(base + "/v1/canary")["experiments"][0]
         assert st["current"] is None and st["traffic"]["state"] == "idle"
+        # approving what does not exist: a 404 with a plain message; a wrong type is a 400
+        for body, code, words in (({"decision_id": "nope", "by": "me"}, 404, "nope"),
+                                  ({"decision_id": 123, "by": "me"}, 400, "expected a string")):
+            req = urllib.request.Request(base + "/v1/canary/approve", method="POST",
+                                         data=json.dumps(body).encode())
+            with pytest.raises(urllib.error.HTTPError) as e:
+                urllib.request.urlopen(req, timeout=10)
+            detail = json.loads(e.value.read())["detail"]
+            assert e.value.code == code and words in detail and not detail.startswith(("'", '"'))
 
         # a better challenger: shadowed, judged on paired labels, promoted
         c.set_registered_model_alias(MODEL, "challenger", v2)
