@@ -64,6 +64,9 @@ class Publisher:
     agg = property(lambda self: self.step.agg)
     store = property(lambda self: self.step.store)
     snapshot = property(lambda self: self.step.snapshot)
+    #: what the shards may drop from their logs: the watermark up to which final windows
+    #: are stored
+    acked_watermark = property(lambda self: int(self.step.agg.emitted_watermark))
     shard_stats = property(lambda self: self.step.shard_stats)
     errors = property(lambda self: self.step.errors)
     ticks = property(lambda self: self.step.ticks)

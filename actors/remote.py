@@ -23,15 +23,60 @@ def shard_name(i: int) -> str:
 
 
 class _PublisherOfShards(Publisher):
-    """The publisher, wired to the shards by name; ticks in its own thread."""
+    """The publisher, wired to the shards by name; ticks in its own thread.
+
+    Each shard is pulled on its own: a collect that has not answered within
+    ``pull_timeout_s`` stays outstanding and is read on a later tick (never
+    dropped: the shard forgets what it returned), a shard that died is skipped
+    until it is back (restarted from its log, it sends its state again), and
+    the other shards' data keeps flowing.  Windows that need the missing shard
+    stay provisional (its watermark holds the global one back).  Health names
+    the shard and the reason.
+    """
 
     def __init__(self, config: Mapping[str, Any], store_path: str, n_shards: int,
-                 interval_s: float = 0.25, alerts: Mapping[str, Any] | None = None) -> None:
-        handles = [ray.get_actor(shard_name(i), namespace=NAMESPACE) for i in range(n_shards)]
-        super().__init__(config, store_path,
-                         pull=lambda: ray.get([h.collect.remote() for h in handles]),
-                         n_sources=n_shards, alerts=alerts)
+                 interval_s: float = 0.25, alerts: Mapping[str, Any] | None = None,
+                 pull_timeout_s: float = 2.0) -> None:
+        self._handles = [ray.get_actor(shard_name(i), namespace=NAMESPACE)
+                         for i in range(n_shards)]
+        self._outstanding: list[Any] = [None] * n_shards
+        self._since: list[float | None] = [None] * n_shards
+        self.pull_timeout_s = pull_timeout_s
+        self.shard_problems: dict[int, str] = {}
+        super().__init__(config, store_path, pull=self._pull, n_sources=n_shards, alerts=alerts)
         self.start(interval_s)
+
+    def _pull(self) -> list:
+        import time
+
+        now = time.monotonic()
+        for i, h in enumerate(self._handles):
+            if self._outstanding[i] is None:
+                self._outstanding[i] = h.collect.remote(self.acked_watermark)
+                self._since[i] = now
+        refs = list(self._outstanding)
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=self.pull_timeout_s)
+        ready = set(ready)
+        out = []
+        for i, ref in enumerate(refs):
+            if ref not in ready:
+                self.shard_problems[i] = (f"collect outstanding for "
+                                          f"{time.monotonic() - self._since[i]:.1f} s")
+                continue
+            self._outstanding[i] = None
+            try:
+                out.append(ray.get(ref))
+                self.shard_problems.pop(i, None)
+            except Exception as e:   # dead (restarting from its log) or failing
+                self.shard_problems[i] = f"{type(e).__name__}: {str(e)[:200]}"
+        return out
+
+    def health(self) -> dict:
+        h = super().health()
+        h["shard_problems"] = {str(k): v for k, v in self.shard_problems.items()}
+        if self.shard_problems:
+            h["status"] = "degraded"
+        return h
 
 
 class _CanaryOfPublisher(Canary):
@@ -72,11 +117,14 @@ CanaryActor = ray.remote(num_cpus=0, max_restarts=-1, max_concurrency=4)(_Canary
 
 def ensure_actors(config: Mapping[str, Any], n_shards: int, store_path: str,
                   publish_interval_s: float = 0.25, alerts: Mapping[str, Any] | None = None,
-                  archive_dir: str | None = None) -> tuple[list, Any]:
+                  archive_dir: str | None = None, log_dir: str | None = None
+                  ) -> tuple[list, Any]:
     """(shard handles, publisher handle), created on first call, found by name after.
 
     The shards archive the raw events they accept under ``archive_dir``
-    (None: ``<store_path>/archive``; ``""``: no archive).
+    (None: ``<store_path>/archive``; ``""``: no archive), and log every input
+    under ``log_dir/shard-<i>`` before they answer (None: ``<store_path>/log``;
+    ``""``: no log, and a restarted shard starts empty).
 
     Actors are named (``kpistream-shard-<i>``, ``kpistream-publisher``,
     ``kpistream-canary``) in the ``kpistream`` namespace, so the Ray dashboard
@@ -85,9 +133,12 @@ def ensure_actors(config: Mapping[str, Any], n_shards: int, store_path: str,
     """
     if archive_dir is None:
         archive_dir = os.path.join(store_path, "archive")
+    if log_dir is None:
+        log_dir = os.path.join(store_path, "log")
     shards = [ShardActor.options(name=shard_name(i), namespace=NAMESPACE, get_if_exists=True,
-                                 lifetime="detached").remote(i, dict(config),
-                                                             archive_dir=archive_dir or None)
+                                 lifetime="detached").remote(
+                  i, dict(config), archive_dir=archive_dir or None,
+                  log_dir=os.path.join(log_dir, f"shard-{i}") if log_dir else None)
               for i in range(n_shards)]
     ray.get([s.ping.remote() for s in shards])
     pub = PublisherActor.options(name=PUBLISHER, namespace=NAMESPACE, get_if_exists=True,

@@ -12,7 +12,19 @@ from kpistream.wire.batch import FeedbackBatch, InferenceBatch
 from kpistream.clock import Clock, SystemClock
 from kpistream.spec.metrics import EngineConfig, config_from_dict
 from kpistream.engine import Engine, Partial
+from kpistream.engine.families import final_after_ms
 from kpistream.wire.schema import validate_rows
+
+
+class _ShardClock:
+    """The engine's clock: the shard's, or the reading a record is applied at."""
+
+    def __init__(self, shard: "Shard") -> None:
+        self._shard = shard
+
+    def now_ms(self) -> int:
+        now = self._shard._now
+        return self._shard.clock.now_ms() if now is None else now
 
 
 class Shard:
@@ -38,13 +50,17 @@ class Shard:
     def __init__(self, index: int, config: EngineConfig | Mapping[str, Any] | None = None,
                  clock: Clock | None = None, processing_time_watermark: bool = True,
                  archive_dir: str | None = None, archive_options: Mapping[str, Any] | None = None,
+                 log_dir: str | None = None, log_options: Mapping[str, Any] | None = None,
                  ) -> None:
         if isinstance(config, Mapping):
             config = config_from_dict(config)
         self.index = index
         self.cfg = config or EngineConfig()
         self.clock = clock or SystemClock()
-        self.engine = Engine(self.cfg, self.clock)
+        # the engine reads the time through this: fixed to the logged reading while a record
+        # is applied, so that a replay judges "far future" exactly as the first pass did
+        self._now: int | None = None
+        self.engine = Engine(self.cfg, _ShardClock(self))
         self.processing_time_watermark = processing_time_watermark
         self.batches = Counter()
         self.busy_s = 0.0
@@ -56,11 +72,73 @@ class Shard:
 
             self.archive = EventArchive(archive_dir, index, clock=self.clock,
                                         **{"background": True, **(archive_options or {})})
+        # partials rebuilt by a replay, handed over with the first collect
+        self._recovered: dict[tuple, Partial] = {}
+        self.recovery: dict[str, Any] = {}
+        self.log = None
+        if log_dir:
+            from actors.log import ShardLog
+
+            self.log = ShardLog(log_dir, **{"max_future_ms": self.cfg.max_future_ms,
+                                            **(log_options or {})})
+            self._recover()
+            self.log.watermark_fn = lambda: self.engine.wm.watermark
+
+    # --------------------------------------------------------------- the log
+    def _recover(self) -> None:
+        """Rebuild the engine from the log: every input in order, with the clock readings
+        it had (also the collects: they expire join entries).  Runs before the shard
+        takes any call, so a restarted shard answers with its whole state."""
+        t0 = time.perf_counter()
+        n = events = 0
+        for rec in self.log.replay():
+            n += 1
+            if rec.type in ("inference", "feedback"):
+                events += len(rec.payload.ts)
+            out = self._apply(rec.type, rec.now_ms, rec.payload)
+            if rec.type == "collect":
+                for p in out:
+                    self._recovered[(p.space, p.key, p.series, p.family)] = p
+        self.recovery = {"records": n, "events": events, "seconds": time.perf_counter() - t0,
+                         "partials": len(self._recovered), "cut_tail_bytes": self.log.cut_tail}
+        if n:
+            self.last_event_ms = self.clock.now_ms()
+
+    def _apply(self, kind: str, now_ms: int, payload: Any) -> Any:
+        """One engine input at clock reading ``now_ms`` (live and in replay alike)."""
+        self._now = now_ms
+        try:
+            if kind == "inference":
+                return self.engine.ingest_inference(payload)
+            if kind == "feedback":
+                return self.engine.ingest_feedback(payload)
+            if kind == "advance":
+                return self.engine.advance(payload)
+            if kind == "flush":
+                return self.engine.flush()
+            if kind == "collect":
+                return self.engine.collect()
+            if kind == "rejected":
+                for typ, fld, reason in payload:
+                    self.engine.counters[f"{typ}_in"] += 1
+                    self.engine.rejected[(fld, reason)] += 1
+                return None
+            raise ValueError(f"unknown engine input {kind!r}")
+        finally:
+            self._now = None
+
+    def _input(self, kind: str, payload: Any = None) -> Any:
+        """Log (if there is a log), then apply: nothing is acknowledged that a restarted
+        shard would not have."""
+        now = self.clock.now_ms()
+        if self.log is not None:
+            self.log.append(kind, now, payload)
+        return self._apply(kind, now, payload)
 
     # ------------------------------------------------------------------ input
     def ingest_inference(self, batch: InferenceBatch) -> dict:
         t0 = time.perf_counter()
-        rep = self.engine.ingest_inference(batch)
+        rep = self._input("inference", batch)
         if self.archive is not None and rep.accepted:
             self.archive.append("inference", batch)
         self.busy_s += time.perf_counter() - t0
@@ -70,7 +148,7 @@ class Shard:
 
     def ingest_feedback(self, batch: FeedbackBatch) -> dict:
         t0 = time.perf_counter()
-        rep = self.engine.ingest_feedback(batch)
+        rep = self._input("feedback", batch)
         if self.archive is not None and rep.accepted:
             self.archive.append("feedback", batch)
         self.busy_s += time.perf_counter() - t0
@@ -104,29 +182,55 @@ class Shard:
         replica): ``(type, field, reason)`` each (:meth:`ValidationResult.tally`).  Counted
         as received (by type; ``unknown`` when the row had none) and as rejected, like
         the rows the engine refuses itself."""
-        for typ, fld, reason in tally:
-            self.engine.counters[f"{typ}_in"] += 1
-            self.engine.rejected[(fld, reason)] += 1
+        if tally:
+            self._input("rejected", [tuple(t) for t in tally])
 
     # ----------------------------------------------------------------- output
-    def collect(self) -> tuple[list[Partial], int, dict]:
-        """(partials since the last call, watermark, stats) for the publisher."""
+    def collect(self, acked_watermark: int | None = None) -> tuple[list[Partial], int, dict]:
+        """(partials since the last call, watermark, stats) for the publisher.
+
+        ``acked_watermark``: the publisher's emitted (and stored) watermark over all
+        shards; the log keeps what a replay needs above it (None: nothing is dropped)."""
         t0 = time.perf_counter()
         now = self.clock.now_ms()
-        if self.processing_time_watermark and now - self.last_event_ms >= self.cfg.lateness_ms:
-            self.engine.advance(now - self.cfg.lateness_ms)
-        parts = self.engine.collect()
+        if self.processing_time_watermark and now - self.last_event_ms >= self.cfg.lateness_ms \
+                and now - self.cfg.lateness_ms > self.engine.wm.watermark:
+            self._input("advance", now - self.cfg.lateness_ms)
+        parts = self._input("collect")
+        if self._recovered:      # the state a replay rebuilt, once, under what came since
+            got = {(p.space, p.key, p.series, p.family) for p in parts}
+            acked = -(1 << 63) if acked_watermark is None else int(acked_watermark)
+            parts = [p for k, p in self._recovered.items() if k not in got and (
+                p.space != "time"           # the publisher has these final already:
+                or p.end_ms + final_after_ms(p.family, self.cfg.label_delay_ms) > acked)
+            ] + list(parts)
+            self._recovered = {}
+        if self.log is not None and acked_watermark is not None:
+            self._truncate_log(acked_watermark)
         if self.archive is not None:
             self.archive.maybe_flush()
         self.busy_s += time.perf_counter() - t0
         return parts, self.engine.emit_watermark, self.stats()
 
+    def _truncate_log(self, acked_watermark: int) -> None:
+        """Segments whose events are all so old that no open window, join entry or dedup
+        entry can depend on them any more: older than the watermark (the lower of this
+        shard's and the publisher's stored one) minus the label delay, the longest window
+        and the lateness, with a pane to spare.  A replay then re-sends partials only for
+        panes the publisher already holds as final, which it refuses."""
+        wm = min(self.engine.wm.watermark, int(acked_watermark))
+        if wm <= -(1 << 62):
+            return
+        longest = max((w.size for w in self.cfg.windows if w.is_time), default=0)
+        self.log.truncate(wm - self.cfg.label_delay_ms - longest - self.cfg.lateness_ms
+                          - self.cfg.pane_ms)
+
     def flush(self) -> tuple[list[Partial], int, dict]:
         """End of input (tests, shutdown): every window becomes final."""
-        self.engine.flush()
+        self._input("flush")
         if self.archive is not None:
             self.archive.flush()
-        return self.collect()
+        return self.collect(None)
 
     def stats(self) -> dict:
         st = self.engine.stats()
@@ -141,6 +245,8 @@ class Shard:
         st["emitters"] = {k: v for k, (v, _) in self.emitters.items()}
         if self.archive is not None:
             st["archive"] = self.archive.stats()
+        if self.log is not None:
+            st["log"] = {**self.log.stats(), "recovery": self.recovery}
         return st
 
     def report_emitter(self, emitter: str, stats: dict) -> None:
@@ -149,3 +255,9 @@ class Shard:
 
     def ping(self) -> int:
         return self.index
+
+    def pid(self) -> int:
+        """This process's id (fault-injection tests kill it)."""
+        import os
+
+        return os.getpid()

@@ -142,14 +142,16 @@ class SidecarAPI:
     def __init__(self, config: dict, n_shards: int, store_path: str,
                  max_body_bytes: int = 8 << 20, publish_interval_s: float = 0.25,
                  alerts: dict | None = None, archive_dir: str | None = None,
-                 canary: dict | None = None, tracking_uri: str | None = None) -> None:
+                 canary: dict | None = None, tracking_uri: str | None = None,
+                 log_dir: str | None = None) -> None:
         from actors.remote import ensure_actors
 
         self.cfg = config_from_dict(config)
         self.n_shards = n_shards
         self.max_body = max_body_bytes
         self.shards, self.pub = ensure_actors(config, n_shards, store_path, publish_interval_s,
-                                             alerts=alerts, archive_dir=archive_dir)
+                                             alerts=alerts, archive_dir=archive_dir,
+                                             log_dir=log_dir)
         self.canary = None
         if canary is not None and tracking_uri:
             from actors.remote import ensure_canary
@@ -295,6 +297,19 @@ class SidecarAPI:
 
     @api.get("/v1/health")
     async def health(self) -> JSONResponse:
-        pub = await self.pub.health.remote()
-        pings = await asyncio.gather(*(s.ping.remote() for s in self.shards))
-        return JSONResponse({**pub, "shards_alive": len(pings), "n_shards": self.n_shards})
+        async def ping(ref, timeout_s: float = 2.0):
+            return await asyncio.wait_for(ref, timeout_s)
+
+        pub, *pings = await asyncio.gather(ping(self.pub.health.remote(), 5.0),
+                                           *(ping(s.ping.remote()) for s in self.shards),
+                                           return_exceptions=True)
+        if isinstance(pub, BaseException):
+            pub = {"status": "degraded", "publisher": f"{type(pub).__name__}: {pub}"[:300]}
+        down = {str(i): ("no answer within 2 s" if isinstance(p, asyncio.TimeoutError)
+                         else f"{type(p).__name__}: {p}"[:300])
+                for i, p in enumerate(pings) if isinstance(p, BaseException)}
+        body = {**pub, "shards_alive": len(pings) - len(down), "n_shards": self.n_shards}
+        if down:
+            body["shards_down"] = down
+            body["status"] = "degraded"
+        return JSONResponse(jsonable(body))

@@ -23,6 +23,8 @@ class SidecarArgs(BaseModel):
     publish_interval_s: float = Field(0.25, gt=0, le=60)
     archive_dir: str | None = Field(None, description="raw event archive (Parquet) directory; "
                                     "null: <store_path>/archive, \"\": no archive")
+    log_dir: str | None = Field(None, description="the shards' logs (what a restarted shard "
+                                "replays); null: <store_path>/log, \"\": none")
     canary_config: str | None = Field(None,
                                       description="canary policy, experiments, retraining "
                                                   "triggers (null: none)")
@@ -69,8 +71,9 @@ def build_app(args: dict):
     # with experiments, the MLflow store's tables are made here, before any replica starts
     uri = (prepare_store if canary is not None else normalize_tracking_uri)(a.mlflow_tracking_uri)
     return SidecarAPI.bind(cfg, a.shards, store, a.max_body_bytes, a.publish_interval_s,
-                           alerts=alerts, archive_dir=_archive_dir(a.archive_dir, store),
-                           canary=canary, tracking_uri=uri)
+                           alerts=alerts, archive_dir=_under_store(a.archive_dir, store, "archive"),
+                           canary=canary, tracking_uri=uri,
+                           log_dir=_under_store(a.log_dir, store, "log"))
 
 
 def load_canary(path: str | None) -> dict | None:
@@ -84,8 +87,9 @@ def load_canary(path: str | None) -> dict | None:
     return raw
 
 
-def _archive_dir(archive_dir: str | None, store: str) -> str:
-    """The raw event archive: ``<store>/archive`` by default, ``""`` for none."""
-    if archive_dir is None:
-        return str(Path(store) / "archive")
-    return str(Path(archive_dir).expanduser().resolve()) if archive_dir else ""
+def _under_store(path: str | None, store: str, default: str) -> str:
+    """A directory of durable state: ``<store>/<default>`` by default, ``""`` for none,
+    else the path made absolute (replicas may run in another working directory)."""
+    if path is None:
+        return str(Path(store) / default)
+    return str(Path(path).expanduser().resolve()) if path else ""

@@ -17,3 +17,9 @@ FAMILY_CLASSES: dict[str, type[MetricState]] = {
     c.family: c for c in (TrafficState, LatencyState, CostState, ClassificationState,
                           RegressionState, RankingState, FeedbackState, PairedState,
                           FeatureSampleState)}
+
+
+def final_after_ms(family: str, label_delay_ms: int) -> int:
+    """How long after a pane's end its ``family`` state may still change: the label
+    delay for quality families, 0 for operational ones."""
+    return label_delay_ms if FAMILY_CLASSES[family].horizon == "label" else 0

@@ -11,7 +11,7 @@ import pandas as pd
 from kpistream.wire.batch import BASE_LABELS, SeriesKey
 from kpistream.spec.metrics import EngineConfig, WindowSpec
 from kpistream.engine import Partial
-from kpistream.engine.families import FAMILY_CLASSES
+from kpistream.engine.families import final_after_ms
 from kpistream.engine.states import MetricState
 
 #: The segment value of a totals row (every value of the segment merged).
@@ -70,18 +70,29 @@ class WindowAggregator:
         self._emitted_wm = np.iinfo(np.int64).min
         self._max_size = max((w.size for w in self.time_windows), default=self.pane_ms)
         self._all = tuple((seg, ALL) for seg in config.segments) if totals else None
+        self.refused_final = 0
 
     # --------------------------------------------------------------- input
     def add(self, partials: Iterable[Partial], source: object = 0,
-            watermark: int | None = None) -> None:
+            watermark: int | None = None) -> list[Partial]:
+        """Take a source's partials; returns those taken.  A time pane whose windows
+        were already emitted as final is refused (counted in :attr:`refused_final`): a
+        final window never changes (a re-delivery after a restart is identical; a shard
+        restarted without its log would be wrong)."""
+        taken = []
         for p in partials:
             if p.space == "time":
+                if p.end_ms + self.horizon(p.family) <= self._emitted_wm:
+                    self.refused_final += 1
+                    continue
                 self.panes.setdefault((p.key, p.series, p.family), {})[source] = p.state
             else:
                 self.counts.setdefault((p.space, p.series, p.key, p.family), {})[source] = (
                     p.state, p.final, p.start_ms, p.end_ms)
+            taken.append(p)
         if watermark is not None:
             self.watermarks[source] = max(self.watermarks.get(source, watermark), watermark)
+        return taken
 
     @property
     def watermark(self) -> int:
@@ -91,10 +102,16 @@ class WindowAggregator:
             return np.iinfo(np.int64).min
         return min(self.watermarks.values())
 
+    @property
+    def emitted_watermark(self) -> int:
+        """The watermark up to which final windows have been emitted (and, in the
+        publisher, stored): what the shards may forget."""
+        return self._emitted_wm
+
     def horizon(self, family: str) -> int:
         """How long after a pane's end its ``family`` state may still change (the
         label delay for quality families, 0 for operational ones)."""
-        return self.cfg.label_delay_ms if FAMILY_CLASSES[family].horizon == "label" else 0
+        return final_after_ms(family, self.cfg.label_delay_ms)
 
     def is_final(self, family: str, end_ms: int) -> bool:
         """Whether a ``family`` pane or window ending at ``end_ms`` is final now."""

@@ -21,7 +21,9 @@ PIPELINE_COUNTERS: tuple[tuple[str, str, str], ...] = (
      "Inferences whose label deadline passed without a label"),
     ("kpistream_join_pairs", "join_pairs", "Inference-feedback pairs joined"),
     ("kpistream_feedback_type_mismatch", "feedback_type_mismatch",
-     "Feedback of the wrong kind for its model"))
+     "Feedback of the wrong kind for its model"),
+    ("kpistream_final_rewrites_refused", "final_refused",
+     "Partials for panes whose windows were already final, refused by the publisher"))
 #: (exported counter, key in an emitter's report, help); labels model, variant.
 EMITTER_COUNTERS: tuple[tuple[str, str, str], ...] = (
     ("kpistream_emitter_dropped", "dropped", "Events dropped by monitored replicas (buffer full)"),

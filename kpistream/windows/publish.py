@@ -94,15 +94,16 @@ class PublishStep:
     def run(self, results: Sequence[Result]) -> int:
         """One round over ``results`` (one per source). Returns the partials seen."""
         n = 0
+        taken = []
         for i, (parts, wm, stats) in enumerate(results):
             src = stats.get("shard", i)
-            self.agg.add(parts, source=src, watermark=wm)
+            taken.append(self.agg.add(parts, source=src, watermark=wm))
             self.shard_stats[src] = stats
             n += len(parts)
         wm = self.agg.watermark
         # the store keeps one state per pane: the latest state of every source
-        # for each pane touched now, merged
-        touched = {(p.key, p.series, p.family): p for parts, _, _ in results for p in parts
+        # for each pane touched now, merged (never a pane already final)
+        touched = {(p.key, p.series, p.family): p for parts in taken for p in parts
                    if p.space == "time"}
         if self.store is not None:
             self.store.write(self._merged(touched.values()), watermark=wm)
@@ -236,6 +237,7 @@ class PublishStep:
                 emitters.setdefault(key, Counter()).update(
                     {k: e.get(k, 0) for k in ("dropped", "flushed_rows", "send_errors",
                                               "lost_rows", "buffered")})
+        total["final_refused"] = self.agg.refused_final
         return {"counters": dict(total), "rejected": dict(rejected),
                 "emitters": {k: dict(v) for k, v in emitters.items()}}
 
