@@ -41,6 +41,8 @@ class _PublisherOfShards(Publisher):
                          for i in range(n_shards)]
         self._outstanding: list[Any] = [None] * n_shards
         self._since: list[float | None] = [None] * n_shards
+        # a (re)started publisher holds nothing yet: each shard sends everything it holds once
+        self._resync = set(range(n_shards))
         self.pull_timeout_s = pull_timeout_s
         self.shard_problems: dict[int, str] = {}
         super().__init__(config, store_path, pull=self._pull, n_sources=n_shards, alerts=alerts)
@@ -52,7 +54,8 @@ class _PublisherOfShards(Publisher):
         now = time.monotonic()
         for i, h in enumerate(self._handles):
             if self._outstanding[i] is None:
-                self._outstanding[i] = h.collect.remote(self.acked_watermark)
+                self._outstanding[i] = h.collect.remote(self.acked_watermark,
+                                                        i in self._resync)
                 self._since[i] = now
         refs = list(self._outstanding)
         ready, _ = ray.wait(refs, num_returns=len(refs), timeout=self.pull_timeout_s)
@@ -67,6 +70,7 @@ class _PublisherOfShards(Publisher):
             try:
                 out.append(ray.get(ref))
                 self.shard_problems.pop(i, None)
+                self._resync.discard(i)
             except Exception as e:   # dead (restarting from its log) or failing
                 self.shard_problems[i] = f"{type(e).__name__}: {str(e)[:200]}"
         return out

@@ -72,8 +72,10 @@ class Shard:
 
             self.archive = EventArchive(archive_dir, index, clock=self.clock,
                                         **{"background": True, **(archive_options or {})})
-        # partials rebuilt by a replay, handed over with the first collect
-        self._recovered: dict[tuple, Partial] = {}
+        # final partials handed out but not yet stored by the publisher (its acknowledged
+        # watermark is below their deadline): sent again if it asks for everything
+        self._unacked: dict[tuple, Partial] = {}
+        self._resync = False      # the next collect sends everything (after a replay)
         self.recovery: dict[str, Any] = {}
         self.log = None
         if log_dir:
@@ -97,12 +99,13 @@ class Shard:
                 events += len(rec.payload.ts)
             out = self._apply(rec.type, rec.now_ms, rec.payload)
             if rec.type == "collect":
-                for p in out:
-                    self._recovered[(p.space, p.key, p.series, p.family)] = p
+                self._keep_unacked(out)
         self.recovery = {"records": n, "events": events, "seconds": time.perf_counter() - t0,
-                         "partials": len(self._recovered), "cut_tail_bytes": self.log.cut_tail}
+                         "unacked_partials": len(self._unacked),
+                         "cut_tail_bytes": self.log.cut_tail}
         if n:
             self.last_event_ms = self.clock.now_ms()
+            self._resync = True
 
     def _apply(self, kind: str, now_ms: int, payload: Any) -> Any:
         """One engine input at clock reading ``now_ms`` (live and in replay alike)."""
@@ -186,25 +189,43 @@ class Shard:
             self._input("rejected", [tuple(t) for t in tally])
 
     # ----------------------------------------------------------------- output
-    def collect(self, acked_watermark: int | None = None) -> tuple[list[Partial], int, dict]:
+    def _keep_unacked(self, parts) -> None:
+        for p in parts:
+            if p.final and p.space == "time":
+                self._unacked[(p.space, p.key, p.series, p.family)] = p
+
+    def _ack(self, acked_watermark: int) -> None:
+        """Forget the final partials the publisher has stored (their windows are final at
+        its acknowledged watermark)."""
+        delay = self.cfg.label_delay_ms
+        for k in [k for k, p in self._unacked.items()
+                  if p.end_ms + final_after_ms(p.family, delay) <= acked_watermark]:
+            del self._unacked[k]
+
+    def collect(self, acked_watermark: int | None = None, resync: bool = False
+                ) -> tuple[list[Partial], int, dict]:
         """(partials since the last call, watermark, stats) for the publisher.
 
         ``acked_watermark``: the publisher's emitted (and stored) watermark over all
-        shards; the log keeps what a replay needs above it (None: nothing is dropped)."""
+        shards: final partials below it are forgotten, and the log keeps what a replay
+        needs above it (None: nothing is dropped).  ``resync`` (a restarted publisher
+        asks; a shard restarted from its log does it once by itself): every state held
+        and every final partial not yet acknowledged, not only what changed."""
         t0 = time.perf_counter()
         now = self.clock.now_ms()
         if self.processing_time_watermark and now - self.last_event_ms >= self.cfg.lateness_ms \
                 and now - self.cfg.lateness_ms > self.engine.wm.watermark:
             self._input("advance", now - self.cfg.lateness_ms)
+        if acked_watermark is not None:
+            self._ack(int(acked_watermark))
         parts = self._input("collect")
-        if self._recovered:      # the state a replay rebuilt, once, under what came since
+        self._keep_unacked(parts)
+        if resync or self._resync:
+            self._resync = False
             got = {(p.space, p.key, p.series, p.family) for p in parts}
-            acked = -(1 << 63) if acked_watermark is None else int(acked_watermark)
-            parts = [p for k, p in self._recovered.items() if k not in got and (
-                p.space != "time"           # the publisher has these final already:
-                or p.end_ms + final_after_ms(p.family, self.cfg.label_delay_ms) > acked)
-            ] + list(parts)
-            self._recovered = {}
+            held = [p for p in (*self._unacked.values(), *self.engine.held_partials())
+                    if (p.space, p.key, p.series, p.family) not in got]
+            parts = held + list(parts)
         if self.log is not None and acked_watermark is not None:
             self._truncate_log(acked_watermark)
         if self.archive is not None:

@@ -178,6 +178,10 @@ class Engine:
         """End of input: every window becomes final."""
         self.wm.flush()
 
+    def held_partials(self) -> list[Partial]:
+        """Every state held now, as partials (nothing changes: see :meth:`Panes.held`)."""
+        return self.panes.held()
+
     def collect(self) -> list[Partial]:
         """Cumulative partials of the panes touched since the last call; final ones are dropped."""
         wm = self.emit_watermark

@@ -288,6 +288,26 @@ class Panes:
                     del panes[pkey]
         return out
 
+    def held(self) -> list[Partial]:
+        """Cumulative partials of every state held now (none final, nothing marked):
+        what a consumer that lost its copies (a restarted publisher) needs again."""
+        out: list[Partial] = []
+        series_keys = self.vocab.series_keys
+        for space, panes in self.panes.items():
+            is_time = space == TIME
+            for pkey, p in panes.items():
+                key = pkey if is_time else pkey[1]
+                start, end = (p.start, p.end) if is_time else (p.min_ts, p.max_ts + 1)
+                for (family, sid), st in p.states.items():
+                    st = st.detach() if isinstance(st, ClassificationState) else st.copy()
+                    out.append(Partial(space, int(key), series_keys[sid], family, st, False,
+                                       int(start), int(end)))
+                for family, t in p.tables.items():
+                    for sid in t.sids():
+                        out.append(Partial(space, int(key), series_keys[sid], family,
+                                           t.state(sid), False, int(start), int(end)))
+        return out
+
     # ---------------------------------------------------------------- reports
     def open_count(self) -> int:
         return sum(len(p) for p in self.panes.values())
