@@ -136,6 +136,12 @@ class Publisher:
         """Pipeline counters summed over shards."""
         return self.step.counters()
 
+    def pid(self) -> int:
+        """This process's id (fault-injection tests kill it)."""
+        import os
+
+        return os.getpid()
+
     def health(self) -> dict:
         return {"status": "ok" if not self.errors else "degraded", "ticks": self.ticks,
                 "watermark": self.agg.watermark, "shards": len(self.shard_stats),

@@ -87,12 +87,21 @@ class SeriesStore:
         """The resolution called ``name`` (None: the base)."""
         return self._db.resolution(name)
 
+    @property
+    def watermark(self) -> int | None:
+        """The highest publisher watermark written (None: none yet): every window final
+        at it is stored final."""
+        with self._db.lock:
+            row = self._db.conn.execute(
+                "SELECT value FROM meta WHERE key = 'watermark'").fetchone()
+        return None if row is None else int(row[0])
+
     # -------------------------------------------------------------- write
     def write(self, partials: Iterable[Partial], watermark: int | None = None) -> int:
         """Upsert the base-resolution states of time panes; returns rows written.
 
         A later state of a pane replaces the earlier one; a final state is
-        never replaced by a provisional one.  ``watermark`` (the publisher's,
+        never replaced.  ``watermark`` (the publisher's,
         over all shards) makes states final whose deadline it has passed, and
         flips stored base rows that it has made final.  Count-window partials
         are ignored.  One transaction.

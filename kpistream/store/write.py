@@ -95,22 +95,29 @@ class StateWriter:
             self.mark_pending(1, starts)
             if watermark is not None:
                 self.finalize(base, watermark)
+                # the highest watermark written: a restarted publisher resumes from it
+                row = c.execute("SELECT value FROM meta WHERE key = 'watermark'").fetchone()
+                if row is None or int(row[0]) < int(watermark):
+                    c.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('watermark', ?)",
+                              (str(int(watermark)),))
         return n
 
     def put(self, res: Resolution, items: Sequence[Item]) -> int:
         """Upsert (start, series id, family, state, final) items of one resolution; rows written."""
         step, name = res.step_ms, res.name
         c = self._db.conn
-        prov_starts = sorted({it[0] for it in items if not it[4]})
-        if prov_starts:
+        # a final state never changes: neither a provisional nor another final state
+        # replaces it (a restarted source's partial view of a pane would)
+        all_starts = sorted({it[0] for it in items})
+        if all_starts:
             final: set[tuple[int, int, str]] = set()
-            for i in range(0, len(prov_starts), MAX_IN):
-                chunk = prov_starts[i:i + MAX_IN]
+            for i in range(0, len(all_starts), MAX_IN):
+                chunk = all_starts[i:i + MAX_IN]
                 final.update(c.execute(
                     f"SELECT start, series, family FROM states WHERE res = ? AND final = 1 "
                     f"AND start IN ({','.join('?' * len(chunk))})", [name, *chunk]).fetchall())
             if final:
-                items = [it for it in items if it[4] or (it[0], it[1], it[2]) not in final]
+                items = [it for it in items if (it[0], it[1], it[2]) not in final]
         st_rows, del_rows, row_rows = [], [], []
         encode = encode_state
         for start, sid, family, state, fin in items:

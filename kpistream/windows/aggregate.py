@@ -102,6 +102,11 @@ class WindowAggregator:
             return np.iinfo(np.int64).min
         return min(self.watermarks.values())
 
+    def resume(self, emitted_watermark: int) -> None:
+        """Start as if the windows final at ``emitted_watermark`` had been emitted (a
+        restarted publisher: they are in the store); partials for them are refused."""
+        self._emitted_wm = max(self._emitted_wm, int(emitted_watermark))
+
     @property
     def emitted_watermark(self) -> int:
         """The watermark up to which final windows have been emitted (and, in the

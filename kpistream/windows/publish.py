@@ -71,6 +71,8 @@ class PublishStep:
         self.clock = clock or SystemClock()
         # nothing is final until every source has reported its watermark
         self.agg = WindowAggregator(config, sources=sources)
+        if store is not None and store.watermark is not None:
+            self.agg.resume(store.watermark)    # a restart: what is final is stored already
         self.store = store
         self.watcher = watcher
         self.paired = PairedSummaries(store, config.pane_ms) if store is not None else None

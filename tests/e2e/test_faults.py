@@ -48,7 +48,7 @@ def _series(base: str) -> pd.DataFrame:
 def test_killed_shards_lose_and_double_nothing(serve_port, tmp_path):
     import ray
 
-    from actors.remote import NAMESPACE, shard_name
+    from actors.remote import NAMESPACE, PUBLISHER, shard_name
 
     cfg = load_config(ROOT / "configs/metrics.yaml")
     deploy_sidecar("kpistream-faults", tmp_path / "store", alerts_config=None)
@@ -57,7 +57,7 @@ def test_killed_shards_lose_and_double_nothing(serve_port, tmp_path):
         wait_healthy(base, timeout_s=60)
         now = int(time.time() * 1000)
         # 10 minutes of traffic that ended an hour ago: labels late, duplicates, early feedback
-        stream = generate_stream(8000, seed=9, rate_per_s=14.0, start_ms=now - 4_200_000,
+        stream = generate_stream(12000, seed=9, rate_per_s=20.0, start_ms=now - 4_200_000,
                                  late_rate=0.0)
         recs = list(stream.records())
         chunks = [recs[i:i + 400] for i in range(0, len(recs), 400)]
@@ -67,15 +67,16 @@ def test_killed_shards_lose_and_double_nothing(serve_port, tmp_path):
         rewritten: list = []
 
         def chaos():
+            """SIGKILL a shard (8 times) or the publisher (every third kill) at random."""
             rng = random.Random(4)
             time.sleep(1.0)
-            while not stop.is_set() and len(kills) < 8:
-                i = rng.randrange(2)
+            while not stop.is_set() and len(kills) < 12:
+                name = PUBLISHER if len(kills) % 3 == 2 else shard_name(rng.randrange(2))
                 try:
-                    pid = ray.get(ray.get_actor(shard_name(i), namespace=NAMESPACE).pid.remote(),
+                    pid = ray.get(ray.get_actor(name, namespace=NAMESPACE).pid.remote(),
                                   timeout=30)
                     os.kill(pid, signal.SIGKILL)
-                    kills.append((i, time.time()))
+                    kills.append((name, time.time()))
                 except Exception:
                     pass
                 stop.wait(rng.uniform(0.8, 2.0))
@@ -117,7 +118,7 @@ def test_killed_shards_lose_and_double_nothing(serve_port, tmp_path):
         stop.set()
         for t in threads:
             t.join(30)
-        assert len(kills) >= 4, kills
+        assert sum(k[0] == PUBLISHER for k in kills) >= 2 and len(kills) >= 8, kills
         # every window final (the shards idle: the watermark moves to the clock)
         deadline = time.time() + 60
         while True:
@@ -145,7 +146,9 @@ def test_killed_shards_lose_and_double_nothing(serve_port, tmp_path):
         with urllib.request.urlopen(base + "/v1/health", timeout=10) as r:
             health = json.loads(r.read())
         print(f"\nfaults: {len(recs):,} events in {len(chunks)} requests over {sent_s:.1f} s, "
-              f"{len(kills)} shard kills (SIGKILL), {retries} retried requests; "
+              f"{sum(k[0] != PUBLISHER for k in kills)} shard and "
+              f"{sum(k[0] == PUBLISHER for k in kills)} publisher kills (SIGKILL), "
+              f"{retries} retried requests; "
               f"{len(m):,} stored windows equal replay; {len(finals):,} final windows never "
               f"rewritten")
         assert health["shards_alive"] == 2
