@@ -9,13 +9,18 @@ In one run:
    maximum seen is printed).  The publisher ticks every 100 ms, merging and
    writing to the SQLite store.  Events/s counts events the shards accepted.
 2. **Baseline**: the same shard actors fed one event per actor call.
+   **Durability**: shards with and without their log (every input written
+   through before the shard answers), ``--ab-rounds`` alternating rounds of
+   ``--ab-seconds``, collected and acknowledged every 0.5 s as the publisher
+   does; the cost is 1 - median(with) / median(without).
 3. **Freshness** at ``--fresh-rate`` (100,000 events/s) of background load:
    probe events are emitted one at a time, and the time until the query API
    (the publisher's ``series``, what ``GET /v1/series`` serves) shows the
    probe in its open window's running value is measured.
 
 Last line:
-``pipeline: <events/s> events/s, <ratio>x per-event calls, freshness p50 <ms> ms p99 <ms> ms``
+``pipeline: <events/s> events/s, <ratio>x per-event calls, freshness p50 <ms> ms p99 <ms> ms,
+durability cost <percent> %``
 """
 
 from __future__ import annotations
@@ -133,6 +138,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16384)
     ap.add_argument("--fresh-rate", type=float, default=100_000)
     ap.add_argument("--fresh-seconds", type=float, default=10.0)
+    ap.add_argument("--ab-rounds", type=int, default=4)
+    ap.add_argument("--ab-seconds", type=float, default=6.0)
     a = ap.parse_args()
     ray.init(num_cpus=os.cpu_count() or 2, include_dashboard=False, log_to_driver=False)
     store = tempfile.mkdtemp(prefix="kpistream-bench-store-")
@@ -163,8 +170,42 @@ def main() -> None:
           f"max calls in flight per shard {prod.max_inflight} (bounded by --depth); "
           f"publisher ticks {st['ticks']}, errors {st['errors']}; shard busy {busy}")
 
-    # 2. baseline: one event per actor call, into fresh shard actors of the same class
+    # 1b. the cost of durability: shards with and without their log, A/B interleaved
     from actors.remote import ShardActor
+
+    dur = {}
+    for label, log_root in (("log", tempfile.mkdtemp(prefix="kpistream-bench-log-")),
+                            ("no log", None)):
+        sh = [ShardActor.remote(200 + i + (10 if log_root is None else 0), CONFIG,
+                                log_dir=None if log_root is None else f"{log_root}/shard-{i}")
+              for i in range(a.shards)]
+        ray.get([x.ping.remote() for x in sh])
+        dur[label] = (sh, Producer(sh, parts, span, salt=77 if log_root else 88), [])
+    for rnd in range(a.ab_rounds):
+        for label in (("log", "no log") if rnd % 2 == 0 else ("no log", "log")):
+            sh, p, rates = dur[label]
+            acked = [None] * len(sh)
+            p.sent = p.accepted = 0
+            t_end = time.perf_counter() + a.ab_seconds
+            secs = 0.0
+            while time.perf_counter() < t_end:   # a publisher's pulls, acknowledging
+                secs += p.run(0.5)
+                res = ray.get([x.collect.remote(acked[i]) for i, x in enumerate(sh)])
+                acked = [wm for _, wm, _ in res]
+            rates.append(p.accepted / secs)
+    on, off = dur["log"][2], dur["no log"][2]
+    cost = 1 - float(np.median(on)) / float(np.median(off))
+    log_stats = ray.get(dur["log"][0][0].stats.remote())["log"]
+    print(f"durability: shards with their log {', '.join(f'{r:,.0f}' for r in on)} events/s, "
+          f"without {', '.join(f'{r:,.0f}' for r in off)} events/s ({a.ab_rounds} alternating "
+          f"rounds of {a.ab_seconds:g} s); cost {100 * cost:.1f} % (medians); shard 0's log "
+          f"{log_stats['bytes'] / 2**20:,.0f} MiB in {log_stats['segments']} segments after "
+          f"truncation, {log_stats['records']:,} records")
+    for sh, _, _ in dur.values():
+        for x in sh:
+            ray.kill(x)
+
+    # 2. baseline: one event per actor call, into fresh shard actors of the same class
 
     base_shards = [ShardActor.remote(100 + i, CONFIG) for i in range(a.shards)]
     ray.get([b.ping.remote() for b in base_shards])
@@ -221,7 +262,7 @@ def main() -> None:
           f"load (target {a.fresh_rate:,.0f}); p50 {p50:.0f} ms, p99 {p99:.0f} ms, "
           f"max {max(lat):.0f} ms")
     print(f"pipeline: {rate:,.0f} events/s, {rate / base_rate:.1f}x per-event calls, "
-          f"freshness p50 {p50:.0f} ms p99 {p99:.0f} ms")
+          f"freshness p50 {p50:.0f} ms p99 {p99:.0f} ms, durability cost {100 * cost:.1f} %")
     ray.shutdown()
 
 
