@@ -99,7 +99,9 @@ class MonitoredModel:
     (:meth:`features`) travel with the event; ``sink`` replaces the shard
     actors (tests, other transports); ``send_timeout_s`` gives up on a send
     that long outstanding when the flush task must wait for it (counted as a
-    send error).
+    send error); a failed or timed-out send goes again after a backoff, up to
+    ``send_retries`` times (the shard drops what it already applied by event
+    id), before its rows are counted as lost.
 
     Users subclass it and implement ``async predict(payload)``;
     the model code stays theirs::
@@ -161,7 +163,7 @@ class MonitoredModel:
                  endpoint: str = "predict", n_shards: int | None = None,
                  buffer_rows: int = 65536, flush_rows: int = 512, flush_ms: float = 50.0,
                  max_in_flight: int = 8, feature_sample: float = 0.0, sink: Any = None,
-                 send_timeout_s: float = 30.0) -> None:
+                 send_timeout_s: float = 30.0, send_retries: int = 8) -> None:
         for name, v in (("model", model), ("model_version", model_version),
                         ("variant", variant)):
             _check_name(name, v)
@@ -203,6 +205,7 @@ class MonitoredModel:
             sink if sink is not None else ShardTransport(n_shards), self._to_batch,
             buffer_rows=buffer_rows, flush_rows=flush_rows, flush_s=float(flush_ms) / 1000.0,
             max_in_flight=max_in_flight, send_timeout_s=send_timeout_s,
+            max_retries=send_retries,
             name=self._mon_id_prefix.rstrip("-"), stats=self.monitor_stats,
             label=f"{model} {variant}")
 
@@ -408,6 +411,7 @@ class MonitoredModel:
             "sent_batches": em["sent_batches"], "sent_rows": em["sent_rows"],
             "in_flight": em["in_flight"],
             "send_errors": em["send_errors"], "send_timeouts": em["send_timeouts"],
+            "send_retries": em["send_retries"], "retry_waiting_rows": em["retry_waiting_rows"],
             "lost_rows": em["lost_rows"],
             **norm,
             "accepted": em["accepted"], "rejected": em["rejected"], "late": em["late"],

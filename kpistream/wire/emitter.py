@@ -29,7 +29,14 @@ class Emitter:
     flushed when it holds ``flush_rows`` rows or every ``flush_s`` seconds;
     at most ``max_in_flight`` sends are outstanding (past that the flush task
     awaits the oldest, up to ``send_timeout_s`` (None: no limit), then gives
-    up on it and counts a send error).  With ``batch_rows`` a send carries at
+    up on it and counts a send error).  A failed or timed-out send goes again
+    after a backoff (``retry_backoff_s``, doubling, at most 5 s), up to
+    ``max_retries`` times, while the rows waiting for a retry fit in
+    ``buffer_rows``: at least once; receivers drop re-deliveries by event id.
+    Only then are rows counted as lost.  While a send waits to go again, newer
+    rows stay in the buffer (nothing overtakes it, so no receiver's watermark
+    turns it late); a long outage fills the buffer, and rows beyond it are
+    dropped and counted.  With ``batch_rows`` a send carries at
     most that many rows, and a flush started by size (not age) sends only
     full batches: the rest waits for its age (``flush_rows`` is then at least
     ``batch_rows``).  ``lock`` (a
@@ -59,7 +66,7 @@ class Emitter:
                  flush_s: float = 0.05, max_in_flight: int = 8,
                  send_timeout_s: float | None = 30.0, batch_rows: int | None = None,
                  lock: Any = None, name: str = "", stats: Callable[[], dict] | None = None,
-                 label: str = "") -> None:
+                 label: str = "", max_retries: int = 8, retry_backoff_s: float = 0.1) -> None:
         if buffer_rows < 1 or flush_rows < 1 or max_in_flight < 1:
             raise ValueError("buffer_rows, flush_rows and max_in_flight must be >= 1")
         if batch_rows is not None and batch_rows < 1:
@@ -87,7 +94,11 @@ class Emitter:
         self.dropped = 0
         self.closed = False
         self.task: asyncio.Task | None = None
-        self._inflight: deque = deque()    # [future, rows, settled]
+        self._inflight: deque = deque()    # [future, rows, settled, part, attempt]
+        # failed sends waiting to go again: (due, attempt, part), oldest first
+        self._retry: deque = deque()
+        self.max_retries = int(max_retries)
+        self.retry_backoff_s = float(retry_backoff_s)
         self.pending = 0                   # sends neither answered nor abandoned
         self.c: Counter = Counter()
         self.last_error: str | None = None
@@ -127,10 +138,17 @@ class Emitter:
             self.running = False
 
     async def flush(self, wait: bool = True, timeout: float | None = None) -> None:
-        """Flush the buffer now; with ``wait``, also wait for every outstanding send."""
+        """Flush the buffer now; with ``wait``, also wait for every outstanding send (and
+        send the failed ones again, without waiting for their backoff)."""
         await self.flush_once(by_size=False)
         if wait:
             await self.drain(timeout)
+            if self._retry:
+                if self._flushing is None:
+                    self._flushing = asyncio.Lock()
+                async with self._flushing:
+                    await self._flush_once(False, force_retries=True)
+                await self.drain(timeout)
 
     async def aclose(self, timeout: float = 5.0) -> None:
         """Stop the flush task after a last flush (sends awaited up to ``timeout`` s)."""
@@ -158,6 +176,8 @@ class Emitter:
                 "sent_batches": c["sent_batches"], "sent_rows": c["sent_rows"],
                 "in_flight": self.pending,
                 "send_errors": c["send_errors"], "send_timeouts": c["send_timeouts"],
+                "send_retries": c["send_retries"], "retry_waiting_rows": sum(
+                    len(p) for _, _, p in self._retry),
                 "lost_rows": c["lost_rows"],
                 "accepted": c["accepted"], "rejected": c["rejected"], "late": c["late"],
                 "duplicates": c["duplicates"], "last_error": self.last_error}
@@ -207,9 +227,9 @@ class Emitter:
         async with self._flushing:
             return await self._flush_once(by_size)
 
-    async def _flush_once(self, by_size: bool) -> bool:
+    async def _flush_once(self, by_size: bool, force_retries: bool = False) -> bool:
         self._reap()
-        if not self.buf:
+        if not self.buf and not self._retry:
             return True
         tr = self.transport
         try:
@@ -222,6 +242,11 @@ class Emitter:
         except Exception as e:
             self.note_error(f"sink not ready: {type(e).__name__}: {e}")
             return False
+        await self._resend_due(force_retries)
+        if self._retry:
+            # in order: nothing newer overtakes a failed send (a receiver's watermark would
+            # make it late); meanwhile the buffer holds the new rows, within its bound
+            return True
         size = self.batch_rows
         with self._lock:
             rows = self.buf
@@ -255,14 +280,24 @@ class Emitter:
                 await self._send(part)
         return True
 
-    async def _send(self, part: Any) -> None:
+    async def _resend_due(self, force: bool = False) -> None:
+        """Send again the failed sends whose backoff is over (``force``: all of them)."""
+        now = time.monotonic()
+        for _ in range(len(self._retry)):      # one pass: what fails again waits its turn
+            if not (force or self._retry[0][0] <= now):
+                break
+            _, attempt, part = self._retry.popleft()
+            self.c["retried_rows"] += len(part)
+            await self._send(part, attempt)
+
+    async def _send(self, part: Any, attempt: int = 0) -> None:
         n = len(part)
         await self._limit_in_flight()
         try:
             res = self.transport.send(self.kind, part)
             fut = asyncio.ensure_future(res) if hasattr(res, "__await__") else None
         except Exception as e:
-            self._send_failed(n, e)
+            self._send_failed(n, e, part, attempt)
             return
         c = self.c
         c["sent_batches"] += 1
@@ -270,7 +305,7 @@ class Emitter:
         if fut is None:
             self._count(res)
         else:
-            entry = [fut, n, False]
+            entry = [fut, n, False, part, attempt]
             self._inflight.append(entry)
             self.pending += 1
             fut.add_done_callback(lambda f, entry=entry: self._on_done(entry))
@@ -293,7 +328,8 @@ class Emitter:
                 self.pending -= 1
                 self.c["send_timeouts"] += 1
                 self._send_failed(entry[1], TimeoutError(
-                    f"a send was outstanding for more than {self.send_timeout_s} s"))
+                    f"a send was outstanding for more than {self.send_timeout_s} s"),
+                    entry[3], entry[4])
 
     async def drain(self, timeout: float | None = None) -> None:
         """Wait for the outstanding sends (up to ``timeout`` s)."""
@@ -309,11 +345,12 @@ class Emitter:
         self.pending -= 1
         fut = entry[0]
         if fut.cancelled():
-            self._send_failed(entry[1], asyncio.CancelledError("send cancelled"))
+            self._send_failed(entry[1], asyncio.CancelledError("send cancelled"), entry[3],
+                              entry[4])
             return
         exc = fut.exception()
         if exc is not None:
-            self._send_failed(entry[1], exc)
+            self._send_failed(entry[1], exc, entry[3], entry[4])
             return
         self._count(fut.result())
 
@@ -327,9 +364,21 @@ class Emitter:
                 c["duplicates"] += int(rep.get("duplicates", 0))
                 c["rejected"] += len(rep.get("rejected") or ())
 
-    def _send_failed(self, rows: int, e: BaseException) -> None:
+    def _send_failed(self, rows: int, e: BaseException, part: Any = None,
+                     attempt: int = 0) -> None:
+        """A send failed or timed out: it goes again after a backoff (the receiver drops
+        what it already applied by event id), up to ``max_retries`` times while the rows
+        waiting for a retry stay within the buffer's bound; past that the rows are lost
+        and counted."""
         self.c["send_errors"] += 1
-        self.c["lost_rows"] += rows
+        waiting = sum(len(p) for _, _, p in self._retry)
+        if part is not None and attempt < self.max_retries and not self.closed \
+                and waiting + rows <= self.cap:
+            delay = min(self.retry_backoff_s * (2 ** attempt), 5.0)
+            self._retry.append((time.monotonic() + delay, attempt + 1, part))
+            self.c["send_retries"] += 1
+        else:
+            self.c["lost_rows"] += rows
         reset = getattr(self.transport, "reset", None)
         if reset is not None:
             try:

@@ -447,7 +447,8 @@ def test_a_blocked_sink_never_blocks_replies():
 def test_a_send_that_never_answers_is_given_up_on():
     async def go():
         sink = FakeSink(reply="never")
-        m = Echo(sink=sink, flush_rows=1, flush_ms=5, max_in_flight=1, send_timeout_s=0.05)
+        m = Echo(sink=sink, flush_rows=1, flush_ms=5, max_in_flight=1, send_timeout_s=0.05,
+                 send_retries=0)    # at most once here; retries: tests/wire/test_emitter.py
         for i in range(3):
             await call(m, {"pred": i})
             await asyncio.sleep(0.02)
@@ -464,7 +465,7 @@ def test_send_errors_are_counted():
     async def go():
         for reply in ("raise", "fail"):
             sink = FakeSink(reply=reply)
-            m = Echo(sink=sink)
+            m = Echo(sink=sink, send_retries=0)
             st, _, _ = await call(m, {})
             assert st == 200
             await m.flush()

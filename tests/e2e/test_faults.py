@@ -216,3 +216,84 @@ def test_a_whole_restart_completes_the_open_windows_from_the_logs(serve_port, tm
         assert ready_s < 60
     finally:
         remove_sidecar("kpistream-restart")
+
+
+def test_a_monitored_model_delivers_every_event_once_through_shard_kills(serve_port, tmp_path):
+    """The monitoring wrapper's path: requests to a Serve deployment, events to the shards
+    by the emitter, shards SIGKILLed meanwhile; failed sends go again (at least once) and
+    the shards drop re-deliveries (exactly once): the stored request count is exact."""
+    import ray
+    from ray import serve
+
+    from actors.remote import NAMESPACE, shard_name
+    from app.monitor import MonitoredModel
+
+    @serve.deployment(ray_actor_options={"num_cpus": 0})
+    class Echo(MonitoredModel):
+        def __init__(self) -> None:
+            super().__init__(model="echo", model_version="1", n_shards=2, flush_rows=64,
+                             flush_ms=20, send_timeout_s=5.0)
+
+        async def predict(self, payload: dict):
+            return {"label": int(payload.get("x", 0) > 0.5)}
+
+    base = f"http://127.0.0.1:{serve_port}"
+    deploy_sidecar("kpistream-faults-mon", tmp_path / "store", alerts_config=None)
+    try:
+        wait_healthy(base, timeout_s=60)
+        serve.run(Echo.bind(), name="faults-echo", route_prefix="/echo")
+        stop = threading.Event()
+        kills: list = []
+
+        def chaos():
+            rng = random.Random(7)
+            time.sleep(1.0)
+            while not stop.is_set() and len(kills) < 5:
+                try:
+                    h = ray.get_actor(shard_name(rng.randrange(2)), namespace=NAMESPACE)
+                    os.kill(ray.get(h.pid.remote(), timeout=30), signal.SIGKILL)
+                    kills.append(time.time())
+                except Exception:
+                    pass
+                stop.wait(rng.uniform(1.0, 2.0))
+
+        t = threading.Thread(target=chaos, daemon=True)
+        t.start()
+        n = 0
+        t_end = time.time() + 12
+        while time.time() < t_end or len(kills) < 5:
+            req = urllib.request.Request(base + "/echo", data=json.dumps({"x": 0.7}).encode(),
+                                         method="POST")
+            with urllib.request.urlopen(req, timeout=30) as r:
+                assert r.status == 200
+            n += 1
+            assert time.time() < t_end + 60, "the chaos thread stalled"
+        stop.set()
+        t.join(30)
+
+        def stored():
+            rows = json.loads(urllib.request.urlopen(
+                base + "/v1/series?metric=requests&resolution=10s&model=echo&limit=100000",
+                timeout=30).read())
+            return sum(r["value"] for r in rows), all(not r["provisional"] for r in rows)
+
+        deadline = time.time() + 90
+        while True:          # the emitters' retries, then every window final
+            total, final = stored()
+            if total >= n and final:
+                break
+            assert time.time() < deadline, f"stored {total} of {n} requests"
+            time.sleep(1)
+        time.sleep(2)
+        total, _ = stored()
+        text = urllib.request.urlopen(base + "/metrics", timeout=30).read().decode()
+        lost = [line for line in text.splitlines()
+                if line.startswith('kpistream_emitter_lost_total{model="echo"')]
+        assert total == n, (total, n)
+        assert lost and lost[0].endswith(" 0.0"), lost
+        print(f"\nmonitored: {n:,} requests through the wrapper, {len(kills)} shard kills; "
+              f"{int(total):,} stored, none lost or doubled")
+    finally:
+        stop.set()
+        serve.delete("faults-echo")
+        remove_sidecar("kpistream-faults-mon")

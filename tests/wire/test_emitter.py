@@ -149,7 +149,8 @@ def test_ready_may_raise_or_be_a_coroutine():
 def test_in_flight_is_bounded_and_a_stuck_send_is_given_up_on():
     async def go():
         tr = Memory(reply="never")
-        em = Emitter(tr, flush_rows=1, flush_s=0.005, max_in_flight=2, send_timeout_s=0.1)
+        em = Emitter(tr, flush_rows=1, flush_s=0.005, max_in_flight=2, send_timeout_s=0.1,
+                     max_retries=0)
         for i in range(3):
             em.put(i)
             await asyncio.sleep(0.02)
@@ -166,13 +167,78 @@ def test_in_flight_is_bounded_and_a_stuck_send_is_given_up_on():
 def test_send_errors_are_counted_and_the_transport_reset(reply):
     async def go():
         tr = Memory(reply=reply)
-        em = Emitter(tr, flush_s=60)
+        em = Emitter(tr, flush_s=60, max_retries=0)      # at most once: lost at once
         em.put("a")
         em.put("b")
         await em.flush()
         st = em.stats()
         assert st["send_errors"] == 1 and st["lost_rows"] == 2 and st["in_flight"] == 0
         assert tr.resets == 1 and "send failed" in st["last_error"]
+        await em.aclose()
+    run(go())
+
+
+class Flaky(Memory):
+    """Fails (raises, or a failing or never-ending future) the first ``n`` sends."""
+
+    def __init__(self, n: int, how: str) -> None:
+        super().__init__()
+        self.n, self.how, self.ok_rows = n, how, []
+
+    def send(self, kind, batch):
+        self.sent.append((kind, batch))
+        if len(self.sent) <= self.n:
+            if self.how == "raise":
+                raise ConnectionError("down")
+            if self.how == "never":
+                return asyncio.get_running_loop().create_future()
+
+            async def fail():
+                raise RuntimeError("ingest failed")
+            return fail()
+        self.ok_rows.extend(batch)
+        return None
+
+
+@pytest.mark.parametrize("how", ["raise", "fail", "never"])
+def test_failed_sends_go_again_until_delivered(how):
+    """At least once: failed and timed-out sends go again after a backoff; nothing is
+    lost while retries remain, and what arrives is every row (re-deliveries are the
+    receiver's to drop by event id)."""
+    async def go():
+        tr = Flaky(3, how)
+        em = Emitter(tr, flush_rows=2, flush_s=0.005, send_timeout_s=0.05,
+                     retry_backoff_s=0.01, max_in_flight=1)
+        rows = list(range(10))
+        for r in rows:
+            em.put(r)
+            await asyncio.sleep(0.002)
+        assert await wait_for(lambda: sorted(set(tr.ok_rows)) == rows, 5)
+        await em.flush()
+        st = em.stats()
+        assert st["lost_rows"] == 0 and st["send_retries"] == 3 and st["send_errors"] == 3
+        assert st["retry_waiting_rows"] == 0 and tr.resets == 3
+        if how == "never":
+            assert st["send_timeouts"] == 3
+        await em.aclose()
+    run(go())
+
+
+def test_retries_are_bounded_in_number_and_in_rows():
+    async def go():
+        tr = Flaky(10**9, "raise")                         # never comes back
+        em = Emitter(tr, flush_s=0.005, retry_backoff_s=0.001, max_retries=3,
+                     buffer_rows=6, flush_rows=3)
+        for r in range(3):
+            em.put(r)
+        assert await wait_for(lambda: em.stats()["lost_rows"] == 3, 5)
+        assert em.stats()["send_retries"] == 3 and len(tr.sent) == 4
+        for r in range(9):                                   # more than the bound waits
+            em.put(r)
+            await asyncio.sleep(0)
+        assert await wait_for(lambda: em.stats()["retry_waiting_rows"] == 0, 5)
+        st = em.stats()
+        assert st["lost_rows"] + st["dropped"] == 12 and st["retry_waiting_rows"] <= 6
         await em.aclose()
     run(go())
 
