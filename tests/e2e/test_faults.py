@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
 
 from kpistream.replay import iter_runs, replay_batches
 from kpistream.spec.metrics import load_config
@@ -43,6 +44,38 @@ def _series(base: str) -> pd.DataFrame:
     with urllib.request.urlopen(base + "/v1/series?resolution=10s&limit=100000",
                                 timeout=30) as r:
         return pd.DataFrame(json.loads(r.read()))
+
+
+def _final_series(base: str, timeout_s: float = 60.0) -> pd.DataFrame:
+    """The stored 10 s rows once every window is final (the shards idle: the watermark
+    moves to the clock)."""
+    deadline = time.time() + timeout_s
+    while True:
+        got = _series(base)
+        if len(got) and not got["provisional"].any():
+            return got
+        assert time.time() < deadline, "windows never became final"
+        time.sleep(1)
+
+
+def _assert_equals_replay(got: pd.DataFrame, recs: list, cfg) -> int:
+    """Every stored 10 s window equals `kpistream replay` of ``recs``: same windows, same
+    counts, same values.  Returns how many windows were compared."""
+    res = validate_rows(recs, now_ms=int(time.time() * 1000), max_future_ms=cfg.max_future_ms)
+    batches = [(k, (InferenceBatch if k == "inference" else FeedbackBatch).from_records(r))
+               for k, r in iter_runs(res)]
+    rows, _ = replay_batches(batches, cfg)
+    want = rows_frame(rows, cfg.segments)
+    want = want[want["window"] == "10s"]
+    got = got.assign(window_start=pd.to_datetime(got["window_start"], utc=True))
+    m = want.merge(got, on=KEY, suffixes=("_r", "_s"), how="outer", indicator=True)
+    assert (m["_merge"] == "both").all(), m[m["_merge"] != "both"][KEY + ["_merge"]].head()
+    assert (m["count_r"] == m["count_s"]).all(), \
+        m[m["count_r"] != m["count_s"]][KEY + ["count_r", "count_s"]].head()
+    both = m["value_r"].notna() | m["value_s"].notna()
+    assert ((m["value_r"] - m["value_s"]).abs()[both] <= 1e-9 * m["value_r"].abs()[both]
+            + 1e-12).all()
+    return len(m)
 
 
 def test_killed_shards_lose_and_double_nothing(serve_port, tmp_path):
@@ -119,29 +152,8 @@ def test_killed_shards_lose_and_double_nothing(serve_port, tmp_path):
         for t in threads:
             t.join(30)
         assert sum(k[0] == PUBLISHER for k in kills) >= 2 and len(kills) >= 8, kills
-        # every window final (the shards idle: the watermark moves to the clock)
-        deadline = time.time() + 60
-        while True:
-            got = _series(base)
-            if len(got) and not got["provisional"].any():
-                break
-            assert time.time() < deadline, "windows never became final"
-            time.sleep(1)
-        res = validate_rows(recs, now_ms=int(time.time() * 1000),
-                            max_future_ms=cfg.max_future_ms)
-        batches = [(k, (InferenceBatch if k == "inference" else FeedbackBatch).from_records(r))
-                   for k, r in iter_runs(res)]
-        rows, _ = replay_batches(batches, cfg)
-        want = rows_frame(rows, cfg.segments)
-        want = want[want["window"] == "10s"]
-        got["window_start"] = pd.to_datetime(got["window_start"], utc=True)
-        m = want.merge(got, on=KEY, suffixes=("_r", "_s"), how="outer", indicator=True)
-        assert (m["_merge"] == "both").all(), m[m["_merge"] != "both"][KEY + ["_merge"]].head()
-        assert (m["count_r"] == m["count_s"]).all(), \
-            m[m["count_r"] != m["count_s"]][KEY + ["count_r", "count_s"]].head()
-        both = m["value_r"].notna() | m["value_s"].notna()
-        assert ((m["value_r"] - m["value_s"]).abs()[both] <= 1e-9 * m["value_r"].abs()[both]
-                + 1e-12).all()
+        got = _final_series(base)
+        n_windows = _assert_equals_replay(got, recs, cfg)
         assert rewritten == [], rewritten[:5]
         with urllib.request.urlopen(base + "/v1/health", timeout=10) as r:
             health = json.loads(r.read())
@@ -149,7 +161,7 @@ def test_killed_shards_lose_and_double_nothing(serve_port, tmp_path):
               f"{sum(k[0] != PUBLISHER for k in kills)} shard and "
               f"{sum(k[0] == PUBLISHER for k in kills)} publisher kills (SIGKILL), "
               f"{retries} retried requests; "
-              f"{len(m):,} stored windows equal replay; {len(finals):,} final windows never "
+              f"{n_windows:,} stored windows equal replay; {len(finals):,} final windows never "
               f"rewritten")
         assert health["shards_alive"] == 2
     finally:
@@ -160,7 +172,12 @@ def test_a_whole_restart_completes_the_open_windows_from_the_logs(serve_port, tm
     """Every actor gone at once (as after `serve shutdown` and `ray stop`), then the sidecar
     deployed again on the same directory: the shards replay their logs, the publisher
     resumes from the store; windows open at the restart end exactly as without it."""
-    cfg = load_config(ROOT / "configs/metrics.yaml")
+    # a lateness well above the restart time: a shard idle that long moves its watermark
+    # to the clock, and this stream is an hour old (live events would not mind)
+    metrics = yaml.safe_load((ROOT / "configs/metrics.yaml").read_text())
+    metrics["time"]["lateness"] = "20s"
+    (tmp_path / "metrics.yaml").write_text(yaml.safe_dump(metrics))
+    cfg = load_config(tmp_path / "metrics.yaml")
     base = f"http://127.0.0.1:{serve_port}"
     store = tmp_path / "store"
     now = int(time.time() * 1000)
@@ -168,7 +185,8 @@ def test_a_whole_restart_completes_the_open_windows_from_the_logs(serve_port, tm
                                 late_rate=0.0).records())
     half = len(recs) // 2
     try:
-        deploy_sidecar("kpistream-restart", store, alerts_config=None)
+        deploy_sidecar("kpistream-restart", store, alerts_config=None,
+                       metrics_config=str(tmp_path / "metrics.yaml"))
         wait_healthy(base, timeout_s=60)
         for i in range(0, half, 500):
             assert _post(base + "/v1/events", recs[i:min(i + 500, half)])["received"]
@@ -179,33 +197,14 @@ def test_a_whole_restart_completes_the_open_windows_from_the_logs(serve_port, tm
                   for r in before[~before["provisional"]].to_dict("records")}
         remove_sidecar("kpistream-restart")          # every process of the sidecar gone
         t0 = time.time()
-        deploy_sidecar("kpistream-restart", store, alerts_config=None)
+        deploy_sidecar("kpistream-restart", store, alerts_config=None,
+                       metrics_config=str(tmp_path / "metrics.yaml"))
         wait_healthy(base, timeout_s=60)
         ready_s = time.time() - t0
         for i in range(half, len(recs), 500):
             assert _post(base + "/v1/events", recs[i:i + 500])["received"]
-        deadline = time.time() + 60
-        while True:
-            got = _series(base)
-            if len(got) and not got["provisional"].any():
-                break
-            assert time.time() < deadline, "windows never became final"
-            time.sleep(1)
-        res = validate_rows(recs, now_ms=int(time.time() * 1000),
-                            max_future_ms=cfg.max_future_ms)
-        batches = [(k, (InferenceBatch if k == "inference" else FeedbackBatch).from_records(r))
-                   for k, r in iter_runs(res)]
-        rows, _ = replay_batches(batches, cfg)
-        want = rows_frame(rows, cfg.segments)
-        want = want[want["window"] == "10s"]
-        after = got.copy()
-        got["window_start"] = pd.to_datetime(got["window_start"], utc=True)
-        m = want.merge(got, on=KEY, suffixes=("_r", "_s"), how="outer", indicator=True)
-        assert (m["_merge"] == "both").all(), m[m["_merge"] != "both"][KEY + ["_merge"]].head()
-        assert (m["count_r"] == m["count_s"]).all()
-        both = m["value_r"].notna() | m["value_s"].notna()
-        assert ((m["value_r"] - m["value_s"]).abs()[both] <= 1e-9 * m["value_r"].abs()[both]
-                + 1e-12).all()
+        after = _final_series(base, timeout_s=90)
+        _assert_equals_replay(after, recs, cfg)
         now_final = {tuple(r[c] for c in KEY): (r["value"], r["count"])
                      for r in after.to_dict("records")}
         changed = [k for k, v in finals.items() if now_final.get(k) != v
