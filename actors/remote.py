@@ -27,7 +27,8 @@ class _PublisherOfShards(Publisher):
 
     Each shard is pulled on its own: a collect that has not answered within
     ``pull_timeout_s`` stays outstanding and is read on a later tick (never
-    dropped: the shard forgets what it returned), a shard that died is skipped
+    dropped; one outstanding for 30 s is asked again, with a resync), a shard
+    that died is skipped
     until it is back (restarted from its log, it sends its state again), and
     the other shards' data keeps flowing.  Windows that need the missing shard
     stay provisional (its watermark holds the global one back).  Health names
@@ -44,6 +45,7 @@ class _PublisherOfShards(Publisher):
         # a (re)started publisher holds nothing yet: each shard sends everything it holds once
         self._resync = set(range(n_shards))
         self.pull_timeout_s = pull_timeout_s
+        self.abandon_s = 30.0
         self.shard_problems: dict[int, str] = {}
         super().__init__(config, store_path, pull=self._pull, n_sources=n_shards, alerts=alerts)
         self.start(interval_s)
@@ -63,8 +65,13 @@ class _PublisherOfShards(Publisher):
         out = []
         for i, ref in enumerate(refs):
             if ref not in ready:
-                self.shard_problems[i] = (f"collect outstanding for "
-                                          f"{time.monotonic() - self._since[i]:.1f} s")
+                age = time.monotonic() - self._since[i]
+                self.shard_problems[i] = f"collect outstanding for {age:.1f} s"
+                if age > self.abandon_s:
+                    # lost in a restart: ask again, for everything (the shard keeps what
+                    # it handed out until the stored watermark passes it: nothing is lost)
+                    self._outstanding[i] = None
+                    self._resync.add(i)
                 continue
             self._outstanding[i] = None
             try:

@@ -159,6 +159,7 @@ class SidecarAPI:
             self.canary = ensure_canary(canary, tracking_uri, archive_dir)
         self.received = 0
         self.too_large = 0
+        self.ingest_timeout_s = 30.0
 
     # ---------------------------------------------------------------- ingest
     async def _ingest(self, request: Request, expect: str | None) -> JSONResponse:
@@ -183,7 +184,13 @@ class SidecarAPI:
         if res.rejections:   # counted on /metrics like the shards' own rejections
             calls.append((self.shards[self.received % self.n_shards].count_rejected.remote(
                 res.tally()), None))
-        reports = await asyncio.gather(*(ref for ref, _ in calls))
+        try:   # a stuck shard: the sender gets a 503 and sends again (duplicates dropped)
+            reports = await asyncio.wait_for(asyncio.gather(*(ref for ref, _ in calls)),
+                                             self.ingest_timeout_s)
+        except asyncio.TimeoutError:
+            raise HTTPException(503, f"a shard did not answer within {self.ingest_timeout_s:g} "
+                                     f"s: send the batch again (events already applied are "
+                                     f"dropped as duplicates)") from None
         accepted = late = dups = 0
         for rep, (_, pos) in zip(reports, calls):
             if pos is None:

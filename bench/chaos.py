@@ -150,7 +150,13 @@ def main() -> None:
         if len(got) and not got["provisional"].any():
             break
         if time.time() > deadline:
-            raise SystemExit("windows never became final")
+            with urllib.request.urlopen(base + "/v1/health", timeout=30) as r:
+                health = r.read().decode()
+            prov = got[got["provisional"]] if len(got) else got
+            raise SystemExit(f"windows never became final: {len(prov)} provisional rows, "
+                             f"{prov['window_start'].min() if len(prov) else '-'} to "
+                             f"{prov['window_start'].max() if len(prov) else '-'}; "
+                             f"health {health}")
         time.sleep(2)
     res = validate_rows(recs, now_ms=int(time.time() * 1000), max_future_ms=cfg.max_future_ms)
     batches = [(k, (InferenceBatch if k == "inference" else FeedbackBatch).from_records(r))
