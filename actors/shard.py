@@ -42,6 +42,13 @@ class Shard:
     the cumulative partial states of every pane touched since the last call,
     for the publisher to merge.
 
+    With ``log_dir`` every input of the engine is written to the shard log
+    (:class:`actors.log.ShardLog`) before the shard answers, and a shard started
+    on an existing log replays it first: it comes back with its whole state
+    (README, "Faults and durability").  Final partials stay with the shard until
+    the publisher's stored watermark (``collect(acked_watermark)``) passes them,
+    so a publisher that lost a round can ask for everything again (``resync``).
+
     With ``archive_dir`` every batch the engine accepted rows of is also kept
     for the raw event archive (:class:`actors.archive.EventArchive`: Parquet
     under ``archive_dir``); ``collect`` writes the files by size or age.
