@@ -18,8 +18,11 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(BIN)/python -m app.demo $(DEMO_ARGS)
 
+# the whole suite: the tests that need no Ray, MLflow, Prometheus or browser on two
+# workers, then the integration tests one at a time (they share one Ray instance)
 test: setup
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n 2 -p no:cacheprovider -m "not integration"
+	$(BIN)/pytest -q -p no:cacheprovider -m integration
 
 # The Ray-free unit tests of kpistream/ (about a minute on 2 cores): the loop while changing code.
 FAST_TESTS := tests/test_imports.py tests/engine tests/wire tests/windows tests/store \

@@ -13,6 +13,7 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic_core import PydanticCustomError
 from ray import serve
+from ray.exceptions import ActorUnavailableError, RayActorError
 
 from actors.transport import ShardTransport
 from kpistream.wire.batch import FeedbackBatch, InferenceBatch, route
@@ -191,6 +192,10 @@ class SidecarAPI:
             raise HTTPException(503, f"a shard did not answer within {self.ingest_timeout_s:g} "
                                      f"s: send the batch again (events already applied are "
                                      f"dropped as duplicates)") from None
+        except (RayActorError, ActorUnavailableError) as e:
+            raise HTTPException(503, f"a shard is restarting ({type(e).__name__}): send the "
+                                     f"batch again (events already applied are dropped as "
+                                     f"duplicates)") from None
         accepted = late = dups = 0
         for rep, (_, pos) in zip(reports, calls):
             if pos is None:
