@@ -80,6 +80,10 @@ class _PublisherOfShards(Publisher):
                 self._resync.discard(i)
             except Exception as e:   # dead (restarting from its log) or failing
                 self.shard_problems[i] = f"{type(e).__name__}: {str(e)[:200]}"
+                # the collect may have run and its answer been lost ("may or may not have
+                # been executed"): ask for everything next time (what it handed out is kept
+                # until stored, so nothing is lost)
+                self._resync.add(i)
         return out
 
     def health(self) -> dict:
