@@ -93,7 +93,7 @@ class ShardLog:
         segs = self.segments()
         for i, seg in enumerate(segs):
             max_ts = -(1 << 63)
-            for rec, end in self._read(seg, last=i == len(segs) - 1):
+            for rec in self._read(seg, last=i == len(segs) - 1):
                 self.seq = rec.seq
                 self.records += 1
                 if rec.type in ("inference", "feedback"):
@@ -102,7 +102,7 @@ class ShardLog:
             self._seg_max_ts[seg] = max_ts
             self.bytes += seg.stat().st_size
 
-    def _read(self, seg: Path, last: bool) -> Iterator[tuple[LogRecord, int]]:
+    def _read(self, seg: Path, last: bool) -> Iterator[LogRecord]:
         data = seg.read_bytes()
         off = 0
         while off < len(data):
@@ -131,7 +131,7 @@ class ShardLog:
                 return
             payload = memoryview(data)[off + _HEAD.size:end]
             name = _NAMES[typ]
-            yield LogRecord(name, seq, now, self._decode(name, payload)), end
+            yield LogRecord(name, seq, now, self._decode(name, payload))
             off = end
 
     def _max_ts(self, batch: Any, now_ms: int) -> int:
@@ -162,13 +162,8 @@ class ShardLog:
         else:
             body = b""
         fh = self._file()
-        self.seq += 1
-        head = _HEAD.pack(_MAGIC, _VERSION, RECORD_TYPES[type_], self.seq, int(now_ms),
-                          len(body), zlib.crc32(body))
-        fh.write(head + body)
+        self._frame(fh, type_, now_ms, body)
         fh.flush()                      # to the OS: a killed process loses nothing
-        self.bytes += len(head) + len(body)
-        self.records += 1
         if type_ in ("inference", "feedback"):
             seg = Path(fh.name)
             self._seg_max_ts[seg] = max(self._seg_max_ts.get(seg, -(1 << 63)),
@@ -191,13 +186,16 @@ class ShardLog:
             self._seg_max_ts.setdefault(path, -(1 << 63))
             wm = self.watermark_fn() if self.watermark_fn is not None else None
             if wm is not None and wm > -(1 << 62):
-                self.seq += 1
-                body = _I64.pack(int(wm))
-                fh.write(_HEAD.pack(_MAGIC, _VERSION, RECORD_TYPES["advance"], self.seq, 0,
-                                    len(body), zlib.crc32(body)) + body)
-                self.bytes += _HEAD.size + len(body)
-                self.records += 1
+                self._frame(fh, "advance", 0, _I64.pack(int(wm)))
         return fh
+
+    def _frame(self, fh, type_: str, now_ms: int, body: bytes) -> None:
+        """One framed record, the next sequence number."""
+        self.seq += 1
+        fh.write(_HEAD.pack(_MAGIC, _VERSION, RECORD_TYPES[type_], self.seq, int(now_ms),
+                            len(body), zlib.crc32(body)) + body)
+        self.bytes += _HEAD.size + len(body)
+        self.records += 1
 
     def sync(self) -> None:
         if self._fh is not None:
