@@ -30,6 +30,11 @@ def notification_id(n: Notification) -> str:
     return hashlib.sha256(raw.encode()).hexdigest()[:24]
 
 
+def _url_key(url: str) -> str:
+    """A webhook's name in saved state: a hash, since its URL may hold a secret."""
+    return hashlib.sha256(url.encode()).hexdigest()[:16]
+
+
 def _body(n: Notification, seq: int) -> dict:
     return {"id": notification_id(n), "seq": seq, "kind": "kpistream.alert", **n.as_dict()}
 
@@ -43,6 +48,9 @@ class WebhookSender:
         self.counters: Counter = Counter()
         self.last_error: str | None = None
         self._q: deque = deque(maxlen=max_queue)
+        #: the notification ``seq`` through which every posting is over (delivered, refused
+        #: or given up): what a restarted publisher need not post again
+        self.done_seq = 0
         self._cv = threading.Condition()
         self._stop = False
         self._sleep = sleep
@@ -126,6 +134,7 @@ class WebhookSender:
             except Exception as e:  # never let the sender die
                 self.counters["failed"] += 1
                 self.last_error = repr(e)
+            self.done_seq = max(self.done_seq, int(body.get("seq", 0)))
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until the queue is empty (tests, shutdown)."""
@@ -212,6 +221,37 @@ class Notifier:
         """Notifications after ``seq`` (oldest first), each with its ``seq``."""
         with self._lock:
             return [b for s, b in self.recent if s > seq][:limit]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The log (epoch, sequence, recent notifications), the counts, and how far each
+        webhook got, as JSON-able data (:meth:`restore`)."""
+        with self._lock:
+            return {"epoch": self.epoch, "seq": self.seq, "recent": [b for _, b in self.recent],
+                    "counts": [[r, st, n] for (r, st), n in self.counts.items()],
+                    "webhooks": {_url_key(s.spec.url): s.done_seq for s in self.senders}}
+
+    def restore(self, data: dict[str, Any]) -> int:
+        """Continue the log of a restarted publisher (same epoch, so readers carry on
+        from their sequence number) and post again what a webhook had not finished when
+        the state was saved (the notification id lets receivers drop a repeat).  Returns
+        the notifications queued again."""
+        with self._lock:
+            self.epoch = str(data["epoch"])
+            self.seq = int(data["seq"])
+            self.recent.clear()
+            self.recent.extend((int(b["seq"]), b) for b in data.get("recent", []))
+            self.counts = Counter({(r, st): int(n) for r, st, n in data.get("counts", [])})
+            bodies = list(self.recent)
+        done = data.get("webhooks", {})
+        again = 0
+        for s in self.senders:
+            # a webhook added since is not sent the old notifications
+            s.done_seq = int(done.get(_url_key(s.spec.url), data["seq"]))
+            for seq, body in bodies:
+                if seq > s.done_seq and body.get("state") in s.spec.states:
+                    s.submit(body)
+                    again += 1
+        return again
 
     def stats(self) -> dict[str, Any]:
         return {"seq": self.seq,

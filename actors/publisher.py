@@ -7,6 +7,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+import numpy as np
+
 from kpistream.alerts.watcher import AlertsConfig, Watcher, load_alerts
 from kpistream.clock import Clock, SystemClock
 from kpistream.engine import Partial
@@ -38,11 +40,15 @@ class Publisher:
     :mod:`kpistream.windows.exposition`).
     """
 
+    #: the store's checkpoint of the watcher and the notifier
+    CHECKPOINT = "publisher"
+
     def __init__(self, config: EngineConfig | Mapping[str, Any] | None, store_path: str | Path,
                  pull: Pull | None = None, clock: Clock | None = None,
                  retention_every_s: float = 60.0, snapshot_ttl_s: float = 900.0,
                  n_sources: int | None = None,
-                 alerts: AlertsConfig | str | Path | Mapping[str, Any] | None = None) -> None:
+                 alerts: AlertsConfig | str | Path | Mapping[str, Any] | None = None,
+                 checkpoint_every_s: float = 5.0) -> None:
         if isinstance(config, Mapping):
             config = config_from_dict(config)
         self.cfg = config or EngineConfig()
@@ -51,11 +57,18 @@ class Publisher:
         self.watcher = Watcher(load_alerts(alerts), self.clock, self.cfg)
         self.notifier = Notifier(self.watcher.config.webhooks, self.watcher.config.log)
         self.watcher.subscribe(self.notifier)
-        # nothing is final until every shard has reported its watermark
-        self.step = PublishStep(self.cfg, SeriesStore(store_path, self.cfg), self.watcher,
-                                self.clock, sources=n_sources,
+        store = SeriesStore(store_path, self.cfg)
+        self.restored = self._restore(store)
+        # nothing is final until every shard has reported its watermark; a restart goes
+        # on from the checkpoint: the windows final after it are emitted (and watched) again
+        self.step = PublishStep(self.cfg, store, self.watcher, self.clock, sources=n_sources,
                                 snapshot_ttl_ms=int(snapshot_ttl_s * 1000),
-                                retention_every_ms=int(retention_every_s * 1000))
+                                retention_every_ms=int(retention_every_s * 1000),
+                                resume_watermark=self._checkpoint_wm)
+        self.checkpoint_every_ms = int(checkpoint_every_s * 1000)
+        self.checkpoint_bytes = 0
+        self._checkpoint_ms = self.clock.now_ms()
+        self._checkpoint_seq = self.notifier.seq
         self.tick_s = 0.0
         self._lock = threading.Lock()
         self._ticker = Ticker(self.tick, "kpistream-publisher", on_error=self._tick_failed)
@@ -64,9 +77,12 @@ class Publisher:
     agg = property(lambda self: self.step.agg)
     store = property(lambda self: self.step.store)
     snapshot = property(lambda self: self.step.snapshot)
-    #: what the shards may drop from their logs: the watermark up to which final windows
-    #: are stored
-    acked_watermark = property(lambda self: int(self.step.agg.emitted_watermark))
+
+    @property
+    def acked_watermark(self) -> int:
+        """What the shards may forget (final partials, log records): the windows final at
+        it are stored and their rows were seen by a saved checkpoint of the watcher."""
+        return int(min(self.step.agg.emitted_watermark, self._checkpoint_wm))
     shard_stats = property(lambda self: self.step.shard_stats)
     errors = property(lambda self: self.step.errors)
     ticks = property(lambda self: self.step.ticks)
@@ -82,8 +98,45 @@ class Publisher:
             results = self.pull() if self.pull is not None else []
         with self._lock:
             n = self.step.run(results)
+            now = self.clock.now_ms()
+            # a transition is saved at once, so a restart neither repeats nor forgets it
+            if self.notifier.seq != self._checkpoint_seq \
+                    or now - self._checkpoint_ms >= self.checkpoint_every_ms:
+                self._checkpoint(now)
         self.tick_s += time.perf_counter() - t0
         return n
+
+    # ------------------------------------------------------------ checkpoint
+    def _checkpoint(self, now: int) -> None:
+        """Save the watcher and the notifier in the store, with the watermark they cover."""
+        wm = int(self.step.agg.emitted_watermark)
+        data = {"watcher": self.watcher.to_dict(), "notifier": self.notifier.to_dict()}
+        self.checkpoint_bytes = self.step.store.save_checkpoint(self.CHECKPOINT, data, wm, now)
+        self._checkpoint_wm = wm
+        self._checkpoint_ms = now
+        self._checkpoint_seq = int(data["notifier"]["seq"])
+
+    def _restore(self, store: SeriesStore) -> dict[str, Any]:
+        """Load the checkpoint (a restart): the watcher and the notifier go on from it."""
+        self._checkpoint_wm = store.watermark if store.watermark is not None \
+            else int(np.iinfo(np.int64).min)
+        got = store.load_checkpoint(self.CHECKPOINT)
+        if got is None:
+            return {}
+        data, wm = got
+        try:
+            restored = self.watcher.restore(data["watcher"])
+            restored["notifications_resent"] = self.notifier.restore(data["notifier"])
+        except (KeyError, TypeError, ValueError) as e:
+            # not restorable (another version): start afresh, from the store's watermark
+            self.notifier.close()
+            self.watcher = Watcher(self.watcher.config, self.clock, self.cfg)
+            self.notifier = Notifier(self.watcher.config.webhooks, self.watcher.config.log)
+            self.watcher.subscribe(self.notifier)
+            return {"error": f"checkpoint not restored: {type(e).__name__}: {e}"}
+        self._checkpoint_wm = wm
+        restored["watermark"] = wm
+        return restored
 
     def start(self, interval_s: float = 0.25) -> bool:
         """Tick in a background thread every ``interval_s`` (idempotent)."""
@@ -91,6 +144,11 @@ class Publisher:
 
     def stop(self) -> None:
         self._ticker.stop()
+        with self._lock:
+            try:
+                self._checkpoint(self.clock.now_ms())
+            except Exception as e:   # a closed store: the last periodic checkpoint stands
+                self._tick_failed(e)
 
     def _tick_failed(self, e: Exception) -> None:
         """Keep publishing; the error is counted and visible (/v1/health)."""
@@ -146,7 +204,9 @@ class Publisher:
         return {"status": "ok" if not self.errors else "degraded", "ticks": self.ticks,
                 "watermark": self.agg.watermark, "shards": len(self.shard_stats),
                 "last_tick_ms": self.last_tick_ms, "errors": dict(self.errors),
-                "store": str(self.store.file)}
+                "store": str(self.store.file),
+                "checkpoint": {"watermark": self._checkpoint_wm, "saved_ms": self._checkpoint_ms,
+                               "bytes": self.checkpoint_bytes, "restored": self.restored}}
 
     def metric_families(self) -> list[Family]:
         """What ``/metrics`` shows, as plain families: KPI gauges, pipeline counters,

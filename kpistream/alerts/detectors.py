@@ -37,6 +37,8 @@ __all__ = [
     "holm",
     "FeatureDrift",
     "feature_drift",
+    "detector_to_dict",
+    "detector_from_dict",
 ]
 
 _SIEGMUND = 1.166  # Siegmund's overshoot correction: h' = h + 1.166 (standardized units)
@@ -207,6 +209,23 @@ class _Detector:
             self._detections.append(self._n)
         self._n += 1
         return signal
+
+    def to_dict(self) -> dict[str, Any]:
+        """The whole state as JSON-able data (``detector_from_dict`` restores it)."""
+        return {"type": type(self).__name__,
+                "vars": {k: v.to_dict() if isinstance(v, _Detector) else v
+                         for k, v in vars(self).items()}}
+
+    @classmethod
+    def _from_vars(cls, data: Mapping[str, Any]) -> "_Detector":
+        det = cls.__new__(cls)
+        for k, v in data.items():
+            if isinstance(v, Mapping) and "type" in v and "vars" in v:
+                v = detector_from_dict(v)
+            elif isinstance(v, list):
+                v = list(v)
+            setattr(det, k, v)
+        return det
 
 
 class Cusum(_Detector):
@@ -467,6 +486,13 @@ class Ewma(_Detector):
 class _RiverWrapper(_Detector):
     """Shared code of the River wrappers: River resets itself on the update after a drift.
 
+    River's detectors have compiled internals with no data-only form, so the
+    state kept (:meth:`to_dict`) is River's parameters and the values fed since
+    the last reset: replaying them into a new detector rebuilds it exactly
+    (both River detectors start over after a drift).  At most
+    :attr:`MAX_HISTORY` values are kept (about 11 days of 10 s windows); a
+    longer run without a drift restores from the latest ones.
+
     Where River fits and where it does not: River's ``ADWIN`` and
     ``PageHinkley`` are good generic detectors and are reused here as is, but
     River has no CUSUM or EWMA calibrated to an ARL0 budget (its thresholds are
@@ -475,10 +501,33 @@ class _RiverWrapper(_Detector):
     """
 
     _river: Any
+    _history: list[float]
+    MAX_HISTORY = 100_000
 
     def update(self, x: float) -> bool:
-        self._river.update(float(x))
+        if self._river.drift_detected:   # River starts over on this update
+            self._history.clear()
+        x = float(x)
+        self._river.update(x)
+        self._history.append(x)
+        if len(self._history) > self.MAX_HISTORY:
+            del self._history[:len(self._history) - self.MAX_HISTORY]
         return self._record(bool(self._river.drift_detected))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": type(self).__name__,
+                "vars": {"_n": self._n, "_detections": list(self._detections),
+                         "params": dict(self._river._get_params()),
+                         "history": list(self._history)}}
+
+    @classmethod
+    def _from_vars(cls, data: Mapping[str, Any]) -> "_RiverWrapper":
+        det = cls(**data["params"])
+        for x in data["history"]:
+            det._river.update(float(x))
+        det._history = [float(x) for x in data["history"]]
+        det._n, det._detections = int(data["_n"]), [int(i) for i in data["_detections"]]
+        return det
 
     @property
     def state(self) -> dict[str, Any]:
@@ -501,6 +550,7 @@ class PageHinkley(_RiverWrapper):
         from river import drift as _rd
 
         self._river = _rd.PageHinkley(delta=delta, threshold=threshold, **kwargs)
+        self._history = []
 
 
 class Adwin(_RiverWrapper):
@@ -516,10 +566,32 @@ class Adwin(_RiverWrapper):
         from river import drift as _rd
 
         self._river = _rd.ADWIN(delta=delta, **kwargs)
+        self._history = []
 
     @property
     def width(self) -> float:
         return float(self._river.width)
+
+
+_DETECTORS: dict[str, type[_Detector]] = {c.__name__: c for c in (
+    Cusum, TwoSidedCusum, Ewma, PageHinkley, Adwin)}
+
+
+def detector_to_dict(det: _Detector) -> dict[str, Any]:
+    """A change detector's whole state as JSON-able data (no code: see
+    :func:`detector_from_dict`)."""
+    return det.to_dict()
+
+
+def detector_from_dict(data: Mapping[str, Any]) -> _Detector:
+    """The detector :func:`detector_to_dict` described; only this module's detector
+    classes are built, from plain values."""
+    try:
+        cls = _DETECTORS[data["type"]]
+    except KeyError:
+        raise ValueError(f"unknown detector type {data.get('type')!r} "
+                         f"(known: {', '.join(_DETECTORS)})") from None
+    return cls._from_vars(data["vars"])
 
 
 # --------------------------------------------------------------------------

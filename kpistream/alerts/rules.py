@@ -558,6 +558,49 @@ class AlertEngine:
                     self.callback_errors.append((n, e))
         return out
 
+    # ---------------------------------------------------------- checkpoint
+    def to_dict(self) -> dict[str, Any]:
+        """Every instance, the label coverage seen and the keys of the notifications sent,
+        as JSON-able data (:meth:`restore` takes it back)."""
+        inst = {name: [{"key": [list(kv) for kv in ikey], "series": i.series, "state": i.state,
+                        "since": i.since, "active_at": i.active_at, "evidence": i.evidence,
+                        "windows": [[start, [[[list(kv) for kv in skey], row]
+                                             for skey, row in rows.items()]]
+                                    for start, rows in i.windows.items()],
+                        "verdict": None if i.verdict is None else list(i.verdict),
+                        "last_seen": i.last_seen}
+                       for ikey, i in by_key.items()]
+                for name, by_key in self._inst.items()}
+        return {"instances": inst,
+                "coverage": [[w, start, [list(kv) for kv in skey], v]
+                             for (w, start, skey), v in self._coverage.items()],
+                "sent": [[rule, [list(kv) for kv in series], state, since]
+                         for rule, series, state, since in self._sent]}
+
+    def restore(self, data: Mapping[str, Any]) -> int:
+        """Take back :meth:`to_dict`'s data; instances of rules no longer configured are
+        left out.  Returns the instances restored."""
+        def pairs(x: Any) -> tuple:
+            return tuple((str(k), str(v)) for k, v in x)
+
+        n = 0
+        for name, items in data.get("instances", {}).items():
+            if name not in self._inst:
+                continue
+            for d in items:
+                v = d.get("verdict")
+                self._inst[name][pairs(d["key"])] = _Instance(
+                    dict(d["series"]), d["state"], d["since"], d["active_at"], dict(d["evidence"]),
+                    {int(start): {pairs(skey): row for skey, row in rows}
+                     for start, rows in d["windows"]},
+                    None if v is None else (bool(v[0]), v[1], int(v[2])), d["last_seen"])
+                n += 1
+        self._coverage = {(w, int(start), pairs(skey)): float(v)
+                          for w, start, skey, v in data.get("coverage", [])}
+        self._sent = {(rule, pairs(series), state, since): None
+                      for rule, series, state, since in data.get("sent", [])}
+        return n
+
     def active(self) -> list[dict[str, Any]]:
         """Pending and firing instances with their latest evidence (for GET /v1/alerts)."""
         out = []

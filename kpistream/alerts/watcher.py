@@ -8,7 +8,7 @@ the :class:`DetectorBank` and the :class:`InputDriftBank`.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -21,7 +21,8 @@ from kpistream.spec.alerts import AlertsFile, Kpis
 from kpistream.spec.common import parse, read_yaml
 from kpistream.spec.metrics import EngineConfig
 from kpistream.windows.catalogue import HIGHER_IS_BETTER
-from kpistream.alerts.detectors import Adwin, Cusum, Ewma, PageHinkley, PsiTest, TwoSidedCusum, feature_drift
+from kpistream.alerts.detectors import (Adwin, Cusum, Ewma, PageHinkley, PsiTest, TwoSidedCusum,
+                                        detector_from_dict, detector_to_dict, feature_drift)
 from kpistream.errors import ConfigError
 
 __all__ = ["DetectorSpec", "InputDriftSpec", "WebhookSpec", "AlertsConfig", "load_alerts",
@@ -135,6 +136,21 @@ def _series(row: Mapping[str, Any]) -> dict[str, str]:
     from kpistream.alerts.rules import ROW_FIELDS
 
     return {k: str(v) for k, v in row.items() if k not in ROW_FIELDS and v is not None}
+
+
+def _pairs(x: Iterable) -> tuple:
+    return tuple((str(k), str(v)) for k, v in x)
+
+
+def _array_to_dict(a: np.ndarray) -> dict[str, Any]:
+    """A sample as data: numbers as floats, categories as strings (or null)."""
+    if a.dtype.kind in "iufb":
+        return {"kind": "f8", "values": a.astype(float).tolist()}
+    return {"kind": "object", "values": [None if x is None else str(x) for x in a.tolist()]}
+
+
+def _array_from_dict(d: Mapping[str, Any]) -> np.ndarray:
+    return np.asarray(d["values"], dtype=float if d["kind"] == "f8" else object)
 
 
 @dataclass
@@ -313,6 +329,36 @@ class DetectorBank:
                 n += 1
         return n
 
+    def to_dict(self) -> dict[str, Any]:
+        """Every series' detector, warm-up and counts as JSON-able data, per spec (with
+        the spec, so that a changed spec starts over)."""
+        out = {}
+        for spec in self.specs:
+            items = []
+            for key, st in self.states[spec.name].items():
+                d = {f.name: getattr(st, f.name) for f in fields(st)}
+                d["warm"] = [list(w) for w in st.warm]
+                d["det"] = None if st.det is None else detector_to_dict(st.det)
+                items.append({"key": [list(kv) for kv in key], "state": d})
+            out[spec.name] = {"spec": repr(spec), "series": items}
+        return out
+
+    def restore(self, data: Mapping[str, Any]) -> int:
+        """Take back :meth:`to_dict`'s data for specs that are unchanged; returns the
+        series restored."""
+        n = 0
+        for spec in self.specs:
+            d = data.get(spec.name)
+            if d is None or d.get("spec") != repr(spec):
+                continue
+            for item in d["series"]:
+                st = dict(item["state"])
+                st["warm"] = [(float(v), int(c)) for v, c in st["warm"]]
+                st["det"] = None if st["det"] is None else detector_from_dict(st["det"])
+                self.states[spec.name][_pairs(item["key"])] = _DetState(**st)
+                n += 1
+        return n
+
     def evidence(self, spec: DetectorSpec, st: _DetState,
                  now_ms: int | None = None) -> dict[str, Any]:
         det_state = st.det.state if st.det is not None else None
@@ -482,6 +528,40 @@ class InputDriftBank:
                 n += 1
         return n
 
+    def to_dict(self) -> dict[str, Any]:
+        """Every group's reference (or what it gathered so far) and test counts, per spec.
+
+        Call it between rounds (after :meth:`run`): samples waiting for their test
+        are not kept."""
+        out = {}
+        for spec in self.specs:
+            items = []
+            for key, st in self.states[spec.name].items():
+                d = {f.name: getattr(st, f.name) for f in fields(st)}
+                d["ref"] = {f: _array_to_dict(_concat(parts)) for f, parts in st.ref.items()}
+                d["frozen"] = None if st.frozen is None else {
+                    f: _array_to_dict(a) for f, a in st.frozen.items()}
+                items.append({"key": [list(kv) for kv in key], "state": d})
+            out[spec.name] = {"spec": repr(spec), "groups": items}
+        return out
+
+    def restore(self, data: Mapping[str, Any]) -> int:
+        """Take back :meth:`to_dict`'s data for specs that are unchanged; returns the
+        groups restored."""
+        n = 0
+        for spec in self.specs:
+            d = data.get(spec.name)
+            if d is None or d.get("spec") != repr(spec):
+                continue
+            for item in d["groups"]:
+                st = dict(item["state"])
+                st["ref"] = {f: [_array_from_dict(a)] for f, a in st["ref"].items()}
+                if st["frozen"] is not None:
+                    st["frozen"] = {f: _array_from_dict(a) for f, a in st["frozen"].items()}
+                self.states[spec.name][_pairs(item["key"])] = _RefState(**st)
+                n += 1
+        return n
+
     @staticmethod
     def verdict(spec: InputDriftSpec, st: _RefState) -> bool:
         return (st.last_signal_end is not None and st.last_end is not None
@@ -570,3 +650,27 @@ class Watcher:
         now = self.clock.now_ms()
         return {"alerts": self.alerts.active(), "detectors": self.detectors.status(now),
                 "input_drift": self.inputs.status(now)}
+
+    #: the version of :meth:`to_dict`'s layout; another version is not restored
+    STATE_VERSION = 1
+
+    def to_dict(self) -> dict[str, Any]:
+        """Everything the watcher learned (alert instances, detectors, input-drift
+        references, counts) as JSON-able data: no code, no pickles."""
+        return {"version": self.STATE_VERSION, "alerts": self.alerts.to_dict(),
+                "detectors": self.detectors.to_dict(), "input_drift": self.inputs.to_dict(),
+                "detections": dict(self.detections), "pruned_at": self._pruned_at}
+
+    def restore(self, data: Mapping[str, Any]) -> dict[str, int]:
+        """Take back :meth:`to_dict`'s data (a restarted publisher); parts whose rule or
+        spec changed since start over.  Returns what was restored, by part."""
+        if data.get("version") != self.STATE_VERSION:
+            raise ValueError(f"watcher state version {data.get('version')!r} is not "
+                             f"{self.STATE_VERSION}")
+        for name, n in data.get("detections", {}).items():
+            if name in self.detections:
+                self.detections[name] = int(n)
+        self._pruned_at = int(data.get("pruned_at", self._pruned_at))
+        return {"alerts": self.alerts.restore(data.get("alerts", {})),
+                "detectors": self.detectors.restore(data.get("detectors", {})),
+                "input_drift": self.inputs.restore(data.get("input_drift", {}))}

@@ -1,5 +1,5 @@
 """How values go into the store's SQLite columns and come back: metric states (pickled),
-series keys, label dicts, the engine config and the resolutions (JSON).
+series keys, label dicts, the engine config, the resolutions and checkpoints (JSON).
 
 Every stored encoding is here, so a new state format changes this module only.
 States are pickles: open only store files you trust.
@@ -11,6 +11,7 @@ import dataclasses
 import io
 import json
 import pickle
+import zlib
 from typing import Any, Sequence
 
 from kpistream.engine.states import MetricState
@@ -18,7 +19,7 @@ from kpistream.spec.metrics import EngineConfig, WindowSpec
 from kpistream.store.resolutions import Resolution
 from kpistream.wire.batch import SeriesKey
 
-__all__ = ["PICKLE_PROTOCOL", "config_from_json", "config_to_json", "decode_state",
+__all__ = ["PICKLE_PROTOCOL", "config_from_json", "decode_checkpoint", "encode_checkpoint", "config_to_json", "decode_state",
            "encode_state", "key_from_json", "key_to_json", "labels_to_json",
            "resolutions_from_json", "resolutions_to_json"]
 
@@ -112,3 +113,25 @@ def resolutions_to_json(res: Sequence[Resolution]) -> str:
 
 def resolutions_from_json(text: str) -> tuple[Resolution, ...]:
     return tuple(Resolution(**r) for r in json.loads(text))
+
+
+# -------------------------------------------------------------- checkpoints
+
+def _plain(x: Any) -> Any:
+    import numpy as np
+
+    if isinstance(x, np.generic):
+        return x.item()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    return str(x)   # evidence text only: state that is restored is plain data already
+
+
+def encode_checkpoint(data: Any) -> bytes:
+    """The ``checkpoints.body`` blob: JSON (NaN and infinities kept), compressed.
+    Data only: reading it back builds dicts, lists, strings and numbers, never code."""
+    return zlib.compress(json.dumps(data, default=_plain, separators=(",", ":")).encode(), 1)
+
+
+def decode_checkpoint(blob: bytes) -> Any:
+    return json.loads(zlib.decompress(blob))

@@ -43,6 +43,9 @@ CREATE TABLE IF NOT EXISTS rows(
     provisional INTEGER NOT NULL, deadline INTEGER NOT NULL,
     PRIMARY KEY(res, start, series, family, metric)) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS rows_open ON rows(res, deadline) WHERE provisional = 1;
+CREATE TABLE IF NOT EXISTS checkpoints(
+    name TEXT PRIMARY KEY, watermark INTEGER NOT NULL, saved_ms INTEGER NOT NULL,
+    body BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS pending(
     res TEXT NOT NULL, start INTEGER NOT NULL, PRIMARY KEY(res, start)) WITHOUT ROWID;
 """

@@ -12,7 +12,8 @@ import pandas as pd
 from kpistream.engine import Partial
 from kpistream.spec.metrics import EngineConfig
 from kpistream.store.catalog import SeriesCatalog
-from kpistream.store.db import DB_NAME, StoreDB
+from kpistream.store.codec import decode_checkpoint, encode_checkpoint
+from kpistream.store.db import DB_NAME, StoreDB, clamp
 from kpistream.store.query import SeriesReader, StoredState
 from kpistream.store.resolutions import Resolution, default_resolutions
 from kpistream.store.rollup import Rollup, SettledCache
@@ -95,6 +96,23 @@ class SeriesStore:
             row = self._db.conn.execute(
                 "SELECT value FROM meta WHERE key = 'watermark'").fetchone()
         return None if row is None else int(row[0])
+
+    # --------------------------------------------------------- checkpoints
+    def save_checkpoint(self, name: str, data: Any, watermark: int, saved_ms: int) -> int:
+        """Keep ``data`` (JSON-able) as checkpoint ``name``, replacing the last one; it
+        covers the windows final at ``watermark``.  Returns its size in bytes."""
+        blob = encode_checkpoint(data)
+        with self._db.transaction() as c:
+            c.execute("INSERT OR REPLACE INTO checkpoints(name, watermark, saved_ms, body) "
+                      "VALUES (?, ?, ?, ?)", (name, clamp(watermark), int(saved_ms), blob))
+        return len(blob)
+
+    def load_checkpoint(self, name: str) -> tuple[Any, int] | None:
+        """``(data, watermark)`` of checkpoint ``name``, or None."""
+        with self._db.lock:
+            row = self._db.conn.execute("SELECT body, watermark FROM checkpoints WHERE name = ?",
+                                        (name,)).fetchone()
+        return None if row is None else (decode_checkpoint(row[0]), int(row[1]))
 
     # -------------------------------------------------------------- write
     def write(self, partials: Iterable[Partial], watermark: int | None = None) -> int:

@@ -66,13 +66,17 @@ class PublishStep:
     def __init__(self, config: EngineConfig, store: Any = None, watcher: WatcherLike | None = None,
                  clock: Clock | None = None, sources: int | None = None,
                  snapshot_ttl_ms: int = 900_000, retention_every_ms: int = 60_000,
-                 running_every_ms: int = 2_000) -> None:
+                 running_every_ms: int = 2_000, resume_watermark: int | None = None) -> None:
         self.cfg = config
         self.clock = clock or SystemClock()
         # nothing is final until every source has reported its watermark
         self.agg = WindowAggregator(config, sources=sources)
-        if store is not None and store.watermark is not None:
-            self.agg.resume(store.watermark)    # a restart: what is final is stored already
+        if resume_watermark is None and store is not None:
+            resume_watermark = store.watermark
+        if resume_watermark is not None:
+            # a restart: what is final at it was emitted (stored, and watched) already;
+            # windows final after it are emitted again (the store keeps a final state as it is)
+            self.agg.resume(resume_watermark)
         self.store = store
         self.watcher = watcher
         self.paired = PairedSummaries(store, config.pane_ms) if store is not None else None
