@@ -58,14 +58,28 @@ class ShardLog:
     at the end of the last segment is cut off on open; damage anywhere else is
     an error, never skipped.
 
-    :meth:`truncate` deletes whole segments whose events are all older than a
-    cutoff (the shard passes the time before which no event can change an open
-    window any more).
+    Snapshots (:meth:`write_snapshot`): every ``snapshot_every_s`` the shard
+    writes its whole state as ``snapshot-<seq>.snap`` (data only:
+    :mod:`kpistream.store.dataonly`), tagged with the last record it covers; a
+    restart loads the newest that reads back intact and replays only the records
+    after it (:meth:`replay`).  Segments that the two newest snapshots cover are
+    deleted.  Without snapshots (``snapshot_every_s < 0``) :meth:`truncate`
+    deletes whole segments whose events are all older than a cutoff (the shard
+    passes the time before which no event can change an open window any more).
     """
 
     def __init__(self, root: str | os.PathLike, *, segment_bytes: int = 64 << 20,
-                 fsync_s: float = 1.0, max_future_ms: int | None = None) -> None:
+                 fsync_s: float = 1.0, max_future_ms: int | None = None,
+                 snapshot_every_s: float = 60.0) -> None:
         self.root = Path(root)
+        #: how often the shard writes a snapshot of its state (at a collect); 0: at every
+        #: collect, negative: never (then old segments go by event time, see truncate)
+        self.snapshot_every_s = snapshot_every_s
+        self.snapshots_written = 0
+        self.snapshot_bytes = 0
+        self.snapshot_s = 0.0             # the last snapshot's encode + write time
+        self.snapshot_seq = 0             # the log position the newest snapshot covers
+        self._snapshot_at = time.monotonic()
         # event times further ahead of a record's clock than this were refused by the
         # engine: they do not keep a segment alive
         self.max_future_ms = max_future_ms
@@ -88,19 +102,25 @@ class ShardLog:
     def segments(self) -> list[Path]:
         return sorted(self.root.glob("*.log"), key=lambda p: int(p.stem))
 
-    def replay(self) -> Iterator[LogRecord]:
-        """Every record in order (call once, before the first :meth:`append`)."""
+    def replay(self, after_seq: int = 0) -> Iterator[LogRecord]:
+        """Every record after ``after_seq`` (a snapshot's position) in order; call once,
+        before the first :meth:`append`."""
         segs = self.segments()
         for i, seg in enumerate(segs):
+            self.bytes += seg.stat().st_size
+            if i + 1 < len(segs) and int(segs[i + 1].stem) - 1 <= after_seq:
+                self._seg_max_ts[seg] = -(1 << 63)      # covered by the snapshot
+                continue
             max_ts = -(1 << 63)
             for rec in self._read(seg, last=i == len(segs) - 1):
                 self.seq = rec.seq
                 self.records += 1
                 if rec.type in ("inference", "feedback"):
                     max_ts = max(max_ts, self._max_ts(rec.payload, rec.now_ms))
-                yield rec
+                if rec.seq > after_seq:
+                    yield rec
             self._seg_max_ts[seg] = max_ts
-            self.bytes += seg.stat().st_size
+        self.seq = max(self.seq, after_seq)
 
     def _read(self, seg: Path, last: bool) -> Iterator[LogRecord]:
         data = seg.read_bytes()
@@ -203,6 +223,73 @@ class ShardLog:
             os.fsync(self._fh.fileno())
             self._last_sync = time.monotonic()
 
+    # ------------------------------------------------------------- snapshots
+    def snapshots(self) -> list[tuple[int, Path]]:
+        """``(log position, file)`` of the snapshots on disk, newest first."""
+        out = []
+        for p in self.root.glob("snapshot-*.snap"):
+            try:
+                out.append((int(p.stem.split("-", 1)[1]), p))
+            except ValueError:
+                continue
+        return sorted(out, reverse=True)
+
+    @property
+    def snapshot_due(self) -> bool:
+        return (self.snapshot_every_s >= 0 and self.seq > self.snapshot_seq
+                and time.monotonic() - self._snapshot_at >= self.snapshot_every_s)
+
+    def write_snapshot(self, data: bytes, seconds: float = 0.0) -> Path:
+        """``data`` as the snapshot of the state after record :attr:`seq`, atomically
+        (a temporary file, fsync, rename, fsync of the directory).  The two newest stay
+        (a damaged newest falls back to the one before); the segments whose records
+        both cover are deleted."""
+        t0 = time.perf_counter()
+        self.sync()
+        path = self.root / f"snapshot-{self.seq:016d}.snap"
+        tmp = self.root / f".{path.name}.tmp"
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        dfd = os.open(self.root, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+        snaps = self.snapshots()
+        for _, old in snaps[2:]:
+            old.unlink(missing_ok=True)
+        if len(snaps) >= 2:
+            self._drop_covered(snaps[1][0])
+        self.snapshots_written += 1
+        self.snapshot_bytes = len(data)
+        self.snapshot_seq = self.seq
+        self.snapshot_s = seconds + time.perf_counter() - t0
+        self._snapshot_at = time.monotonic()
+        return path
+
+    def restored_from(self, seq: int) -> None:
+        """A shard loaded the snapshot at ``seq`` (the next is due a period later)."""
+        self.snapshot_seq = seq
+        self._snapshot_at = time.monotonic()
+
+    def _drop_covered(self, seq: int) -> int:
+        """Delete the closed segments whose records are all at or before ``seq``."""
+        current = Path(self._fh.name) if self._fh is not None else None
+        segs = self.segments()
+        n = 0
+        for seg, nxt in zip(segs, segs[1:]):
+            if seg == current or int(nxt.stem) - 1 > seq:
+                break
+            self.bytes -= seg.stat().st_size
+            seg.unlink()
+            self._seg_max_ts.pop(seg, None)
+            n += 1
+        self.truncated_segments += n
+        return n
+
     def truncate(self, before_ts: int) -> int:
         """Delete the closed segments whose events are all older than ``before_ts``;
         returns how many."""
@@ -230,4 +317,6 @@ class ShardLog:
     def stats(self) -> dict:
         return {"seq": self.seq, "records": self.records, "bytes": self.bytes,
                 "segments": len(self._seg_max_ts), "truncated_segments": self.truncated_segments,
-                "cut_tail_bytes": self.cut_tail}
+                "cut_tail_bytes": self.cut_tail, "snapshots": self.snapshots_written,
+                "snapshot_seq": self.snapshot_seq, "snapshot_bytes": self.snapshot_bytes,
+                "snapshot_s": self.snapshot_s}

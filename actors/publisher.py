@@ -206,7 +206,10 @@ class Publisher:
                 "last_tick_ms": self.last_tick_ms, "errors": dict(self.errors),
                 "store": str(self.store.file),
                 "checkpoint": {"watermark": self._checkpoint_wm, "saved_ms": self._checkpoint_ms,
-                               "bytes": self.checkpoint_bytes, "restored": self.restored}}
+                               "bytes": self.checkpoint_bytes, "restored": self.restored},
+                # each shard's log, snapshots and last recovery (what it loaded and replayed)
+                "shard_logs": {str(k): st["log"] for k, st in self.shard_stats.items()
+                               if st.get("log")}}
 
     def metric_families(self) -> list[Family]:
         """What ``/metrics`` shows, as plain families: KPI gauges, pipeline counters,

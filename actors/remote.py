@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import os
+import time
 from typing import Any, Mapping
 
 import ray
@@ -47,17 +48,23 @@ class _PublisherOfShards(Publisher):
         self.pull_timeout_s = pull_timeout_s
         self.abandon_s = 30.0
         self.shard_problems: dict[int, str] = {}
+        self._all_up_since = time.monotonic()
         super().__init__(config, store_path, pull=self._pull, n_sources=n_shards, alerts=alerts)
         self.start(interval_s)
 
     def _pull(self) -> list:
-        import time
-
         now = time.monotonic()
+        if self.shard_problems:
+            self._all_up_since = now
+        # idle shards move their watermark on processing time only once every shard has been
+        # up for the lateness: while one is down, senders wait (HTTP batches span shards,
+        # emitters retry), so the others' quiet is not the end of traffic, and the events
+        # sent again when it is back must not find their windows closed
+        idle_ok = now - self._all_up_since >= self.cfg.lateness_ms / 1000
         for i, h in enumerate(self._handles):
             if self._outstanding[i] is None:
                 self._outstanding[i] = h.collect.remote(self.acked_watermark,
-                                                        i in self._resync)
+                                                        i in self._resync, idle_ok)
                 self._since[i] = now
         refs = list(self._outstanding)
         ready, _ = ray.wait(refs, num_returns=len(refs), timeout=self.pull_timeout_s)
@@ -132,14 +139,22 @@ CanaryActor = ray.remote(num_cpus=0, max_restarts=-1, max_concurrency=4)(_Canary
 
 def ensure_actors(config: Mapping[str, Any], n_shards: int, store_path: str,
                   publish_interval_s: float = 0.25, alerts: Mapping[str, Any] | None = None,
-                  archive_dir: str | None = None, log_dir: str | None = None
-                  ) -> tuple[list, Any]:
+                  archive_dir: str | None = None, log_dir: str | None = None,
+                  placement: Mapping[str, Mapping[str, float]] | None = None,
+                  snapshot_every_s: float = 60.0) -> tuple[list, Any]:
     """(shard handles, publisher handle), created on first call, found by name after.
 
     The shards archive the raw events they accept under ``archive_dir``
     (None: ``<store_path>/archive``; ``""``: no archive), and log every input
     under ``log_dir/shard-<i>`` before they answer (None: ``<store_path>/log``;
-    ``""``: no log, and a restarted shard starts empty).
+    ``""``: no log, and a restarted shard starts empty), with a snapshot of their state
+    there every ``snapshot_every_s`` (negative: none).
+
+    Shards spread over the cluster's nodes (``SPREAD``), so a node lost takes few of them;
+    ``placement``: ``{"shards": {resource: amount}, "publisher": {...}}``, custom Ray
+    resources they need (on a multi-node cluster: the nodes that reach the log
+    directory, the node whose disk holds the SQLite store).  A restarted actor goes
+    to any node that has them.
 
     Actors are named (``kpistream-shard-<i>``, ``kpistream-publisher``,
     ``kpistream-canary``) in the ``kpistream`` namespace, so the Ray dashboard
@@ -150,14 +165,18 @@ def ensure_actors(config: Mapping[str, Any], n_shards: int, store_path: str,
         archive_dir = os.path.join(store_path, "archive")
     if log_dir is None:
         log_dir = os.path.join(store_path, "log")
+    placement = placement or {}
     shards = [ShardActor.options(name=shard_name(i), namespace=NAMESPACE, get_if_exists=True,
-                                 lifetime="detached").remote(
+                                 lifetime="detached", scheduling_strategy="SPREAD",
+                                 resources=dict(placement.get("shards") or {})).remote(
                   i, dict(config), archive_dir=archive_dir or None,
-                  log_dir=os.path.join(log_dir, f"shard-{i}") if log_dir else None)
+                  log_dir=os.path.join(log_dir, f"shard-{i}") if log_dir else None,
+                  log_options={"snapshot_every_s": snapshot_every_s})
               for i in range(n_shards)]
     ray.get([s.ping.remote() for s in shards])
     pub = PublisherActor.options(name=PUBLISHER, namespace=NAMESPACE, get_if_exists=True,
-                                 lifetime="detached").remote(dict(config), store_path, n_shards,
+                                 lifetime="detached",
+                                 resources=dict(placement.get("publisher") or {})).remote(dict(config), store_path, n_shards,
                                                              publish_interval_s, alerts)
     ray.get(pub.health.remote())
     return shards, pub

@@ -13,6 +13,8 @@ from kpistream.clock import Clock, SystemClock
 from kpistream.spec.metrics import EngineConfig, config_from_dict
 from kpistream.engine import Engine, Partial
 from kpistream.engine.families import final_after_ms
+from kpistream.store.codec import config_to_json
+from kpistream.store.dataonly import dumps, loads
 from kpistream.wire.schema import validate_rows
 
 
@@ -94,23 +96,64 @@ class Shard:
             self.log.watermark_fn = lambda: self.engine.wm.watermark
 
     # --------------------------------------------------------------- the log
+    #: the layout of a snapshot's content (another one is not loaded: the log is replayed)
+    SNAPSHOT_VERSION = 1
+
+    def _snapshot(self) -> None:
+        """The whole state (engine, final partials not yet acknowledged, counts) as a
+        data-only snapshot at the log's current position."""
+        t0 = time.perf_counter()
+        data = dumps({"version": self.SNAPSHOT_VERSION, "seq": self.log.seq,
+                      "config": config_to_json(self.cfg), "engine": self.engine,
+                      "unacked": self._unacked, "batches": self.batches},
+                     externals={"clock": self.engine.clock, "config": self.cfg})
+        self.log.write_snapshot(data, time.perf_counter() - t0)
+
+    def _load_snapshot(self) -> int:
+        """The newest snapshot that reads back (a damaged one is skipped, with a warning);
+        returns the log position it covers (0: none, replay everything)."""
+        import logging
+
+        for seq, path in self.log.snapshots():
+            t0 = time.perf_counter()
+            try:
+                st = loads(path.read_bytes(), externals={"clock": _ShardClock(self),
+                                                         "config": self.cfg})
+                if st.get("version") != self.SNAPSHOT_VERSION:
+                    raise ValueError(f"snapshot layout {st.get('version')!r}")
+                if st["config"] != config_to_json(self.cfg):
+                    raise ValueError("made with another metrics config")
+            except (OSError, ValueError, KeyError, AttributeError, TypeError) as e:
+                logging.getLogger("kpistream.log").warning(
+                    "shard %d: snapshot %s not loaded (%s); trying an older one", self.index,
+                    path.name, e)
+                self.recovery.setdefault("snapshots_skipped", []).append(f"{path.name}: {e}")
+                continue
+            self.engine, self._unacked, self.batches = st["engine"], st["unacked"], st["batches"]
+            self.log.restored_from(seq)
+            self.recovery.update(snapshot_seq=seq, snapshot_load_s=time.perf_counter() - t0)
+            return seq
+        return 0
+
     def _recover(self) -> None:
-        """Rebuild the engine from the log: every input in order, with the clock readings
-        it had (also the collects: they expire join entries).  Runs before the shard
-        takes any call, so a restarted shard answers with its whole state."""
+        """Rebuild the state: the newest snapshot, then every input of the log after it in
+        order, with the clock readings it had (also the collects: they expire join
+        entries).  Runs before the shard takes any call, so a restarted shard answers
+        with its whole state."""
         t0 = time.perf_counter()
         n = events = 0
-        for rec in self.log.replay():
+        after = self._load_snapshot()
+        for rec in self.log.replay(after):
             n += 1
             if rec.type in ("inference", "feedback"):
                 events += len(rec.payload.ts)
             out = self._apply(rec.type, rec.now_ms, rec.payload)
             if rec.type == "collect":
                 self._keep_unacked(out)
-        self.recovery = {"records": n, "events": events, "seconds": time.perf_counter() - t0,
-                         "unacked_partials": len(self._unacked),
-                         "cut_tail_bytes": self.log.cut_tail}
-        if n:
+        self.recovery.update(records=n, events=events, seconds=time.perf_counter() - t0,
+                             unacked_partials=len(self._unacked),
+                             cut_tail_bytes=self.log.cut_tail)
+        if n or after:
             self.last_event_ms = self.clock.now_ms()
             self._resync = True
 
@@ -209,18 +252,22 @@ class Shard:
                   if p.end_ms + final_after_ms(p.family, delay) <= acked_watermark]:
             del self._unacked[k]
 
-    def collect(self, acked_watermark: int | None = None, resync: bool = False
-                ) -> tuple[list[Partial], int, dict]:
+    def collect(self, acked_watermark: int | None = None, resync: bool = False,
+                idle_advance: bool = True) -> tuple[list[Partial], int, dict]:
         """(partials since the last call, watermark, stats) for the publisher.
 
         ``acked_watermark``: the publisher's emitted (and stored) watermark over all
         shards: final partials below it are forgotten, and the log keeps what a replay
         needs above it (None: nothing is dropped).  ``resync`` (a restarted publisher
         asks; a shard restarted from its log does it once by itself): every state held
-        and every final partial not yet acknowledged, not only what changed."""
+        and every final partial not yet acknowledged, not only what changed.
+        ``idle_advance=False``: the watermark does not move on processing time now (the
+        publisher says so while a shard is down: senders wait for it, so the others are
+        idle without traffic having stopped)."""
         t0 = time.perf_counter()
         now = self.clock.now_ms()
-        if self.processing_time_watermark and now - self.last_event_ms >= self.cfg.lateness_ms \
+        if self.processing_time_watermark and idle_advance \
+                and now - self.last_event_ms >= self.cfg.lateness_ms \
                 and now - self.cfg.lateness_ms > self.engine.wm.watermark:
             self._input("advance", now - self.cfg.lateness_ms)
         if acked_watermark is not None:
@@ -233,8 +280,12 @@ class Shard:
             held = [p for p in (*self._unacked.values(), *self.engine.held_partials())
                     if (p.space, p.key, p.series, p.family) not in got]
             parts = held + list(parts)
-        if self.log is not None and acked_watermark is not None:
-            self._truncate_log(acked_watermark)
+        if self.log is not None:
+            if self.log.snapshot_every_s >= 0:
+                if self.log.snapshot_due:
+                    self._snapshot()          # and the segments it covers go
+            elif acked_watermark is not None:
+                self._truncate_log(acked_watermark)
         if self.archive is not None:
             self.archive.maybe_flush()
         self.busy_s += time.perf_counter() - t0

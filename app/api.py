@@ -144,7 +144,8 @@ class SidecarAPI:
                  max_body_bytes: int = 8 << 20, publish_interval_s: float = 0.25,
                  alerts: dict | None = None, archive_dir: str | None = None,
                  canary: dict | None = None, tracking_uri: str | None = None,
-                 log_dir: str | None = None) -> None:
+                 log_dir: str | None = None, placement: dict | None = None,
+                 snapshot_every_s: float = 60.0) -> None:
         from actors.remote import ensure_actors
 
         self.cfg = config_from_dict(config)
@@ -152,7 +153,8 @@ class SidecarAPI:
         self.max_body = max_body_bytes
         self.shards, self.pub = ensure_actors(config, n_shards, store_path, publish_interval_s,
                                              alerts=alerts, archive_dir=archive_dir,
-                                             log_dir=log_dir)
+                                             log_dir=log_dir, placement=placement,
+                                             snapshot_every_s=snapshot_every_s)
         self.canary = None
         if canary is not None and tracking_uri:
             from actors.remote import ensure_canary

@@ -25,12 +25,21 @@ class SidecarArgs(BaseModel):
                                     "null: <store_path>/archive, \"\": no archive")
     log_dir: str | None = Field(None, description="the shards' logs (what a restarted shard "
                                 "replays); null: <store_path>/log, \"\": none")
+    snapshot_every_s: float = Field(60.0, ge=-1, description="seconds between shard "
+                                    "snapshots (a restart replays the log after the newest); "
+                                    "-1: none (old log segments go by event time)")
     canary_config: str | None = Field(None,
                                       description="canary policy, experiments, retraining "
                                                   "triggers (null: none)")
     alerts_config: str | None = Field("configs/alerts.yaml",
                                       description="alert rules, detectors, input drift, webhooks "
                                                   "(null: none)")
+    shard_resources: dict[str, float] = Field(
+        default_factory=dict, description="custom Ray resources each shard needs (nodes that "
+                                          "reach the log directory); shards spread over them")
+    publisher_resources: dict[str, float] = Field(
+        default_factory=dict, description="custom Ray resources the publisher needs (the node "
+                                          "whose disk holds the SQLite store)")
 
 
 def load_metrics_config(path: str) -> dict:
@@ -73,7 +82,10 @@ def build_app(args: dict):
     return SidecarAPI.bind(cfg, a.shards, store, a.max_body_bytes, a.publish_interval_s,
                            alerts=alerts, archive_dir=_under_store(a.archive_dir, store, "archive"),
                            canary=canary, tracking_uri=uri,
-                           log_dir=_under_store(a.log_dir, store, "log"))
+                           log_dir=_under_store(a.log_dir, store, "log"),
+                           snapshot_every_s=a.snapshot_every_s,
+                           placement={"shards": a.shard_resources,
+                                      "publisher": a.publisher_resources})
 
 
 def load_canary(path: str | None) -> dict | None:

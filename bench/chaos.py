@@ -11,7 +11,6 @@ replay, <n> final windows never rewritten, <lost> lost, <doubled> doubled``
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import signal
@@ -19,47 +18,19 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
-import pandas as pd
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "e2e")]
 
 import ray  # noqa: E402
 from ray import serve  # noqa: E402
 
 from actors.remote import NAMESPACE, PUBLISHER, shard_name  # noqa: E402
 from app.sidecar import build_app  # noqa: E402
-from kpistream.replay import iter_runs, replay_batches  # noqa: E402
+from exactness import FinalWatcher, compare_with_replay, final_series, post_until_acked  # noqa: E402
 from kpistream.spec.metrics import load_config  # noqa: E402
 from kpistream.synthetic import generate_stream  # noqa: E402
-from kpistream.wire.batch import FeedbackBatch, InferenceBatch  # noqa: E402
-from kpistream.wire.schema import validate_rows  # noqa: E402
-from kpistream.windows.aggregate import rows_frame  # noqa: E402
-
-ROOT = Path(__file__).resolve().parent.parent
-KEY = ["window_start", "model", "model_version", "variant", "endpoint", "region", "metric"]
-
-
-def _post(url: str, rows: list) -> dict:
-    req = urllib.request.Request(url, data="\n".join(json.dumps(r) for r in rows).encode(),
-                                 method="POST")
-    with urllib.request.urlopen(req, timeout=60) as r:
-        return json.loads(r.read())
-
-
-def _series(base: str) -> pd.DataFrame:
-    out, offset = [], 0
-    while True:
-        with urllib.request.urlopen(f"{base}/v1/series?resolution=10s&limit=100000"
-                                    f"&offset={offset}", timeout=60) as r:
-            page = json.loads(r.read())
-        out += page
-        if len(page) < 100_000:
-            return pd.DataFrame(out)
-        offset += len(page)
 
 
 def main() -> None:
@@ -88,8 +59,6 @@ def main() -> None:
     random.Random(5).shuffle(plan)
     stop = threading.Event()
     kills: list[str] = []
-    finals: dict = {}
-    rewritten: list = []
 
     def chaos():
         rng = random.Random(3)
@@ -109,79 +78,31 @@ def main() -> None:
                     if stop.wait(1.0):
                         return
 
-    def watch():
-        while not stop.is_set():
-            try:
-                df = _series(base)
-            except Exception:
-                stop.wait(1.0)
-                continue
-            for r in df[~df["provisional"]].itertuples(index=False) if len(df) else ():
-                k = tuple(getattr(r, c) for c in KEY)
-                v = (r.value, r.count)
-                old = finals.setdefault(k, v)
-                if old != v and not (old[0] != old[0] and v[0] != v[0]):
-                    rewritten.append((k, old, v))
-            stop.wait(2.0)
-
-    threads = [threading.Thread(target=chaos, daemon=True),
-               threading.Thread(target=watch, daemon=True)]
-    for t in threads:
-        t.start()
+    thread = threading.Thread(target=chaos, daemon=True)
+    thread.start()
+    watcher = FinalWatcher(base, every_s=2.0)
     t0 = time.time()
-    retries = 0
-    for chunk in chunks:
-        while True:
-            try:
-                _post(base + "/v1/events", chunk)
-                break
-            except (urllib.error.URLError, TimeoutError, ConnectionError):
-                retries += 1
-                time.sleep(0.2)
+    retries = sum(post_until_acked(base + "/v1/events", chunk) for chunk in chunks)
     sent_s = time.time() - t0
     while len(kills) < len(plan) and time.time() - t0 < sent_s + 120:
         time.sleep(0.5)          # the rest of the plan, if the stream was quicker
     stop.set()
-    for t in threads:
-        t.join(60)
-    deadline = time.time() + 180
-    while True:
-        got = _series(base)
-        if len(got) and not got["provisional"].any():
-            break
-        if time.time() > deadline:
-            with urllib.request.urlopen(base + "/v1/health", timeout=30) as r:
-                health = r.read().decode()
-            prov = got[got["provisional"]] if len(got) else got
-            raise SystemExit(f"windows never became final: {len(prov)} provisional rows, "
-                             f"{prov['window_start'].min() if len(prov) else '-'} to "
-                             f"{prov['window_start'].max() if len(prov) else '-'}; "
-                             f"health {health}")
-        time.sleep(2)
-    res = validate_rows(recs, now_ms=int(time.time() * 1000), max_future_ms=cfg.max_future_ms)
-    batches = [(k, (InferenceBatch if k == "inference" else FeedbackBatch).from_records(r))
-               for k, r in iter_runs(res)]
-    rows, _ = replay_batches(batches, cfg)
-    want = rows_frame(rows, cfg.segments)
-    want = want[want["window"] == "10s"]
-    got["window_start"] = pd.to_datetime(got["window_start"], utc=True)
-    m = want.merge(got, on=KEY, suffixes=("_r", "_s"), how="outer", indicator=True)
-    missing = int((m["_merge"] == "left_only").sum())
-    extra = int((m["_merge"] == "right_only").sum())
-    both = m[m["_merge"] == "both"]
-    lost = int((both["count_r"] - both["count_s"]).clip(lower=0).sum())
-    doubled = int((both["count_s"] - both["count_r"]).clip(lower=0).sum())
-    vals = both["value_r"].notna() | both["value_s"].notna()
-    unequal = int((~((both["value_r"] - both["value_s"]).abs()[vals]
-                     <= 1e-9 * both["value_r"].abs()[vals] + 1e-12)).sum())
+    thread.join(60)
+    watcher.stop()
+    finals, rewritten = watcher.finals, watcher.rewritten
+    got = final_series(base, timeout_s=180)
+    rep = compare_with_replay(got, recs, cfg)
+    missing, extra, unequal = rep["missing"], rep["extra"], rep["unequal"]
+    lost, doubled = rep["lost"], rep["doubled"]
+    equal = rep["compared"] - missing - extra - unequal
     print(f"sent {len(recs):,} events in {len(chunks)} requests over {sent_s:.0f} s "
           f"({len(recs) / sent_s:,.0f} events/s), {retries} retried requests; kills: "
           f"{kills.count('shard')} shard, {kills.count('publisher')} publisher (SIGKILL)")
-    print(f"windows: {len(m):,} compared, {missing} missing, {extra} extra, {unequal} values "
+    print(f"windows: {rep['compared']:,} compared, {missing} missing, {extra} extra, {unequal} values "
           f"unequal; counts lost {lost}, doubled {doubled}; final windows watched "
           f"{len(finals):,}, rewritten {len(rewritten)}")
     print(f"chaos: {len(recs):,} events, {kills.count('shard')} shard + "
-          f"{kills.count('publisher')} publisher kills, {len(both) - unequal:,} windows equal "
+          f"{kills.count('publisher')} publisher kills, {equal:,} windows equal "
           f"replay, {len(finals):,} final windows never rewritten"
           f"{'' if not rewritten else f' ({len(rewritten)} REWRITTEN)'}, {lost} lost, "
           f"{doubled} doubled")

@@ -176,8 +176,10 @@ def main() -> None:
     dur = {}
     for label, log_root in (("log", tempfile.mkdtemp(prefix="kpistream-bench-log-")),
                             ("no log", None)):
+        # snapshots every 5 s (12x the default rate), so the rounds pay for several
         sh = [ShardActor.remote(200 + i + (10 if log_root is None else 0), CONFIG,
-                                log_dir=None if log_root is None else f"{log_root}/shard-{i}")
+                                log_dir=None if log_root is None else f"{log_root}/shard-{i}",
+                                log_options={"snapshot_every_s": 5.0})
               for i in range(a.shards)]
         ray.get([x.ping.remote() for x in sh])
         dur[label] = (sh, Producer(sh, parts, span, salt=77 if log_root else 88), [])
@@ -200,7 +202,9 @@ def main() -> None:
           f"without {', '.join(f'{r:,.0f}' for r in off)} events/s ({a.ab_rounds} alternating "
           f"rounds of {a.ab_seconds:g} s); cost {100 * cost:.1f} % (medians); shard 0's log "
           f"{log_stats['bytes'] / 2**20:,.0f} MiB in {log_stats['segments']} segments after "
-          f"truncation, {log_stats['records']:,} records")
+          f"truncation, {log_stats['records']:,} records; {log_stats['snapshots']} snapshots "
+          f"(every 5 s), the last {log_stats['snapshot_bytes'] / 2**20:,.1f} MiB written in "
+          f"{log_stats['snapshot_s']:.2f} s")
     for sh, _, _ in dur.values():
         for x in sh:
             ray.kill(x)

@@ -139,10 +139,67 @@ def test_a_torn_last_record_is_cut_and_damage_elsewhere_is_an_error(tmp_path, st
         list(ShardLog(tmp_path / "a").replay())
 
 
+@pytest.mark.parametrize("crashes", [(410,), (30, 1299, 1300, 2556)])
+def test_a_shard_restarted_from_its_snapshot_and_the_log_after_it_is_exact(
+        tmp_path, stream, crashes):
+    """Snapshots at every collect (every 25 batches): a restart loads the newest and
+    replays only the records after it; the segments the snapshots cover are gone; windows
+    and counters are those of a shard that never stopped."""
+    batches, _ = stream
+    want, _, ref = _run(batches)
+    opts = {"segment_bytes": 30_000, "snapshot_every_s": 0}
+    got, step, shard = _run(batches, tmp_path / "log", crash_at=set(crashes), log_options=opts)
+    assert sorted((_key(r), r["count"], r["labelled"]) for r in got) == \
+        sorted((_key(r), r["count"], r["labelled"]) for r in want)
+    w = {_key(r): r["value"] for r in want}
+    assert all(r["value"] == pytest.approx(w[_key(r)], rel=1e-12, nan_ok=True) for r in got)
+    st = shard.stats()
+    assert st["counters"] == ref.stats()["counters"]
+    rec = st["log"]["recovery"]
+    assert rec["snapshot_seq"] > 0 and 0 < rec["records"] <= 30   # the tail after it only
+    assert st["log"]["truncated_segments"] > 5 and st["log"]["snapshots"] > 10
+    assert len(list((tmp_path / "log").glob("snapshot-*.snap"))) == 2
+    assert step.agg.refused_final == 0
+
+
+def test_a_damaged_snapshot_falls_back_to_the_one_before(tmp_path, stream):
+    batches, _ = stream
+    want, _, _ = _run(batches[:1000])
+    opts = {"segment_bytes": 30_000, "snapshot_every_s": 0}
+    _, _, shard = _run(batches[:990], tmp_path / "log", log_options=opts)
+    newest = shard.log.snapshots()[0][1]
+    data = bytearray(newest.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    newest.write_bytes(bytes(data))
+    t0 = int(batches[0][1].ts.min())
+    again = Shard(0, METRICS, clock=ManualClock(t0 + 990 * 400), log_dir=tmp_path / "log",
+                  log_options=opts, processing_time_watermark=False)
+    rec = again.recovery
+    assert "checksum" in rec["snapshots_skipped"][0] and rec["snapshot_seq"] > 0
+    assert again.stats()["counters"] == shard.stats()["counters"]
+
+
+def test_a_snapshot_holds_data_only_and_names_only_kpistream_classes(tmp_path):
+    from kpistream.store.dataonly import dumps, loads
+
+    evil = dumps({"x": 1}).replace(b'"$d"', b'"$o"')
+    with pytest.raises((ValueError, KeyError)):
+        loads(evil)
+    import json as _json
+    import struct
+    import zlib
+    for cls in ("os:system", "builtins:eval", "subprocess:Popen", "numpy:load"):
+        head = _json.dumps({"$id": 0, "$o": cls, "f": {}}).encode()
+        body = struct.pack("<4sBI", b"KPS1", 1, len(head)) + head + b"[]" + struct.pack("<I", 2)
+        with pytest.raises(ValueError, match="kpistream|numpy scalar"):
+            loads(body + struct.pack("<I", zlib.crc32(body)))
+
+
 def test_old_segments_go_and_a_restart_after_that_is_still_exact(tmp_path, stream):
+    """Without snapshots, segments go by event time."""
     batches, _ = stream
     want, _, _ = _run(batches)
-    opts = {"segment_bytes": 30_000}
+    opts = {"segment_bytes": 30_000, "snapshot_every_s": -1}
     got, step, shard = _run(batches, tmp_path / "log", crash_at={2500}, log_options=opts)
     st = shard.stats()["log"]
     assert st["truncated_segments"] > 5      # the old part of the stream is gone
@@ -226,3 +283,18 @@ def test_a_restarted_publisher_gets_everything_again_and_stores_exact_windows(tm
     assert (m["_merge"] == "both").all()
     assert (m["count_w"] == m["count_g"]).all() and not m["provisional_g"].any()
     assert np.allclose(m["value_w"], m["value_g"], rtol=1e-12, equal_nan=True)
+
+
+def test_an_idle_shard_keeps_its_watermark_while_the_publisher_says_a_shard_is_down(stream):
+    """A shard idle for the lateness moves its watermark to the clock, unless the publisher
+    holds that back (another shard is down: senders are waiting, traffic did not stop)."""
+    batches, _ = stream
+    t0 = int(batches[0][1].ts.min())
+    clock = ManualClock(t0)
+    shard = Shard(0, METRICS, clock=clock)
+    for kind, b in batches[:50]:
+        (shard.ingest_inference if kind == "inference" else shard.ingest_feedback)(b)
+    _, wm, _ = shard.collect()
+    clock.advance(CFG.lateness_ms * 10)
+    assert shard.collect(idle_advance=False)[1] == wm
+    assert shard.collect()[1] > wm

@@ -11,71 +11,21 @@ import random
 import signal
 import threading
 import time
-import urllib.error
 import urllib.request
 from pathlib import Path
 
-import pandas as pd
 import pytest
 import yaml
 
-from kpistream.replay import iter_runs, replay_batches
 from kpistream.spec.metrics import load_config
 from kpistream.synthetic import generate_stream
-from kpistream.wire.batch import FeedbackBatch, InferenceBatch
-from kpistream.wire.schema import validate_rows
-from kpistream.windows.aggregate import rows_frame
 
 from conftest import deploy_sidecar, remove_sidecar, wait_healthy
+from exactness import (FinalWatcher, assert_equals_replay, changed, final_series,
+                       final_values, post, post_until_acked, series)
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 ROOT = Path(__file__).resolve().parents[2]
-KEY = ["window_start", "model", "model_version", "variant", "endpoint", "region", "metric"]
-
-
-def _post(url: str, rows: list) -> dict:
-    req = urllib.request.Request(url, data="\n".join(json.dumps(r) for r in rows).encode(),
-                                 method="POST")
-    with urllib.request.urlopen(req, timeout=30) as r:
-        return json.loads(r.read())
-
-
-def _series(base: str) -> pd.DataFrame:
-    with urllib.request.urlopen(base + "/v1/series?resolution=10s&limit=100000",
-                                timeout=30) as r:
-        return pd.DataFrame(json.loads(r.read()))
-
-
-def _final_series(base: str, timeout_s: float = 60.0) -> pd.DataFrame:
-    """The stored 10 s rows once every window is final (the shards idle: the watermark
-    moves to the clock)."""
-    deadline = time.time() + timeout_s
-    while True:
-        got = _series(base)
-        if len(got) and not got["provisional"].any():
-            return got
-        assert time.time() < deadline, "windows never became final"
-        time.sleep(1)
-
-
-def _assert_equals_replay(got: pd.DataFrame, recs: list, cfg) -> int:
-    """Every stored 10 s window equals `kpistream replay` of ``recs``: same windows, same
-    counts, same values.  Returns how many windows were compared."""
-    res = validate_rows(recs, now_ms=int(time.time() * 1000), max_future_ms=cfg.max_future_ms)
-    batches = [(k, (InferenceBatch if k == "inference" else FeedbackBatch).from_records(r))
-               for k, r in iter_runs(res)]
-    rows, _ = replay_batches(batches, cfg)
-    want = rows_frame(rows, cfg.segments)
-    want = want[want["window"] == "10s"]
-    got = got.assign(window_start=pd.to_datetime(got["window_start"], utc=True))
-    m = want.merge(got, on=KEY, suffixes=("_r", "_s"), how="outer", indicator=True)
-    assert (m["_merge"] == "both").all(), m[m["_merge"] != "both"][KEY + ["_merge"]].head()
-    assert (m["count_r"] == m["count_s"]).all(), \
-        m[m["count_r"] != m["count_s"]][KEY + ["count_r", "count_s"]].head()
-    both = m["value_r"].notna() | m["value_s"].notna()
-    assert ((m["value_r"] - m["value_s"]).abs()[both] <= 1e-9 * m["value_r"].abs()[both]
-            + 1e-12).all()
-    return len(m)
 
 
 def test_killed_shards_lose_and_double_nothing(serve_port, tmp_path):
@@ -84,7 +34,9 @@ def test_killed_shards_lose_and_double_nothing(serve_port, tmp_path):
     from actors.remote import NAMESPACE, PUBLISHER, shard_name
 
     cfg = load_config(ROOT / "configs/metrics.yaml")
-    deploy_sidecar("kpistream-faults", tmp_path / "store", alerts_config=None)
+    # snapshots every second: most kills restart a shard from a snapshot and a log tail
+    deploy_sidecar("kpistream-faults", tmp_path / "store", alerts_config=None,
+                   snapshot_every_s=1.0)
     base = f"http://127.0.0.1:{serve_port}"
     try:
         wait_healthy(base, timeout_s=60)
@@ -96,8 +48,6 @@ def test_killed_shards_lose_and_double_nothing(serve_port, tmp_path):
         chunks = [recs[i:i + 400] for i in range(0, len(recs), 400)]
         stop = threading.Event()
         kills: list[tuple[int, float]] = []
-        finals: dict = {}          # window key -> (value, count) when first seen final
-        rewritten: list = []
 
         def chaos():
             """SIGKILL a shard (8 times) or the publisher (every third kill) at random."""
@@ -114,46 +64,20 @@ def test_killed_shards_lose_and_double_nothing(serve_port, tmp_path):
                     pass
                 stop.wait(rng.uniform(0.8, 2.0))
 
-        def watch_finals():
-            while not stop.is_set():
-                try:
-                    df = _series(base)
-                except Exception:
-                    continue
-                if len(df):
-                    for r in df[~df["provisional"]].itertuples(index=False):
-                        k = tuple(getattr(r, c) for c in KEY)
-                        v = (r.value, r.count)
-                        if k not in finals:
-                            finals[k] = v
-                        elif finals[k] != v and not (v[0] != v[0] and finals[k][0] != finals[k][0]):
-                            rewritten.append((k, finals[k], v))
-                stop.wait(0.5)
-
-        threads = [threading.Thread(target=chaos, daemon=True),
-                   threading.Thread(target=watch_finals, daemon=True)]
-        for t in threads:
-            t.start()
-        retries = 0
+        thread = threading.Thread(target=chaos, daemon=True)
+        thread.start()
+        watcher = FinalWatcher(base, every_s=0.5)
         t0 = time.time()
-        for chunk in chunks:               # at least once: a chunk is sent until acknowledged
-            for attempt in range(200):
-                try:
-                    rep = _post(base + "/v1/events", chunk)
-                    break
-                except (urllib.error.URLError, TimeoutError, ConnectionError):
-                    retries += 1
-                    time.sleep(0.2)
-            else:
-                pytest.fail("a chunk was never acknowledged")
-            assert rep["received"] == len(chunk)
+        # at least once: a chunk is sent until acknowledged
+        retries = sum(post_until_acked(base + "/v1/events", chunk) for chunk in chunks)
         sent_s = time.time() - t0
         stop.set()
-        for t in threads:
-            t.join(30)
+        thread.join(30)
+        watcher.stop()
+        finals, rewritten = watcher.finals, watcher.rewritten
         assert sum(k[0] == PUBLISHER for k in kills) >= 2 and len(kills) >= 8, kills
-        got = _final_series(base)
-        n_windows = _assert_equals_replay(got, recs, cfg)
+        got = final_series(base)
+        n_windows = assert_equals_replay(got, recs, cfg)
         assert rewritten == [], rewritten[:5]
         with urllib.request.urlopen(base + "/v1/health", timeout=10) as r:
             health = json.loads(r.read())
@@ -164,6 +88,9 @@ def test_killed_shards_lose_and_double_nothing(serve_port, tmp_path):
               f"{n_windows:,} stored windows equal replay; {len(finals):,} final windows never "
               f"rewritten")
         assert health["shards_alive"] == 2
+        # the shards killed last came back from a snapshot and the log after it
+        recov = [lg["recovery"] for lg in health["shard_logs"].values()]
+        assert any(r.get("snapshot_seq") for r in recov), recov
     finally:
         remove_sidecar("kpistream-faults")
 
@@ -186,30 +113,26 @@ def test_a_whole_restart_completes_the_open_windows_from_the_logs(serve_port, tm
     half = len(recs) // 2
     try:
         deploy_sidecar("kpistream-restart", store, alerts_config=None,
-                       metrics_config=str(tmp_path / "metrics.yaml"))
+                       metrics_config=str(tmp_path / "metrics.yaml"), snapshot_every_s=1.0)
         wait_healthy(base, timeout_s=60)
         for i in range(0, half, 500):
-            assert _post(base + "/v1/events", recs[i:min(i + 500, half)])["received"]
+            assert post(base + "/v1/events", recs[i:min(i + 500, half)])["received"]
         time.sleep(1.0)                              # a publisher round or two
-        before = _series(base)
+        before = series(base)
         open_before = int(before["provisional"].sum())
-        finals = {tuple(r[c] for c in KEY): (r["value"], r["count"])
-                  for r in before[~before["provisional"]].to_dict("records")}
+        finals = final_values(before)
         remove_sidecar("kpistream-restart")          # every process of the sidecar gone
         t0 = time.time()
         deploy_sidecar("kpistream-restart", store, alerts_config=None,
-                       metrics_config=str(tmp_path / "metrics.yaml"))
+                       metrics_config=str(tmp_path / "metrics.yaml"), snapshot_every_s=1.0)
         wait_healthy(base, timeout_s=60)
         ready_s = time.time() - t0
         for i in range(half, len(recs), 500):
-            assert _post(base + "/v1/events", recs[i:i + 500])["received"]
-        after = _final_series(base, timeout_s=90)
-        _assert_equals_replay(after, recs, cfg)
-        now_final = {tuple(r[c] for c in KEY): (r["value"], r["count"])
-                     for r in after.to_dict("records")}
-        changed = [k for k, v in finals.items() if now_final.get(k) != v
-                   and not (v[0] != v[0] and now_final.get(k, (0,))[0] != now_final.get(k, (0,))[0])]
-        assert open_before > 0 and changed == [], changed[:5]
+            assert post(base + "/v1/events", recs[i:i + 500])["received"]
+        after = final_series(base, timeout_s=90)
+        assert_equals_replay(after, recs, cfg)
+        diff = changed(finals, final_values(after))
+        assert open_before > 0 and diff == [], diff[:5]
         print(f"\nrestart: {open_before} windows open at the restart, completed from the logs; "
               f"ready again in {ready_s:.1f} s; {len(finals)} final windows unchanged")
         assert ready_s < 60
