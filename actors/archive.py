@@ -208,18 +208,55 @@ def feedback_batch_from_table(t) -> FeedbackBatch:
         rel_grades=rg, labels=labels)
 
 
+def is_uri(root: str | os.PathLike) -> bool:
+    """Whether an archive root is a filesystem URI (``s3://``, ``gs://``, ``file://`` ...)
+    rather than a local path."""
+    return "://" in str(root)
+
+
+def _filesystem(root: str | os.PathLike):
+    """(pyarrow filesystem, base path) of a URI root."""
+    import pyarrow.fs as pafs
+
+    fs, path = pafs.FileSystem.from_uri(str(root))
+    return fs, path.rstrip("/")
+
+
+def archive_files(root: str | os.PathLike, kind: str, shard: int | None = None) -> list[str]:
+    """The Parquet files of ``kind`` under ``root`` (a local path or a URI), sorted; of one
+    shard if ``shard`` is given.  Local paths come back as paths, URI files as paths
+    within the URI's filesystem."""
+    pattern = f"shard-{'*' if shard is None else shard}-*.parquet"
+    if not is_uri(root):
+        return sorted(str(p) for p in Path(root, kind).glob(f"date=*/{pattern}"))
+    import pyarrow.fs as pafs
+
+    fs, base = _filesystem(root)
+    infos = fs.get_file_info(pafs.FileSelector(f"{base}/{kind}", recursive=True,
+                                               allow_not_found=True))
+    out = []
+    for info in infos:
+        m = _NAME.match(info.base_name)
+        if info.type == pafs.FileType.File and m and "/date=" in info.path and (
+                shard is None or int(m.group(1)) == shard):
+            out.append(info.path)
+    return sorted(out)
+
+
 def read_archive(root: str | os.PathLike, kind: str, *, columns: list[str] | None = None):
     """Every archived row of ``kind`` as one Arrow table, in arrival order per shard.
 
-    Without Ray (tests, notebooks); :mod:`actors.retrain` reads with Ray Data.
+    ``root``: a local path or a URI pyarrow reads (``s3://bucket/prefix`` ...).  Without
+    Ray (tests, notebooks); :mod:`actors.retrain` reads with Ray Data.
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    files = sorted(Path(root, kind).glob("date=*/shard-*.parquet"))
+    files = archive_files(root, kind)
     if not files:
         return None
-    t = pa.concat_tables([pq.read_table(f, columns=columns) for f in files])
+    fs = _filesystem(root)[0] if is_uri(root) else None
+    t = pa.concat_tables([pq.read_table(f, columns=columns, filesystem=fs) for f in files])
     if "arrival" in t.column_names:
         t = t.sort_by("arrival")
     return t
@@ -292,7 +329,9 @@ class EventArchive:
                  compression: str = "snappy", background: bool = False) -> None:
         if max_rows < 1:
             raise ValueError("max_rows must be >= 1")
-        self.root = Path(root)
+        # a URI (s3://, gs://, file:// ...) goes through its pyarrow filesystem
+        self.fs, self._base = _filesystem(root) if is_uri(root) else (None, "")
+        self.root = Path(root) if self.fs is None else str(root).rstrip("/")
         self.shard = int(shard_index)
         self.max_rows = int(max_rows)
         self.max_age_ms = int(max_age_s * 1000)
@@ -459,6 +498,11 @@ class EventArchive:
 
     def _max_seq_on_disk(self) -> int:
         best = -1
+        if self.fs is not None:
+            for kind in KINDS:
+                for f in archive_files(self.root, kind, self.shard):
+                    best = max(best, int(_NAME.match(f.rsplit("/", 1)[-1]).group(2)))
+            return best
         for kind in KINDS:
             base = self.root / kind
             if not base.is_dir():
@@ -474,10 +518,31 @@ class EventArchive:
                         (d / f).unlink(missing_ok=True)   # left by a crash mid-write
         return best
 
-    def _write(self, kind: str, day: int, table, seq: int) -> Path:
+    def _write_fs(self, kind: str, date: str, table, seq: int) -> str:
+        """A file through a pyarrow filesystem: written under its final name (an object
+        store's put is atomic: readers see all of it or nothing); a name that exists is
+        never overwritten (the next sequence number is taken)."""
+        import pyarrow.fs as pafs
+        import pyarrow.parquet as pq
+
+        folder = f"{self._base}/{kind}/date={date}"
+        self.fs.create_dir(folder, recursive=True)
+        while True:
+            final = f"{folder}/shard-{self.shard}-{seq:08d}.parquet"
+            if self.fs.get_file_info(final).type == pafs.FileType.NotFound:
+                break
+            seq = self._take_seq(1)
+        pq.write_table(table, final, filesystem=self.fs, compression=self.compression,
+                       store_schema=False,
+                       use_dictionary=[c for c in table.column_names if c in STRING_COLUMNS])
+        return final
+
+    def _write(self, kind: str, day: int, table, seq: int) -> Path | str:
         import pyarrow.parquet as pq
 
         date = datetime.fromtimestamp(day * 86_400, tz=timezone.utc).strftime("%Y-%m-%d")
+        if self.fs is not None:
+            return self._write_fs(kind, date, table, seq)
         folder = self.root / kind / f"date={date}"
         folder.mkdir(parents=True, exist_ok=True)
         while True:
@@ -525,7 +590,8 @@ class EventArchive:
             return {**self.counters, "buffered": self.buffered, "last_error": self.last_error,
                     "root": str(self.root)}
 
-    def files(self, kind: str | None = None) -> list[Path]:
+    def files(self, kind: str | None = None) -> list[Path] | list[str]:
+        """This shard's files (paths; for a URI root, paths within its filesystem)."""
         kinds = KINDS if kind is None else (kind,)
-        return sorted(p for k in kinds for p in (self.root / k).glob(
-            f"date=*/shard-{self.shard}-*.parquet"))
+        out = sorted(f for k in kinds for f in archive_files(self.root, k, self.shard))
+        return out if self.fs is not None else [Path(f) for f in out]

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import numpy as np
@@ -37,16 +36,20 @@ def default_trainer(x: np.ndarray, y: np.ndarray, seed: int = 0):
 
 # ---------------------------------------------------------------------------- data
 
-def _read(path: Path, columns: list[str], keep: Callable):
-    """Rows of one archive kind (Ray Data), filtered per block with ``keep(table) -> mask``."""
+def _read(root: str, kind: str, columns: list[str], keep: Callable):
+    """Rows of one archive kind (Ray Data), filtered per block with ``keep(table) -> mask``;
+    ``root`` a local path or a URI (``s3://...``)."""
     import pyarrow as pa
     import ray.data
 
-    if not path.is_dir() or not any(path.glob("date=*/shard-*.parquet")):
+    from actors.archive import archive_files
+
+    if not archive_files(root, kind):
         return None
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
-    ds = ray.data.read_parquet(str(path), file_extensions=["parquet"]).select_columns(columns)
+    ds = ray.data.read_parquet(f"{str(root).rstrip('/')}/{kind}",
+                               file_extensions=["parquet"]).select_columns(columns)
 
     def select(t: pa.Table) -> pa.Table:
         return t.select(columns).filter(keep(t))
@@ -77,7 +80,7 @@ def load_training_data(archive_dir: str, *, since_ms: int | None = None,
     import pandas as pd
     import pyarrow.compute as pc
 
-    root = Path(archive_dir)
+    root = str(archive_dir)
 
     def inf_keep(t):
         m = pc.is_valid(t["features"])
@@ -90,12 +93,12 @@ def load_training_data(archive_dir: str, *, since_ms: int | None = None,
     def fb_keep(t):
         return pc.and_(pc.equal(t["kind"], label_kind), pc.is_valid(t["label"]))
 
-    inf = _read(root / "inference", ["request_id_hash", "ts", "features", "arrival"], inf_keep)
+    inf = _read(root, "inference", ["request_id_hash", "ts", "features", "arrival"], inf_keep)
     if inf is None or inf.empty:
-        raise NotEnoughData(f"no archived inferences with features under {root / 'inference'}")
-    fb = _read(root / "feedback", ["request_id_hash", "kind", "label", "arrival"], fb_keep)
+        raise NotEnoughData(f"no archived inferences with features under {root}/inference")
+    fb = _read(root, "feedback", ["request_id_hash", "kind", "label", "arrival"], fb_keep)
     if fb is None or fb.empty:
-        raise NotEnoughData(f"no archived {label_kind!r} feedback under {root / 'feedback'}")
+        raise NotEnoughData(f"no archived {label_kind!r} feedback under {root}/feedback")
     inf = inf.sort_values("arrival", kind="stable").drop_duplicates("request_id_hash")
     fb = fb.sort_values("arrival", kind="stable").drop_duplicates("request_id_hash")
     joined = inf.merge(fb[["request_id_hash", "label"]], on="request_id_hash", how="inner")

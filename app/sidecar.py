@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from kpistream.spec.metrics import config_from_dict, read_yaml
 
@@ -21,8 +21,9 @@ class SidecarArgs(BaseModel):
     mlflow_tracking_uri: str = Field("sqlite:///data/mlflow.db")
     max_body_bytes: int = Field(8 << 20, ge=1024)
     publish_interval_s: float = Field(0.25, gt=0, le=60)
-    archive_dir: str | None = Field(None, description="raw event archive (Parquet) directory; "
-                                    "null: <store_path>/archive, \"\": no archive")
+    archive_dir: str | None = Field(None, description="raw event archive (Parquet): a directory "
+                                    "or a pyarrow filesystem URI (s3://, gs://); null: "
+                                    "<store_path>/archive, \"\": no archive")
     log_dir: str | None = Field(None, description="the shards' logs (what a restarted shard "
                                 "replays); null: <store_path>/log, \"\": none")
     snapshot_every_s: float = Field(60.0, ge=-1, description="seconds between shard "
@@ -40,6 +41,16 @@ class SidecarArgs(BaseModel):
     publisher_resources: dict[str, float] = Field(
         default_factory=dict, description="custom Ray resources the publisher needs (the node "
                                           "whose disk holds the SQLite store)")
+
+    @field_validator("log_dir")
+    @classmethod
+    def _log_on_a_filesystem(cls, v: str | None) -> str | None:
+        if v and "://" in v:
+            raise ValueError("the shard log needs a filesystem path (it appends and fsyncs "
+                             "before each answer); object stores have neither: use a local "
+                             "disk or a shared filesystem mounted on every node (README, "
+                             "\"Running on a cluster\")")
+        return v
 
 
 def load_metrics_config(path: str) -> dict:
@@ -104,4 +115,6 @@ def _under_store(path: str | None, store: str, default: str) -> str:
     else the path made absolute (replicas may run in another working directory)."""
     if path is None:
         return str(Path(store) / default)
+    if "://" in path:       # a filesystem URI (the archive: s3://, gs:// ...): as given
+        return path
     return str(Path(path).expanduser().resolve()) if path else ""
