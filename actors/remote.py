@@ -38,7 +38,7 @@ class _PublisherOfShards(Publisher):
 
     def __init__(self, config: Mapping[str, Any], store_path: str, n_shards: int,
                  interval_s: float = 0.25, alerts: Mapping[str, Any] | None = None,
-                 pull_timeout_s: float = 2.0) -> None:
+                 pull_timeout_s: float = 2.0, restart_grace_s: float = 30.0) -> None:
         self._handles = [ray.get_actor(shard_name(i), namespace=NAMESPACE)
                          for i in range(n_shards)]
         self._outstanding: list[Any] = [None] * n_shards
@@ -48,7 +48,8 @@ class _PublisherOfShards(Publisher):
         self.pull_timeout_s = pull_timeout_s
         self.abandon_s = 30.0
         self.shard_problems: dict[int, str] = {}
-        self._all_up_since = time.monotonic()
+        self._all_up_since = self._started = time.monotonic()
+        self.restart_grace_s = restart_grace_s
         super().__init__(config, store_path, pull=self._pull, n_sources=n_shards, alerts=alerts)
         self.start(interval_s)
 
@@ -57,10 +58,12 @@ class _PublisherOfShards(Publisher):
         if self.shard_problems:
             self._all_up_since = now
         # idle shards move their watermark on processing time only once every shard has been
-        # up for the lateness: while one is down, senders wait (HTTP batches span shards,
-        # emitters retry), so the others' quiet is not the end of traffic, and the events
+        # up for the lateness, and not in the first restart_grace_s after this publisher
+        # started: while one is down, or the sidecar restarts, senders wait (HTTP batches
+        # span shards, emitters retry), so quiet is not the end of traffic, and the events
         # sent again when it is back must not find their windows closed
-        idle_ok = now - self._all_up_since >= self.cfg.lateness_ms / 1000
+        idle_ok = (now - self._all_up_since >= self.cfg.lateness_ms / 1000
+                   and now - self._started >= self.restart_grace_s)
         for i, h in enumerate(self._handles):
             if self._outstanding[i] is None:
                 self._outstanding[i] = h.collect.remote(self.acked_watermark,

@@ -13,6 +13,7 @@ from kpistream.clock import Clock, SystemClock
 from kpistream.spec.metrics import EngineConfig, config_from_dict
 from kpistream.engine import Engine, Partial
 from kpistream.engine.families import final_after_ms
+from kpistream.errors import ConfigError
 from kpistream.store.codec import config_to_json
 from kpistream.store.dataonly import dumps, loads
 from kpistream.wire.schema import validate_rows
@@ -98,6 +99,8 @@ class Shard:
     # --------------------------------------------------------------- the log
     #: the layout of a snapshot's content (another one is not loaded: the log is replayed)
     SNAPSHOT_VERSION = 1
+    #: metrics settings that may change between a snapshot and the shard that loads it
+    RETUNABLE = frozenset({"lateness_ms", "max_future_ms", "label_delay_ms"})
 
     def _snapshot(self) -> None:
         """The whole state (engine, final partials not yet acknowledged, counts) as a
@@ -121,8 +124,7 @@ class Shard:
                                                          "config": self.cfg})
                 if st.get("version") != self.SNAPSHOT_VERSION:
                     raise ValueError(f"snapshot layout {st.get('version')!r}")
-                if st["config"] != config_to_json(self.cfg):
-                    raise ValueError("made with another metrics config")
+                self._check_config(st["config"], path)
             except (OSError, ValueError, KeyError, AttributeError, TypeError) as e:
                 logging.getLogger("kpistream.log").warning(
                     "shard %d: snapshot %s not loaded (%s); trying an older one", self.index,
@@ -130,10 +132,30 @@ class Shard:
                 self.recovery.setdefault("snapshots_skipped", []).append(f"{path.name}: {e}")
                 continue
             self.engine, self._unacked, self.batches = st["engine"], st["unacked"], st["batches"]
+            # settings the engine's parts copied when built (a retuned lateness, say)
+            self.engine.wm.lateness_ms = self.cfg.lateness_ms
+            self.engine.wm.max_future_ms = self.engine.checks.max_future_ms = \
+                self.cfg.max_future_ms
             self.log.restored_from(seq)
             self.recovery.update(snapshot_seq=seq, snapshot_load_s=time.perf_counter() - t0)
             return seq
         return 0
+
+    def _check_config(self, saved: str, path) -> None:
+        """A snapshot made under another metrics config is loaded if only
+        :attr:`RETUNABLE` settings changed; any other change (windows, families,
+        segments...) would make its state mean something else, and the log it
+        covers is gone, so the shard refuses to start and says what to do."""
+        import json
+
+        old, new = json.loads(saved), json.loads(config_to_json(self.cfg))
+        changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+        if set(changed) - self.RETUNABLE:
+            raise ConfigError(
+                "metrics_config", f"shard {self.index}: its state in {path.parent} was made "
+                f"with another metrics config (changed: {', '.join(changed)}), which it cannot "
+                f"carry over: deploy with a new store_path (or log_dir), or delete "
+                f"{path.parent} to start this shard afresh")
 
     def _recover(self) -> None:
         """Rebuild the state: the newest snapshot, then every input of the log after it in

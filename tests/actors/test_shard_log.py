@@ -298,3 +298,22 @@ def test_an_idle_shard_keeps_its_watermark_while_the_publisher_says_a_shard_is_d
     clock.advance(CFG.lateness_ms * 10)
     assert shard.collect(idle_advance=False)[1] == wm
     assert shard.collect()[1] > wm
+
+
+def test_a_snapshot_under_another_config_loads_if_only_timing_changed_else_refuses(
+        tmp_path, stream):
+    from kpistream.errors import ConfigError
+
+    batches, _ = stream
+    opts = {"snapshot_every_s": 0}
+    _, _, shard = _run(batches[:300], tmp_path / "log", log_options=opts)
+    counters = shard.stats()["counters"]
+    clock = ManualClock(int(batches[300][1].ts.min()))
+    retuned = {**METRICS, "time": {**METRICS["time"], "lateness": "7s"}}
+    again = Shard(0, retuned, clock=clock, log_dir=tmp_path / "log", log_options=opts,
+                  processing_time_watermark=False)
+    assert again.recovery["snapshot_seq"] > 0 and again.stats()["counters"] == counters
+    assert again.engine.wm.lateness_ms == 7000
+    other = {**METRICS, "windows": METRICS["windows"][:1]}
+    with pytest.raises(ConfigError, match="windows.*new store_path"):
+        Shard(0, other, clock=clock, log_dir=tmp_path / "log", log_options=opts)
