@@ -39,6 +39,8 @@ def main() -> None:
     ap.add_argument("--shard-kills", type=int, default=10)
     ap.add_argument("--publisher-kills", type=int, default=3)
     ap.add_argument("--chunk", type=int, default=1000)
+    ap.add_argument("--snapshot-every", type=float, default=10.0,
+                    help="seconds between shard snapshots (most restarts load one)")
     a = ap.parse_args()
     cfg = load_config(ROOT / "configs/metrics.yaml")
     ray.init(num_cpus=os.cpu_count() or 2, include_dashboard=False, log_to_driver=False)
@@ -47,7 +49,8 @@ def main() -> None:
     store = tempfile.mkdtemp(prefix="kpistream-chaos-")
     serve.run(build_app({"metrics_config": str(ROOT / "configs/metrics.yaml"), "shards": 2,
                          "store_path": store, "publish_interval_s": 0.25,
-                         "alerts_config": None}), name="kpistream", route_prefix="/")
+                         "alerts_config": None, "snapshot_every_s": a.snapshot_every}),
+              name="kpistream", route_prefix="/")
     base = f"http://127.0.0.1:{port}"
     now = int(time.time() * 1000)
     span_s = a.requests / 40.0

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -151,6 +151,36 @@ def _array_to_dict(a: np.ndarray) -> dict[str, Any]:
 
 def _array_from_dict(d: Mapping[str, Any]) -> np.ndarray:
     return np.asarray(d["values"], dtype=float if d["kind"] == "f8" else object)
+
+
+def _bank_to_dict(specs: Sequence[Any], states: Mapping[str, Mapping[tuple, Any]],
+                  encode: Callable[[dict, Any], None]) -> dict[str, Any]:
+    """A bank's states per spec (with the spec's repr, so that a changed spec starts over):
+    each state's dataclass fields, ``encode(fields, state)`` replacing those that are not
+    plain data."""
+    out = {}
+    for spec in specs:
+        items = []
+        for key, st in states[spec.name].items():
+            d = {f.name: getattr(st, f.name) for f in fields(st)}
+            encode(d, st)
+            items.append({"key": [list(kv) for kv in key], "state": d})
+        out[spec.name] = {"spec": repr(spec), "items": items}
+    return out
+
+
+def _bank_restore(specs: Sequence[Any], states: dict[str, dict[tuple, Any]],
+                  data: Mapping[str, Any], decode: Callable[[dict], Any]) -> int:
+    """:func:`_bank_to_dict`'s data back into ``states`` for unchanged specs; the count."""
+    n = 0
+    for spec in specs:
+        d = data.get(spec.name)
+        if d is None or d.get("spec") != repr(spec):
+            continue
+        for item in d["items"]:
+            states[spec.name][_pairs(item["key"])] = decode(dict(item["state"]))
+            n += 1
+    return n
 
 
 @dataclass
@@ -332,32 +362,19 @@ class DetectorBank:
     def to_dict(self) -> dict[str, Any]:
         """Every series' detector, warm-up and counts as JSON-able data, per spec (with
         the spec, so that a changed spec starts over)."""
-        out = {}
-        for spec in self.specs:
-            items = []
-            for key, st in self.states[spec.name].items():
-                d = {f.name: getattr(st, f.name) for f in fields(st)}
-                d["warm"] = [list(w) for w in st.warm]
-                d["det"] = None if st.det is None else detector_to_dict(st.det)
-                items.append({"key": [list(kv) for kv in key], "state": d})
-            out[spec.name] = {"spec": repr(spec), "series": items}
-        return out
+        def enc(d: dict, st: _DetState) -> None:
+            d["warm"] = [list(w) for w in st.warm]
+            d["det"] = None if st.det is None else detector_to_dict(st.det)
+        return _bank_to_dict(self.specs, self.states, enc)
 
     def restore(self, data: Mapping[str, Any]) -> int:
         """Take back :meth:`to_dict`'s data for specs that are unchanged; returns the
         series restored."""
-        n = 0
-        for spec in self.specs:
-            d = data.get(spec.name)
-            if d is None or d.get("spec") != repr(spec):
-                continue
-            for item in d["series"]:
-                st = dict(item["state"])
-                st["warm"] = [(float(v), int(c)) for v, c in st["warm"]]
-                st["det"] = None if st["det"] is None else detector_from_dict(st["det"])
-                self.states[spec.name][_pairs(item["key"])] = _DetState(**st)
-                n += 1
-        return n
+        def dec(st: dict) -> _DetState:
+            st["warm"] = [(float(v), int(c)) for v, c in st["warm"]]
+            st["det"] = None if st["det"] is None else detector_from_dict(st["det"])
+            return _DetState(**st)
+        return _bank_restore(self.specs, self.states, data, dec)
 
     def evidence(self, spec: DetectorSpec, st: _DetState,
                  now_ms: int | None = None) -> dict[str, Any]:
@@ -533,34 +550,21 @@ class InputDriftBank:
 
         Call it between rounds (after :meth:`run`): samples waiting for their test
         are not kept."""
-        out = {}
-        for spec in self.specs:
-            items = []
-            for key, st in self.states[spec.name].items():
-                d = {f.name: getattr(st, f.name) for f in fields(st)}
-                d["ref"] = {f: _array_to_dict(_concat(parts)) for f, parts in st.ref.items()}
-                d["frozen"] = None if st.frozen is None else {
-                    f: _array_to_dict(a) for f, a in st.frozen.items()}
-                items.append({"key": [list(kv) for kv in key], "state": d})
-            out[spec.name] = {"spec": repr(spec), "groups": items}
-        return out
+        def enc(d: dict, st: _RefState) -> None:
+            d["ref"] = {f: _array_to_dict(_concat(parts)) for f, parts in st.ref.items()}
+            d["frozen"] = None if st.frozen is None else {
+                f: _array_to_dict(a) for f, a in st.frozen.items()}
+        return _bank_to_dict(self.specs, self.states, enc)
 
     def restore(self, data: Mapping[str, Any]) -> int:
         """Take back :meth:`to_dict`'s data for specs that are unchanged; returns the
         groups restored."""
-        n = 0
-        for spec in self.specs:
-            d = data.get(spec.name)
-            if d is None or d.get("spec") != repr(spec):
-                continue
-            for item in d["groups"]:
-                st = dict(item["state"])
-                st["ref"] = {f: [_array_from_dict(a)] for f, a in st["ref"].items()}
-                if st["frozen"] is not None:
-                    st["frozen"] = {f: _array_from_dict(a) for f, a in st["frozen"].items()}
-                self.states[spec.name][_pairs(item["key"])] = _RefState(**st)
-                n += 1
-        return n
+        def dec(st: dict) -> _RefState:
+            st["ref"] = {f: [_array_from_dict(a)] for f, a in st["ref"].items()}
+            if st["frozen"] is not None:
+                st["frozen"] = {f: _array_from_dict(a) for f, a in st["frozen"].items()}
+            return _RefState(**st)
+        return _bank_restore(self.specs, self.states, data, dec)
 
     @staticmethod
     def verdict(spec: InputDriftSpec, st: _RefState) -> bool:
