@@ -49,8 +49,10 @@ class _PublisherOfShards(Publisher):
         self.abandon_s = 30.0
         self.shard_problems: dict[int, str] = {}
         self._all_up_since = self._started = time.monotonic()
-        self.restart_grace_s = restart_grace_s
+        self.restart_grace_s = 0.0
         super().__init__(config, store_path, pull=self._pull, n_sources=n_shards, alerts=alerts)
+        if self.store.watermark is not None:     # a restart over existing state
+            self.restart_grace_s = restart_grace_s
         self.start(interval_s)
 
     def _pull(self) -> list:
@@ -59,7 +61,7 @@ class _PublisherOfShards(Publisher):
             self._all_up_since = now
         # idle shards move their watermark on processing time only once every shard has been
         # up for the lateness, and not in the first restart_grace_s after this publisher
-        # started: while one is down, or the sidecar restarts, senders wait (HTTP batches
+        # restarted: while one is down, or the sidecar restarts, senders wait (HTTP batches
         # span shards, emitters retry), so quiet is not the end of traffic, and the events
         # sent again when it is back must not find their windows closed
         idle_ok = (now - self._all_up_since >= self.cfg.lateness_ms / 1000
@@ -179,8 +181,8 @@ def ensure_actors(config: Mapping[str, Any], n_shards: int, store_path: str,
     ray.get([s.ping.remote() for s in shards])
     pub = PublisherActor.options(name=PUBLISHER, namespace=NAMESPACE, get_if_exists=True,
                                  lifetime="detached",
-                                 resources=dict(placement.get("publisher") or {})).remote(dict(config), store_path, n_shards,
-                                                             publish_interval_s, alerts)
+                                 resources=dict(placement.get("publisher") or {})).remote(
+        dict(config), store_path, n_shards, publish_interval_s, alerts)
     ray.get(pub.health.remote())
     return shards, pub
 
