@@ -13,7 +13,7 @@ from kpistream.clock import Clock, SystemClock
 from kpistream.spec.metrics import EngineConfig, config_from_dict
 from kpistream.engine import Engine, Partial
 from kpistream.engine.families import final_after_ms
-from kpistream.errors import ConfigError
+from kpistream.errors import ConfigError, InputError
 from kpistream.store.codec import config_to_json
 from kpistream.store.dataonly import dumps, loads
 from kpistream.wire.schema import validate_rows
@@ -165,6 +165,14 @@ class Shard:
         t0 = time.perf_counter()
         n = events = 0
         after = self._load_snapshot()
+        segs = self.log.segments()
+        if not after and segs and int(segs[0].stem) > 1 and self.log.snapshots():
+            # the records before the first segment are only in snapshots, none of which
+            # reads back: a replay would rebuild part of the state, so stop instead
+            raise InputError(f"shard {self.index}: no snapshot in {self.log.root} reads back "
+                             f"({'; '.join(self.recovery.get('snapshots_skipped', [])) or 'none'})"
+                             f" and the log before record {segs[0].stem.lstrip('0')} is gone; "
+                             f"move the directory aside to start this shard empty")
         for rec in self.log.replay(after):
             n += 1
             if rec.type in ("inference", "feedback"):

@@ -177,6 +177,11 @@ def test_a_damaged_snapshot_falls_back_to_the_one_before(tmp_path, stream):
     rec = again.recovery
     assert "checksum" in rec["snapshots_skipped"][0] and rec["snapshot_seq"] > 0
     assert again.stats()["counters"] == shard.stats()["counters"]
+    for _, path in again.log.snapshots():        # both damaged: the shard will not guess
+        path.write_bytes(path.read_bytes()[:-9])
+    with pytest.raises(InputError, match="no snapshot.*reads back.*is gone"):
+        Shard(0, METRICS, clock=ManualClock(t0 + 990 * 400), log_dir=tmp_path / "log",
+              log_options=opts, processing_time_watermark=False)
 
 
 def test_a_snapshot_holds_data_only_and_names_only_kpistream_classes(tmp_path):
