@@ -33,9 +33,10 @@ def post(url: str, rows: list, timeout: float = 60.0) -> dict:
         return json.loads(r.read())
 
 
-def post_until_acked(url: str, rows: list, tries: int = 600) -> int:
+def post_until_acked(url: str, rows: list, tries: int = 600, late: list | None = None) -> int:
     """Send ``rows`` until the sidecar acknowledges them all (what a sender does: at least
-    once); returns the retries it took."""
+    once); returns the retries it took.  ``late``: the acknowledging reply's late count is
+    appended (a late event is acknowledged but in no window)."""
     for attempt in range(tries):
         try:
             rep = post(url, rows)
@@ -43,6 +44,8 @@ def post_until_acked(url: str, rows: list, tries: int = 600) -> int:
             time.sleep(0.2)
             continue
         assert rep["received"] == len(rows), rep
+        if late is not None:
+            late.append(rep["late"])
         return attempt
     raise AssertionError(f"{len(rows)} rows never acknowledged after {tries} tries")
 

@@ -69,7 +69,11 @@ def test_killed_shards_lose_and_double_nothing(serve_port, tmp_path):
         watcher = FinalWatcher(base, every_s=0.5)
         t0 = time.time()
         # at least once: a chunk is sent until acknowledged
-        retries = sum(post_until_acked(base + "/v1/events", chunk) for chunk in chunks)
+        acked_at = []
+        retries = 0
+        for chunk in chunks:
+            retries += post_until_acked(base + "/v1/events", chunk)
+            acked_at.append(round(time.time() - t0, 1))
         sent_s = time.time() - t0
         stop.set()
         thread.join(30)
@@ -77,10 +81,17 @@ def test_killed_shards_lose_and_double_nothing(serve_port, tmp_path):
         finals, rewritten = watcher.finals, watcher.rewritten
         assert sum(k[0] == PUBLISHER for k in kills) >= 2 and len(kills) >= 8, kills
         got = final_series(base)
-        n_windows = assert_equals_replay(got, recs, cfg)
-        assert rewritten == [], rewritten[:5]
         with urllib.request.urlopen(base + "/v1/health", timeout=10) as r:
             health = json.loads(r.read())
+        try:
+            n_windows = assert_equals_replay(got, recs, cfg)
+        except AssertionError as e:    # what happened when, for the one who reads the failure
+            raise AssertionError(f"{e}\nkills (s after the first post): "
+                                 f"{[(k, round(t - t0, 1)) for k, t in kills]}\nchunks "
+                                 f"acknowledged at {acked_at}\nchunk of each request: "
+                                 f"{[(c[0]['ts'], c[-1]['ts']) for c in chunks]}\n"
+                                 f"health {json.dumps(health)[:3000]}") from None
+        assert rewritten == [], rewritten[:5]
         print(f"\nfaults: {len(recs):,} events in {len(chunks)} requests over {sent_s:.1f} s, "
               f"{sum(k[0] != PUBLISHER for k in kills)} shard and "
               f"{sum(k[0] == PUBLISHER for k in kills)} publisher kills (SIGKILL), "
