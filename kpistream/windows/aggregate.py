@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Iterable
+from typing import Any, Iterable
 
 import numpy as np
 import pandas as pd
@@ -106,6 +106,20 @@ class WindowAggregator:
         """Start as if the windows final at ``emitted_watermark`` had been emitted (a
         restarted publisher: they are in the store); partials for them are refused."""
         self._emitted_wm = max(self._emitted_wm, int(emitted_watermark))
+
+    def preload(self, stored: Iterable[Any]) -> int:
+        """After :meth:`resume`: the stored states (``start, series, family, state``) of
+        panes final at the emitted watermark that a window not yet final still spans (a
+        sliding window across the restart).  The shards forgot those panes once they were
+        stored, so they come from the store, as one source of their own; returns how many
+        were taken."""
+        n = 0
+        for st in stored:
+            h = self.horizon(st.family)
+            if st.start + self.pane_ms + h <= self._emitted_wm < st.start + self._max_size + h:
+                self.panes[(st.start, st.series, st.family)] = {"store": st.state}
+                n += 1
+        return n
 
     @property
     def emitted_watermark(self) -> int:
