@@ -133,6 +133,14 @@ class _Writer:
         return {"$id": n, "$o": name, "f": {k: self.enc(v) for k, v in _fields(o).items()}}
 
 
+def _plain_dtype(spec: str) -> np.dtype:
+    """A dtype named in a snapshot: no object fields (pointers never come from bytes)."""
+    dt = np.dtype(str(spec))
+    if dt.hasobject:
+        raise ValueError(f"dtype {spec!r} holds objects")
+    return dt
+
+
 class _Reader:
     def __init__(self, buffers: list[memoryview], externals: Mapping[str, Any]) -> None:
         self.buffers = buffers
@@ -149,12 +157,12 @@ class _Reader:
         if "$ext" in d:
             return self.ext[d["$ext"]]
         if "$np" in d:
-            return np.dtype(d["$np"]).type(d["v"])
+            return _plain_dtype(d["$np"]).type(d["v"])
         if "$cls" in d:
             return _allowed_class(d["$cls"])
         n = d["$id"]
         if "$a" in d:
-            a = np.frombuffer(self.buffers[d["$a"]], dtype=np.dtype(d["dt"])).reshape(d["sh"])
+            a = np.frombuffer(self.buffers[d["$a"]], dtype=_plain_dtype(d["dt"])).reshape(d["sh"])
             out: Any = a.copy()          # writable, owns its memory
         elif "$oa" in d:
             out = np.empty(len(d["$oa"]), dtype=object)

@@ -193,11 +193,18 @@ def test_a_snapshot_holds_data_only_and_names_only_kpistream_classes(tmp_path):
     import json as _json
     import struct
     import zlib
+    def packed(node: dict) -> bytes:
+        head = _json.dumps(node).encode()
+        table = b"[[0,16]]"
+        body = (struct.pack("<4sBI", b"KPS1", 1, len(head)) + head + b"\0" * 16 + table
+                + struct.pack("<I", len(table)))
+        return body + struct.pack("<I", zlib.crc32(body))
+
     for cls in ("os:system", "builtins:eval", "subprocess:Popen", "numpy:load"):
-        head = _json.dumps({"$id": 0, "$o": cls, "f": {}}).encode()
-        body = struct.pack("<4sBI", b"KPS1", 1, len(head)) + head + b"[]" + struct.pack("<I", 2)
         with pytest.raises(ValueError, match="kpistream|numpy scalar"):
-            loads(body + struct.pack("<I", zlib.crc32(body)))
+            loads(packed({"$id": 0, "$o": cls, "f": {}}))
+    with pytest.raises(ValueError, match="holds objects"):     # pointers from raw bytes
+        loads(packed({"$id": 0, "$a": 0, "dt": "i8,O", "sh": [1]}))
 
 
 def test_old_segments_go_and_a_restart_after_that_is_still_exact(tmp_path, stream):
