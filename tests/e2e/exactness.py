@@ -33,10 +33,9 @@ def post(url: str, rows: list, timeout: float = 60.0) -> dict:
         return json.loads(r.read())
 
 
-def post_until_acked(url: str, rows: list, tries: int = 600, late: list | None = None) -> int:
+def post_until_acked(url: str, rows: list, tries: int = 600) -> int:
     """Send ``rows`` until the sidecar acknowledges them all (what a sender does: at least
-    once); returns the retries it took.  ``late``: the acknowledging reply's late count is
-    appended (a late event is acknowledged but in no window)."""
+    once); returns the retries it took."""
     for attempt in range(tries):
         try:
             rep = post(url, rows)
@@ -44,8 +43,6 @@ def post_until_acked(url: str, rows: list, tries: int = 600, late: list | None =
             time.sleep(0.2)
             continue
         assert rep["received"] == len(rows), rep
-        if late is not None:
-            late.append(rep["late"])
         return attempt
     raise AssertionError(f"{len(rows)} rows never acknowledged after {tries} tries")
 
