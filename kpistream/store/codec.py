@@ -19,9 +19,9 @@ from kpistream.spec.metrics import EngineConfig, WindowSpec
 from kpistream.store.resolutions import Resolution
 from kpistream.wire.batch import SeriesKey
 
-__all__ = ["PICKLE_PROTOCOL", "config_from_json", "decode_checkpoint", "encode_checkpoint", "config_to_json", "decode_state",
-           "encode_state", "key_from_json", "key_to_json", "labels_to_json",
-           "resolutions_from_json", "resolutions_to_json"]
+__all__ = ["PICKLE_PROTOCOL", "config_from_json", "config_to_json", "decode_checkpoint",
+           "decode_state", "encode_checkpoint", "encode_state", "key_from_json", "key_to_json",
+           "labels_to_json", "resolutions_from_json", "resolutions_to_json"]
 
 PICKLE_PROTOCOL = 5
 

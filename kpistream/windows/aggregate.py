@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import pandas as pd
@@ -107,14 +107,18 @@ class WindowAggregator:
         restarted publisher: they are in the store); partials for them are refused."""
         self._emitted_wm = max(self._emitted_wm, int(emitted_watermark))
 
-    def preload(self, stored: Iterable[Any]) -> int:
+    def preload(self, states: Callable[[int, int], Iterable[Any]]) -> int:
         """After :meth:`resume`: the stored states (``start, series, family, state``) of
         panes final at the emitted watermark that a window not yet final still spans (a
         sliding window across the restart).  The shards forgot those panes once they were
-        stored, so they come from the store, as one source of their own; returns how many
-        were taken."""
+        stored, so they come from the store (``states(start, end)``: pane starts in
+        ``[start, end)``), as one source of their own; returns how many were taken."""
+        wm = self._emitted_wm
+        span = self._max_size + self.pane_ms + self.cfg.label_delay_ms
+        if self._max_size <= self.pane_ms or wm <= np.iinfo(np.int64).min + span:
+            return 0            # no sliding window, or nothing emitted yet
         n = 0
-        for st in stored:
+        for st in states(wm - span, wm):
             h = self.horizon(st.family)
             if st.start + self.pane_ms + h <= self._emitted_wm < st.start + self._max_size + h:
                 self.panes[(st.start, st.series, st.family)] = {"store": st.state}

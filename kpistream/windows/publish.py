@@ -77,12 +77,9 @@ class PublishStep:
             # a restart: what is final at it was emitted (stored, and watched) already;
             # windows final after it are emitted again (the store keeps a final state as it is)
             self.agg.resume(resume_watermark)
-            longest = max((w.size for w in config.windows if w.is_time), default=0)
-            if store is not None and longest > config.pane_ms \
-                    and resume_watermark > np.iinfo(np.int64).min + (1 << 40):
+            if store is not None:
                 # the panes a sliding window across the restart still needs, from the store
-                lo = resume_watermark - longest - config.label_delay_ms - config.pane_ms
-                self.agg.preload(store.states(start=lo, end=resume_watermark))
+                self.agg.preload(lambda lo, hi: store.states(start=lo, end=hi))
         self.store = store
         self.watcher = watcher
         self.paired = PairedSummaries(store, config.pane_ms) if store is not None else None
