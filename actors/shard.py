@@ -4,6 +4,8 @@ index.
 
 from __future__ import annotations
 
+import json
+import logging
 import time
 from collections import Counter
 from typing import Any, Mapping, Sequence
@@ -97,7 +99,7 @@ class Shard:
             self.log.watermark_fn = lambda: self.engine.wm.watermark
 
     # --------------------------------------------------------------- the log
-    #: the layout of a snapshot's content (another one is not loaded: the log is replayed)
+    #: the layout of a snapshot's content (another one is skipped, as a damaged one is)
     SNAPSHOT_VERSION = 1
     #: metrics settings that may change between a snapshot and the shard that loads it
     RETUNABLE = frozenset({"lateness_ms", "max_future_ms", "label_delay_ms"})
@@ -106,7 +108,8 @@ class Shard:
         """The whole state (engine, final partials not yet acknowledged, counts) as a
         data-only snapshot at the log's current position."""
         t0 = time.perf_counter()
-        data = dumps({"version": self.SNAPSHOT_VERSION, "seq": self.log.seq,
+        # the log position it covers is in the file's name (ShardLog.write_snapshot)
+        data = dumps({"version": self.SNAPSHOT_VERSION,
                       "config": config_to_json(self.cfg), "engine": self.engine,
                       "unacked": self._unacked, "batches": self.batches},
                      externals={"clock": self.engine.clock, "config": self.cfg})
@@ -115,8 +118,6 @@ class Shard:
     def _load_snapshot(self) -> int:
         """The newest snapshot that reads back (a damaged one is skipped, with a warning);
         returns the log position it covers (0: none, replay everything)."""
-        import logging
-
         for seq, path in self.log.snapshots():
             t0 = time.perf_counter()
             try:
@@ -146,8 +147,6 @@ class Shard:
         :attr:`RETUNABLE` settings changed; any other change (windows, families,
         segments...) would make its state mean something else, and the log it
         covers is gone, so the shard refuses to start and says what to do."""
-        import json
-
         old, new = json.loads(saved), json.loads(config_to_json(self.cfg))
         changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
         if set(changed) - self.RETUNABLE:
