@@ -283,12 +283,16 @@ class ShardLog:
         for seg, nxt in zip(segs, segs[1:]):
             if seg == current or int(nxt.stem) - 1 > seq:
                 break
-            self.bytes -= seg.stat().st_size
-            seg.unlink()
-            self._seg_max_ts.pop(seg, None)
+            self._delete(seg)
             n += 1
-        self.truncated_segments += n
         return n
+
+    def _delete(self, seg: Path) -> None:
+        """One closed segment gone (counted)."""
+        self.bytes -= seg.stat().st_size
+        seg.unlink()
+        self._seg_max_ts.pop(seg, None)
+        self.truncated_segments += 1
 
     def truncate(self, before_ts: int) -> int:
         """Delete the closed segments whose events are all older than ``before_ts``;
@@ -300,12 +304,8 @@ class ShardLog:
                 break
             if self._seg_max_ts.get(seg, before_ts) >= before_ts:
                 break          # in order: a later segment cannot go before this one
-            size = seg.stat().st_size
-            seg.unlink()
-            self._seg_max_ts.pop(seg, None)
-            self.bytes -= size
+            self._delete(seg)
             n += 1
-        self.truncated_segments += n
         return n
 
     def close(self) -> None:
