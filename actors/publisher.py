@@ -54,9 +54,7 @@ class Publisher:
         self.cfg = config or EngineConfig()
         self.clock = clock or SystemClock()
         self.pull = pull
-        self.watcher = Watcher(load_alerts(alerts), self.clock, self.cfg)
-        self.notifier = Notifier(self.watcher.config.webhooks, self.watcher.config.log)
-        self.watcher.subscribe(self.notifier)
+        self._watch(load_alerts(alerts))
         store = SeriesStore(store_path, self.cfg)
         self.restored = self._restore(store)
         # nothing is final until every shard has reported its watermark; a restart goes
@@ -107,6 +105,12 @@ class Publisher:
         return n
 
     # ------------------------------------------------------------ checkpoint
+    def _watch(self, alerts: AlertsConfig) -> None:
+        """A fresh watcher and notifier (the watcher's transitions go to the notifier)."""
+        self.watcher = Watcher(alerts, self.clock, self.cfg)
+        self.notifier = Notifier(alerts.webhooks, alerts.log)
+        self.watcher.subscribe(self.notifier)
+
     def _checkpoint(self, now: int) -> None:
         """Save the watcher and the notifier in the store, with the watermark they cover."""
         wm = int(self.step.agg.emitted_watermark)
@@ -130,9 +134,7 @@ class Publisher:
         except (KeyError, TypeError, ValueError) as e:
             # not restorable (another version): start afresh, from the store's watermark
             self.notifier.close()
-            self.watcher = Watcher(self.watcher.config, self.clock, self.cfg)
-            self.notifier = Notifier(self.watcher.config.webhooks, self.watcher.config.log)
-            self.watcher.subscribe(self.notifier)
+            self._watch(self.watcher.config)
             return {"error": f"checkpoint not restored: {type(e).__name__}: {e}"}
         self._checkpoint_wm = wm
         restored["watermark"] = wm
