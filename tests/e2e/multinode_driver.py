@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import sys
 import tempfile
 import threading
@@ -32,7 +31,7 @@ import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "e2e")]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "tests" / "e2e")]
 
 import pandas as pd  # noqa: E402
 import ray  # noqa: E402
@@ -41,16 +40,11 @@ from ray.cluster_utils import Cluster  # noqa: E402
 
 from actors.remote import NAMESPACE, shard_name  # noqa: E402
 from app.sidecar import build_app  # noqa: E402
+from conftest import free_port  # noqa: E402
 from exactness import (FinalWatcher, changed, compare_with_replay, final_series,  # noqa: E402
                        final_values, post_until_acked, series)
 from kpistream.spec.metrics import load_config  # noqa: E402
 from kpistream.synthetic import generate_stream  # noqa: E402
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _node_of(name: str) -> str:
@@ -94,7 +88,7 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=400)
     a = ap.parse_args()
     cfg = load_config(ROOT / "configs/metrics.yaml")
-    port = _free_port()
+    port = free_port()
     store = tempfile.mkdtemp(prefix="kpistream-multinode-")
     cluster, workers = _start(store, port)
     base = f"http://127.0.0.1:{port}"
