@@ -8,6 +8,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from actors.archive import is_uri
 from kpistream.spec.metrics import config_from_dict, read_yaml
 
 
@@ -45,7 +46,7 @@ class SidecarArgs(BaseModel):
     @field_validator("log_dir")
     @classmethod
     def _log_on_a_filesystem(cls, v: str | None) -> str | None:
-        if v and "://" in v:
+        if v and is_uri(v):
             raise ValueError("the shard log needs a filesystem path (it appends and fsyncs "
                              "before each answer); object stores have neither: use a local "
                              "disk or a shared filesystem mounted on every node (README, "
@@ -115,6 +116,6 @@ def _under_store(path: str | None, store: str, default: str) -> str:
     else the path made absolute (replicas may run in another working directory)."""
     if path is None:
         return str(Path(store) / default)
-    if "://" in path:       # a filesystem URI (the archive: s3://, gs:// ...): as given
+    if is_uri(path):        # a filesystem URI (the archive: s3://, gs:// ...): as given
         return path
     return str(Path(path).expanduser().resolve()) if path else ""
